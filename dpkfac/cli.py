@@ -1,0 +1,49 @@
+"""The `dpkfac` console command: profile, plan, train, whatif, validate nothing else.
+
+Bad input raises planner.errors.InputError anywhere below; it becomes one `error:` line and
+exit status 2. plan and whatif never import torch.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from planner.errors import InputError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with exit status 2 and an `error:` line (its default), kept explicit."""
+
+    def error(self, message: str) -> None:  # noqa: D401 - argparse API
+        self.print_usage(sys.stderr)
+        self.exit(2, f"error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full command-line parser with every subcommand registered."""
+    from executor import commands as executor_commands
+    from planner import commands as planner_commands
+
+    parser = _Parser(prog="dpkfac", description="Plan and run DP-KFAC distributed K-FAC training.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    executor_commands.register(sub)
+    planner_commands.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""JSON schemas of the project's versioned files (see CONTRACTS.md)."""
+from __future__ import annotations
+
+PROFILE_SCHEMA_ID = "dpkfac.profile/1"
+PLACEMENT_SCHEMA_ID = "dpkfac.placement/1"
+
+_SECONDS = {"type": "number", "minimum": 0}
+_POS_INT = {"type": "integer", "minimum": 1}
+_NONNEG_INT = {"type": "integer", "minimum": 0}
+_NAME = {"type": "string", "minLength": 1}
+
+_ALPHA_BETA = {
+    "type": "object",
+    "required": ["alpha_s", "beta_s_per_byte"],
+    "properties": {"alpha_s": _SECONDS, "beta_s_per_byte": _SECONDS},
+}
+
+PROFILE_SCHEMA: dict = {
+    "type": "object",
+    "required": ["schema", "model", "batch_size", "device", "dtype", "compute_method",
+                 "measured", "layers", "step", "comm"],
+    "properties": {
+        "schema": {"const": PROFILE_SCHEMA_ID},
+        "model": _NAME,
+        "batch_size": _POS_INT,
+        "device": _NAME,
+        "dtype": {"enum": ["float32", "float64", "float16", "bfloat16"]},
+        "compute_method": {"enum": ["eigen", "inverse"]},
+        "measured": {"type": "boolean"},
+        "layers": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["name", "kind", "dim_a", "dim_g", "grad_numel", "factor_a_s",
+                             "factor_g_s", "decompose_a_s", "decompose_g_s", "precondition_s",
+                             "state_bytes"],
+                "properties": {
+                    "name": _NAME, "kind": _NAME,
+                    "dim_a": _POS_INT, "dim_g": _POS_INT, "grad_numel": _POS_INT,
+                    "factor_a_s": _SECONDS, "factor_g_s": _SECONDS,
+                    "decompose_a_s": _SECONDS, "decompose_g_s": _SECONDS,
+                    "precondition_s": _SECONDS, "state_bytes": _NONNEG_INT,
+                },
+            },
+        },
+        "step": {
+            "type": "object",
+            "required": ["forward_backward_s", "optimizer_s"],
+            "properties": {"forward_backward_s": _SECONDS, "optimizer_s": _SECONDS},
+        },
+        "comm": {
+            "type": "object",
+            "required": ["backend", "world_size", "allreduce", "broadcast"],
+            "properties": {
+                "backend": {"enum": ["gloo", "nccl", "mpi"]},
+                "world_size": _POS_INT,
+                "allreduce": _ALPHA_BETA,
+                "broadcast": _ALPHA_BETA,
+            },
+        },
+    },
+}
+
+PLACEMENT_SCHEMA: dict = {
+    "type": "object",
+    "required": ["schema", "model", "world_size", "profile", "solver", "status", "config",
+                 "assignment", "predicted"],
+    "properties": {
+        "schema": {"const": PLACEMENT_SCHEMA_ID},
+        "model": _NAME,
+        "world_size": _POS_INT,
+        "profile": {
+            "type": "object",
+            "required": ["path", "sha256"],
+            "properties": {"path": {"type": "string"}, "sha256": {"type": "string"}},
+        },
+        "solver": _NAME,
+        "status": {"enum": ["optimal", "feasible", "heuristic"]},
+        "config": {
+            "type": "object",
+            "required": ["factor_update_freq", "inv_update_freq"],
+            "properties": {
+                "factor_update_freq": _POS_INT,
+                "inv_update_freq": _POS_INT,
+                "batch_size": _POS_INT,
+                "compute_method": {"enum": ["eigen", "inverse"]},
+            },
+        },
+        "assignment": {
+            "type": "object",
+            "minProperties": 1,
+            "additionalProperties": _NONNEG_INT,
+        },
+        "predicted": {
+            "type": "object",
+            "required": ["step_time_s", "second_order_s", "lower_bound_s", "per_worker"],
+            "properties": {
+                "step_time_s": _SECONDS,
+                "second_order_s": _SECONDS,
+                "lower_bound_s": _SECONDS,
+                "per_worker": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["rank", "compute_s", "memory_bytes"],
+                        "properties": {"rank": _NONNEG_INT, "compute_s": _SECONDS,
+                                       "memory_bytes": _NONNEG_INT},
+                    },
+                },
+            },
+        },
+    },
+}
