@@ -1,0 +1,221 @@
+"""Curvature blocks: each K-FAC layer kind knows its own factor and preconditioning math.
+
+A block holds one layer's running Kronecker factors A (inputs) and G (output gradients), their
+decomposition, and turns the layer's gradient dW (out x in[+1], bias as the last column) into the
+preconditioned gradient. Only a layer's owner ever creates its block's state.
+"""
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ComputeMethod(str, enum.Enum):
+    """How factors are turned into a preconditioner."""
+    EIGEN = "eigen"
+    INVERSE = "inverse"
+
+
+class KFACBlock(ABC):
+    """One layer's K-FAC state and math. Tensor methods are pure: they do not touch the module."""
+
+    def __init__(self, module: nn.Module, name: str) -> None:
+        self.module = module
+        self.name = name
+        self.factor_a: torch.Tensor | None = None
+        self.factor_g: torch.Tensor | None = None
+        self.decomposition: dict[str, torch.Tensor] = {}
+
+    # -- shapes -------------------------------------------------------------------------------
+    @property
+    def has_bias(self) -> bool:
+        return getattr(self.module, "bias", None) is not None
+
+    @property
+    @abstractmethod
+    def dim_a(self) -> int:
+        """Side of A: inputs per output (+1 with bias)."""
+
+    @property
+    @abstractmethod
+    def dim_g(self) -> int:
+        """Side of G: number of outputs."""
+
+    @property
+    def grad_numel(self) -> int:
+        """Elements of the layer's gradient (weight and bias)."""
+        return self.dim_a * self.dim_g
+
+    # -- factor construction ----------------------------------------------------------------
+    @abstractmethod
+    def compute_factor_a(self, a: torch.Tensor) -> torch.Tensor:
+        """A from one batch of the layer's inputs."""
+
+    @abstractmethod
+    def compute_factor_g(self, g: torch.Tensor) -> torch.Tensor:
+        """G from one batch of the gradients w.r.t. the layer's outputs."""
+
+    def update_factors(self, a: torch.Tensor | None, g: torch.Tensor | None, decay: float) -> None:
+        """Fold new factors into the running averages (the first one is taken as is)."""
+        if a is not None:
+            self.factor_a = _running_average(self.factor_a, a, decay)
+        if g is not None:
+            self.factor_g = _running_average(self.factor_g, g, decay)
+
+    # -- decomposition and preconditioning ----------------------------------------------------
+    def decompose_a(self, method: ComputeMethod, damping: float) -> None:
+        """Decompose (or invert) the running A."""
+        self.decomposition.update(_decompose(self.factor_a, "a", method, damping))
+
+    def decompose_g(self, method: ComputeMethod, damping: float) -> None:
+        """Decompose (or invert) the running G."""
+        self.decomposition.update(_decompose(self.factor_g, "g", method, damping))
+
+    def precondition(self, grad: torch.Tensor, method: ComputeMethod, damping: float) -> torch.Tensor:
+        """Preconditioned gradient of a dW matrix (dim_g x dim_a).
+
+        eigen:   Q_G [(Q_G^T dW Q_A) / (d_G d_A^T + damping)] Q_A^T = ((G (x) A) + damping I)^-1 dW
+        inverse: (G + sqrt(damping) I)^-1 dW (A + sqrt(damping) I)^-1
+        """
+        d = self.decomposition
+        if method is ComputeMethod.EIGEN:
+            v = d["q_g"].t() @ grad @ d["q_a"]
+            v = v / (torch.outer(d["d_g"], d["d_a"]) + damping)
+            return d["q_g"] @ v @ d["q_a"].t()
+        return d["inv_g"] @ grad @ d["inv_a"]
+
+    # -- gradients of the module --------------------------------------------------------------
+    def grad_matrix(self) -> torch.Tensor:
+        """The module's gradient as one dim_g x dim_a matrix (bias as the last column)."""
+        weight_grad = self.module.weight.grad.reshape(self.dim_g, -1)
+        if self.has_bias:
+            return torch.cat([weight_grad, self.module.bias.grad.reshape(-1, 1)], dim=1)
+        return weight_grad
+
+    def set_grad_matrix(self, matrix: torch.Tensor) -> None:
+        """Write a dim_g x dim_a matrix back into the module's weight (and bias) gradients."""
+        weight = self.module.weight
+        if self.has_bias:
+            weight.grad.copy_(matrix[:, :-1].reshape(weight.shape))
+            self.module.bias.grad.copy_(matrix[:, -1].reshape(self.module.bias.shape))
+        else:
+            weight.grad.copy_(matrix.reshape(weight.shape))
+
+    # -- state ----------------------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Every second-order tensor this block holds."""
+        state = dict(self.decomposition)
+        if self.factor_a is not None:
+            state["factor_a"] = self.factor_a
+        if self.factor_g is not None:
+            state["factor_g"] = self.factor_g
+        return state
+
+    def memory_usage(self) -> int:
+        """Bytes of second-order state held."""
+        return sum(t.numel() * t.element_size() for t in self.state_tensors().values())
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore from state_tensors()."""
+        state = dict(state)
+        self.factor_a = state.pop("factor_a", None)
+        self.factor_g = state.pop("factor_g", None)
+        self.decomposition = state
+
+    def _append_ones(self, rows: torch.Tensor) -> torch.Tensor:
+        if not self.has_bias:
+            return rows
+        return torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+
+
+class LinearBlock(KFACBlock):
+    """nn.Linear with inputs of any rank: leading dimensions (batch, tokens, ...) become rows."""
+
+    @property
+    def dim_a(self) -> int:
+        return self.module.in_features + int(self.has_bias)
+
+    @property
+    def dim_g(self) -> int:
+        return self.module.out_features
+
+    def compute_factor_a(self, a: torch.Tensor) -> torch.Tensor:
+        rows = self._append_ones(a.reshape(-1, a.shape[-1]))
+        return rows.t() @ (rows / rows.shape[0])
+
+    def compute_factor_g(self, g: torch.Tensor) -> torch.Tensor:
+        # The loss is a batch mean, so g carries 1/batch; undo it to get per-sample gradients.
+        batch = g.shape[0]
+        rows = g.reshape(-1, g.shape[-1]) * batch
+        return rows.t() @ (rows / rows.shape[0])
+
+
+class Conv2dBlock(KFACBlock):
+    """nn.Conv2d (groups=1): A over unfolded input patches, G over output positions."""
+
+    @property
+    def dim_a(self) -> int:
+        m = self.module
+        return m.in_channels * m.kernel_size[0] * m.kernel_size[1] + int(self.has_bias)
+
+    @property
+    def dim_g(self) -> int:
+        return self.module.out_channels
+
+    def compute_factor_a(self, a: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        if isinstance(m.padding, str):
+            raise ValueError(f"{self.name}: string padding {m.padding!r} is not supported")
+        patches = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+        # (N, C*kh*kw, L) -> (N*L, C*kh*kw); a patch's mean over positions, as in KFC (Grosse 2016)
+        positions = patches.shape[-1]
+        rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+        rows = self._append_ones(rows) / positions
+        batch = a.shape[0]
+        return rows.t() @ (rows / batch)
+
+    def compute_factor_g(self, g: torch.Tensor) -> torch.Tensor:
+        batch = g.shape[0]
+        positions = g.shape[2] * g.shape[3]
+        rows = g.permute(0, 2, 3, 1).reshape(-1, g.shape[1]) * (batch * positions)
+        return rows.t() @ (rows / rows.shape[0])
+
+
+def make_block(module: nn.Module, name: str) -> KFACBlock | None:
+    """The block for a supported module, or None for modules K-FAC does not precondition."""
+    if isinstance(module, nn.Linear):
+        return LinearBlock(module, name)
+    if isinstance(module, nn.Conv2d) and module.groups == 1:
+        return Conv2dBlock(module, name)
+    return None
+
+
+def kfac_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(qualified name, module) of every K-FAC layer of `model` that has trainable weights, in order."""
+    found = []
+    for name, module in model.named_modules():
+        if make_block(module, name) is not None and module.weight.requires_grad:
+            found.append((name, module))
+    return found
+
+
+def _running_average(old: torch.Tensor | None, new: torch.Tensor, decay: float) -> torch.Tensor:
+    if old is None:
+        return new.clone()
+    return old.mul_(decay).add_(new, alpha=1.0 - decay)
+
+
+def _decompose(factor: torch.Tensor, side: str, method: ComputeMethod,
+               damping: float) -> dict[str, torch.Tensor]:
+    """eigen: eigenvalues (negatives clamped to 0) and eigenvectors; inverse: (F + sqrt(damping) I)^-1
+    through a Cholesky factorisation."""
+    if method is ComputeMethod.EIGEN:
+        values, vectors = torch.linalg.eigh(factor)
+        return {f"d_{side}": values.clamp_min_(0.0), f"q_{side}": vectors}
+    eye = torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
+    cholesky = torch.linalg.cholesky(factor + damping ** 0.5 * eye)
+    return {f"inv_{side}": torch.cholesky_inverse(cholesky)}

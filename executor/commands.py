@@ -1,0 +1,143 @@
+"""Command-line subcommands that need torch: `profile` and `train` (torch is imported lazily)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from planner.errors import InputError
+
+ALGORITHMS = ("dp-kfac", "mpd-kfac", "kaisa", "sgd")
+
+
+def register(subparsers) -> None:
+    """Add the `profile` and `train` subcommands."""
+    _register_profile(subparsers)
+    _register_train(subparsers)
+
+
+def _register_profile(subparsers) -> None:
+    p = subparsers.add_parser("profile", help="measure per-layer K-FAC costs and collectives",
+                              description="Measure, on this machine, each K-FAC layer's factor "
+                              "construction, decomposition and preconditioning time and memory; "
+                              "under torchrun with >1 process also fit alpha-beta collective costs.")
+    p.add_argument("--model", required=True, help="zoo name (digits-cnn, digits-mlp) or "
+                   "package.module:callable")
+    p.add_argument("--batch-size", type=int, required=True, help="per-worker batch size")
+    p.add_argument("--out", required=True, help="profile file to write (JSON)")
+    p.add_argument("--compute-method", choices=("eigen", "inverse"), default="eigen")
+    p.add_argument("--repeats", type=int, default=15, help="timed runs per kernel (median)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs before timing")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.set_defaults(func=_run_profile)
+
+
+def _register_train(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train with DP-KFAC under a placement",
+                              description="Train the placement's model on the digits data set, "
+                              "one process per worker (launch with torchrun; without it, world "
+                              "size 1).")
+    p.add_argument("--placement", required=True, help="placement file (dpkfac.placement/1)")
+    p.add_argument("--out", required=True, help="run folder: metrics.jsonl, summary.json, "
+                   "checkpoint.pt")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--algorithm", choices=ALGORITHMS, default="dp-kfac")
+    p.add_argument("--model", default=None, help="override the placement's model")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="per-worker batch size (default: the placement's)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: 0.1)")
+    p.add_argument("--damping", type=float, default=None)
+    p.add_argument("--kl-clip", type=float, default=None)
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS")
+    p.add_argument("--resume", action="store_true", help="continue exactly from DIR/checkpoint.pt")
+    p.add_argument("--precise-timing", action="store_true",
+                   help="synchronise the device around each phase (exact phase times, slower)")
+    p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    p.set_defaults(func=_run_train)
+
+
+def _run_profile(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise InputError(f"--out: folder {str(out.parent)!r} does not exist")
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    if args.repeats < 3 or args.warmup < 0:
+        raise InputError("--repeats must be >= 3 and --warmup >= 0")
+    from planner.jsonio import write_json_atomic
+    from planner.profile import profile_from_dict
+
+    from .distributed import init_distributed, shutdown_distributed
+    from .models import build_model
+    from .profiler import ProfileOptions, profile_model
+
+    build_model(args.model)  # an unknown model fails before any process group forms
+    world = init_distributed(device=args.device)
+    try:
+        options = ProfileOptions(compute_method=args.compute_method, warmup=args.warmup,
+                                 repeats=args.repeats)
+        doc = profile_model(args.model, args.batch_size, world, options=options,
+                            progress=world.rank == 0 and sys.stderr.isatty())
+    finally:
+        shutdown_distributed()
+    if world.rank == 0:
+        profile_from_dict(doc, source="measured profile")  # never write an invalid file
+        write_json_atomic(out, doc)
+        _print_profile(doc, out)
+    return 0
+
+
+def _print_profile(doc: dict, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"profile of {doc['model']} (batch {doc['batch_size']}, {doc['device']})")
+    for col in ("layer", "A x G", "factors ms", "decompose ms", "precondition ms", "state KiB"):
+        table.add_column(col, justify="left" if col == "layer" else "right")
+    for l in doc["layers"]:
+        table.add_row(l["name"], f"{l['dim_a']} x {l['dim_g']}",
+                      f"{1e3 * (l['factor_a_s'] + l['factor_g_s']):.3f}",
+                      f"{1e3 * (l['decompose_a_s'] + l['decompose_g_s']):.3f}",
+                      f"{1e3 * l['precondition_s']:.3f}", f"{l['state_bytes'] / 1024:.1f}")
+    console = Console()
+    console.print(table)
+    comm = doc["comm"]
+    console.print(f"forward+backward {1e3 * doc['step']['forward_backward_s']:.3f} ms; "
+                  f"comm ({comm['source']}, {comm['world_size']} ranks): all-reduce "
+                  f"alpha {comm['allreduce']['alpha_s'] * 1e6:.1f} us, "
+                  f"{_gbps(comm['allreduce']['beta_s_per_byte'])}; broadcast alpha "
+                  f"{comm['broadcast']['alpha_s'] * 1e6:.1f} us, "
+                  f"{_gbps(comm['broadcast']['beta_s_per_byte'])}")
+    console.print(f"wrote {out}")
+
+
+def _gbps(beta: float) -> str:
+    return f"{1e-9 / beta:.2f} GB/s" if beta > 0 else "bandwidth not resolved"
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, run_training
+
+    overrides = {k: v for k, v in (("lr", args.lr), ("damping", args.damping),
+                                   ("kl_clip", args.kl_clip)) if v is not None}
+    cfg = TrainConfig(placement=args.placement, out_dir=args.out, epochs=args.epochs,
+                      max_steps=args.max_steps, seed=args.seed, algorithm=args.algorithm,
+                      model=args.model, batch_size=args.batch_size,
+                      checkpoint_every=args.checkpoint_every, resume=args.resume,
+                      precise_timing=args.precise_timing,
+                      progress=False if args.no_progress else None, **overrides)
+    _print_summary(run_training(cfg), args.out)
+    return 0
+
+
+def _print_summary(summary: dict, out: str) -> None:
+    import os
+
+    if os.environ.get("RANK", "0") != "0":
+        return
+    print(f"{summary['algorithm']} on {summary['world_size']} worker(s): {summary['steps']} steps, "
+          f"final loss {summary['final_loss']:.4f}, test accuracy "
+          f"{100 * summary['test_accuracy']:.2f}%, mean step {1e3 * summary['mean_step_time_s']:.2f} ms, "
+          f"second-order memory per rank {summary['second_order_memory_bytes']} B; wrote {out}")

@@ -1,0 +1,82 @@
+"""Process-group set-up and small collective helpers (NCCL on CUDA, gloo on CPU)."""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class WorldInfo:
+    """Where this process sits: rank, world size, and the device it computes on."""
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None  # None when running as a single process without a process group
+
+
+def launched_by_torchrun() -> bool:
+    """True when torchrun (or any env:// launcher) set the rendezvous variables."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def pick_backend() -> str:
+    """NCCL when CUDA is available, gloo otherwise."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(*, timeout_s: float = 600.0, device: str | None = None) -> WorldInfo:
+    """Join the env:// process group under torchrun; world size 1 without it."""
+    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if not launched_by_torchrun():
+        dev = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
+        return WorldInfo(rank=0, world_size=1, local_rank=0, device=dev, backend=None)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "nccl" if use_cuda else "gloo"
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, init_method="env://",
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    return WorldInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
+                     local_rank=local_rank, device=dev, backend=backend)
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group if one was joined."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def world_rank_and_size(process_group=None) -> tuple[int, int]:
+    """(rank, world size) of the default or given group; (0, 1) when none is initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(process_group), dist.get_world_size(process_group)
+    return 0, 1
+
+
+def allreduce_mean_(tensors: list[torch.Tensor], world_size: int, process_group=None) -> int:
+    """Average tensors across ranks in one fused all-reduce; returns the bytes of the buffer."""
+    if not tensors:
+        return 0
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    if world_size > 1:
+        dist.all_reduce(flat, group=process_group)
+        flat.div_(world_size)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+    return flat.numel() * flat.element_size()
+
+
+def ring_allreduce_bytes(nbytes: int, world_size: int) -> int:
+    """Bytes one rank sends plus receives in a ring all-reduce of `nbytes` (2 * 2(p-1)/p * n)."""
+    if world_size <= 1:
+        return 0
+    return int(round(4 * (world_size - 1) / world_size * nbytes))
