@@ -17,7 +17,10 @@ ILP incumbent without proof, ``heuristic`` a heuristic's plan.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -114,7 +117,7 @@ def solve(method: str = "best", *, work: Sequence[float], workers: int,
     if not (time_limit_s > 0 and math.isfinite(time_limit_s)):
         raise InputError(f"time limit must be a positive number of seconds, got {time_limit_s}")
     if inst.memory_cap is not None and inst.memory and max(inst.memory) > inst.memory_cap:
-        raise _cap_error(inst, "a single layer's state is larger than the cap")
+        raise _cap_error(inst, "a single layer's state is larger than the cap", proven=True)
     bound = makespan_lower_bound_s(work=inst.work, workers=inst.workers, speeds=inst.speeds)
 
     candidates: list[Solution] = []
@@ -137,7 +140,7 @@ def solve(method: str = "best", *, work: Sequence[float], workers: int,
         if owners is not None:
             candidates.append(_solution(inst, owners, "ilp", ilp_status, bound))
         elif ilp_status == "infeasible" and not candidates:
-            raise _cap_error(inst, "the ILP proved that no assignment fits")
+            raise _cap_error(inst, "the ILP proved that no assignment fits", proven=True)
         elif not candidates:
             ilp_note = f"the ILP found no assignment within {time_limit_s:g} s"
 
@@ -336,7 +339,8 @@ def _ilp(inst: _Instance, *, time_limit_s: float, upper_bound_s: float | None
         elif inst.memory_cap == 0:
             prob += pulp.lpSum(inst.memory[l] * x[l, w] for l in mine) <= 0, f"memory_{w}"
     try:
-        prob.solve(_pulp_solver(time_limit_s))
+        with _native_stdout_silenced():
+            prob.solve(_pulp_solver(time_limit_s))
     except pulp.PulpSolverError:
         return None, "none", None
     dual = _dual_bound(prob)
@@ -365,6 +369,29 @@ def _ilp(inst: _Instance, *, time_limit_s: float, upper_bound_s: float | None
     return tuple(owners), status, dual_s
 
 
+@contextlib.contextmanager
+def _native_stdout_silenced():
+    """Point file descriptor 1 at /dev/null while a native solver runs.
+
+    highspy prints a banner from C++ the first time a Highs object is built, whatever msg says;
+    it would corrupt `whatif --format json` on stdout.
+    """
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
 def _dual_bound(prob: pulp.LpProblem) -> float | None:
     """HiGHS's proven bound on the scaled objective, when the solver exposes it."""
     model = getattr(prob, "solverModel", None)
@@ -375,14 +402,18 @@ def _dual_bound(prob: pulp.LpProblem) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _cap_error(inst: _Instance, reason: str) -> InputError:
+def _cap_error(inst: _Instance, reason: str, *, proven: bool = False) -> InputError:
+    """The error for an unmet cap; `proven`: the cap itself is known to be infeasible."""
     lower, feasible = smallest_cap_bounds(memory=inst.memory, workers=inst.workers)
-    if lower == feasible:
-        hint = f"the smallest cap that works is {lower} bytes"
+    if proven:
+        lower = max(lower, int(inst.memory_cap) + 1)
+    if lower >= feasible:
+        hint = f"the smallest cap that works is {feasible} bytes"
     else:
         hint = (f"the smallest cap that could work is at least {lower} bytes (bound: largest "
                 f"layer state {max(inst.memory)} bytes, total state / workers "
-                f"{-(-sum(inst.memory) // inst.workers)} bytes); a cap of {feasible} bytes "
-                f"is feasible (greedy packing by memory)")
+                f"{-(-sum(inst.memory) // inst.workers)} bytes"
+                + (", and this cap is proven infeasible" if proven else "")
+                + f"); a cap of {feasible} bytes is feasible (greedy packing by memory)")
     return InputError(f"memory cap {inst.memory_cap} bytes cannot be met with {inst.workers} "
                       f"workers: {reason}; {hint}")

@@ -1,0 +1,36 @@
+"""Placements and tiny models for executor tests, built without the planner's solvers."""
+from __future__ import annotations
+
+from torch import nn
+
+from planner.schemas import PLACEMENT_SCHEMA_ID
+
+
+def placement_dict(model: str, assignment: dict[str, int], world_size: int, *,
+                   factor_update_freq: int = 1, inv_update_freq: int = 1,
+                   compute_method: str = "eigen") -> dict:
+    """A valid dpkfac.placement/1 document for `assignment` (predictions are zero)."""
+    return {
+        "schema": PLACEMENT_SCHEMA_ID, "model": model, "world_size": world_size,
+        "profile": {"path": "(test)", "sha256": ""}, "solver": "manual", "status": "heuristic",
+        "config": {"factor_update_freq": factor_update_freq, "inv_update_freq": inv_update_freq,
+                   "batch_size": 16, "compute_method": compute_method},
+        "assignment": dict(assignment),
+        "predicted": {"step_time_s": 0.0, "second_order_s": 0.0, "lower_bound_s": 0.0,
+                      "per_worker": [{"rank": r, "compute_s": 0.0, "memory_bytes": 0}
+                                     for r in range(world_size)]},
+    }
+
+
+def small_cnn() -> nn.Module:
+    """Conv (with and without bias) and Linear layers, including a 3-D-input Linear."""
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(4, 6, 3, stride=2, bias=False), nn.ReLU(),
+        nn.Flatten(2),                      # (N, 6, 9): tokens for the next Linear
+        nn.Linear(9, 5), nn.ReLU(),
+        nn.Flatten(), nn.Linear(30, 10),
+    )
+
+
+SMALL_CNN_LAYERS = ["0", "2", "5", "8"]
