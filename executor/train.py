@@ -136,9 +136,9 @@ def _train(cfg: TrainConfig, placement: dict, model_name: str, model: nn.Module,
     log = MetricsLog(out / "metrics.jsonl", enabled=world.rank == 0, append=cfg.resume)
     clock = StepClock(cfg.precise_timing)
     step, grad_bytes = start["step"], 0
+    position = (start["epoch"], start["batch_in_epoch"])  # where the next step's batch is
     records: list[dict] = []
-    show = _progress(cfg, world, total_steps, start["step"])
-    with show as bar:
+    with _progress(cfg, world, total_steps, start["step"]) as bar:
         for epoch in range(start["epoch"], cfg.epochs):
             sampler.set_epoch(epoch)
             skip = start["batch_in_epoch"] if epoch == start["epoch"] else 0
@@ -153,16 +153,16 @@ def _train(cfg: TrainConfig, placement: dict, model_name: str, model: nn.Module,
                 records.append(record)
                 log.write(record)
                 step += 1
+                position = _next_position(epoch, batch_index, len(loader))
                 if bar is not None:
                     bar.update(bar.task_ids[0], advance=1, description=f"loss {record['loss']:.3f}")
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                    _checkpoint(out, world, model, optimizer, precond, step, epoch, batch_index + 1,
-                                len(loader))
+                    _checkpoint(out, world, model, optimizer, precond, step, position)
             if step >= total_steps:
                 break
     log.close()
     if cfg.checkpoint_every or cfg.resume:
-        _checkpoint(out, world, model, optimizer, precond, step, cfg.epochs, 0, len(loader))
+        _checkpoint(out, world, model, optimizer, precond, step, position)
     summary = _summarise(cfg, world, model, precond, records, step, grad_bytes, split)
     if world.rank == 0:
         write_json_atomic(out / "summary.json", summary)
@@ -228,11 +228,16 @@ def _progress(cfg: TrainConfig, world: WorldInfo, total: int, done: int):
     return bar
 
 
-def _checkpoint(out, world, model, optimizer, precond, step, epoch, batch_in_epoch, per_epoch):
-    if batch_in_epoch >= per_epoch:
-        epoch, batch_in_epoch = epoch + 1, 0
+def _next_position(epoch: int, batch_index: int, per_epoch: int) -> tuple[int, int]:
+    """(epoch, batch index) of the batch after `batch_index` of `epoch`."""
+    if batch_index + 1 >= per_epoch:
+        return epoch + 1, 0
+    return epoch, batch_index + 1
+
+
+def _checkpoint(out, world, model, optimizer, precond, step: int, position: tuple[int, int]):
     common = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-              "epoch": epoch, "batch_in_epoch": batch_in_epoch}
+              "epoch": position[0], "batch_in_epoch": position[1]}
     per_rank = {"preconditioner": precond.state_dict() if precond is not None else None,
                 "rng": rng_state()}
     save_checkpoint(out, rank=world.rank, world_size=world.world_size, common=common,

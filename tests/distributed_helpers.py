@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 from typing import Any, Callable
@@ -28,7 +29,8 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
         result = fn(rank, world_size, *args)
         dist.barrier()
         dist.destroy_process_group()
-        queue.put((rank, "ok", result))
+        # plain pickle: tensors travel by value, not through shared memory that dies with us
+        queue.put((rank, "ok", pickle.dumps(result)))
     except BaseException:  # report everything to the parent, which fails the test
         queue.put((rank, "error", traceback.format_exc()))
 
@@ -50,7 +52,10 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any,
     errors = []
     for _ in procs:
         rank, status, value = queue.get()
-        (results.__setitem__(rank, value) if status == "ok" else errors.append(f"rank {rank}:\n{value}"))
+        if status == "ok":
+            results[rank] = pickle.loads(value)
+        else:
+            errors.append(f"rank {rank}:\n{value}")
     for p in procs:
         p.join(timeout_s)
         if p.is_alive():

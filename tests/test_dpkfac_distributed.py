@@ -45,7 +45,7 @@ def _train_rank_dependent_data(rank: int, world_size: int, assignment: dict) -> 
 
 def test_two_ranks_same_batches_all_on_rank0_equal_one_rank():
     assignment = dict.fromkeys(SMALL_CNN_LAYERS, 0)
-    single = _train(0, 1, assignment, data_seed=7)
+    (single,) = run_distributed(_train, 1, assignment, 7)  # same thread settings as the ranks
     ranks = run_distributed(_train, 2, assignment, 7)
     for rank_result in ranks:
         for got, want in zip(rank_result["params"], single["params"]):
@@ -70,7 +70,7 @@ def test_split_layers_different_batches_identical_parameters_owner_only_state():
                 assert held == []
         assert result["memory"] > 0
     # parameters moved away from the initial ones and differ from a 1-rank run on rank 0's data
-    single = _train(0, 1, assignment, data_seed=100, inv_update_freq=2)
+    (single,) = run_distributed(_train_rank_dependent_data, 1, dict.fromkeys(assignment, 0))
     assert any(not torch.equal(a, b) for a, b in zip(single["params"], reference))
 
 

@@ -1,0 +1,156 @@
+"""The `plan` and `whatif` subcommands of the dpkfac command line (no torch here)."""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from .costmodel import PlanConfig
+from .errors import InputError
+from .jsonio import write_atomic, write_json_atomic
+from .placement import make_placement
+from .profile import load_profile
+from .report import print_plan_report, print_whatif_table
+from .solvers import METHODS
+from .units import parse_bytes, parse_float_list, parse_int_list
+from .whatif import ROW_KEYS, WHATIF_SCHEMA_ID, whatif_rows
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `plan` and `whatif` subparsers; each sets func=<function(args) -> exit status>."""
+    plan = subparsers.add_parser(
+        "plan", help="assign K-FAC layers to workers and write a placement",
+        description="Solve which worker owns each K-FAC layer from a profile, write the "
+                    "placement file (dpkfac.placement/1) and print a short report.")
+    plan.add_argument("--profile", required=True, metavar="FILE", help="profile JSON file")
+    plan.add_argument("--workers", required=True, type=_positive_int, metavar="N",
+                      help="number of workers (ranks)")
+    plan.add_argument("--out", required=True, metavar="FILE", help="placement file to write")
+    plan.add_argument("--solver", choices=METHODS, default="best",
+                      help="placement method (default: best, the least makespan of all)")
+    _add_freq_flags(plan)
+    plan.add_argument("--memory-cap", metavar="BYTES",
+                      help="second-order state allowed per worker, e.g. 512MiB, 2GB, 1073741824")
+    plan.add_argument("--time-limit", type=_positive_float, default=10.0, metavar="SECONDS",
+                      help="time limit of the ILP solver (default 10)")
+    plan.add_argument("--speeds", metavar="LIST",
+                      help="relative worker speeds, one per rank, e.g. 1,1,1,0.5 (default all 1)")
+    plan.set_defaults(func=run_plan)
+
+    whatif = subparsers.add_parser(
+        "whatif", help="predict step time, traffic and memory per worker count and algorithm",
+        description="Predict, from a profile, the per-step time, communication and memory of "
+                    "SGD, MPD-KFAC, KAISA and DP-KFAC for each worker count.")
+    whatif.add_argument("--profile", required=True, metavar="FILE", help="profile JSON file")
+    whatif.add_argument("--workers", required=True, metavar="LIST",
+                        help="comma-separated worker counts, e.g. 1,2,4,8,16,32,64")
+    whatif.add_argument("--format", choices=("table", "csv", "json"), default="table",
+                        help="output format (default table)")
+    _add_freq_flags(whatif)
+    whatif.add_argument("--out", metavar="FILE",
+                        help="write csv/json here instead of standard output")
+    whatif.set_defaults(func=run_whatif)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """`dpkfac plan`: solve, write the placement atomically, print the report."""
+    out = _checked_output(args.out)
+    cap = parse_bytes(args.memory_cap, what="--memory-cap") if args.memory_cap is not None else None
+    speeds = None
+    if args.speeds is not None:
+        speeds = parse_float_list(args.speeds, what="--speeds")
+        if len(speeds) != args.workers:
+            raise InputError(f"--speeds gives {len(speeds)} speeds for {args.workers} workers")
+    config = PlanConfig(factor_update_freq=args.factor_update_freq,
+                        inv_update_freq=args.inv_update_freq)
+    profile = load_profile(args.profile)
+    placement = make_placement(profile=profile, profile_path=args.profile, workers=args.workers,
+                               method=args.solver, config=config, memory_cap=cap,
+                               time_limit_s=args.time_limit, speeds=speeds)
+    write_json_atomic(out, placement)
+    console = Console()
+    print_plan_report(placement, console=console)
+    console.print(f"wrote {out}")
+    return 0
+
+
+def run_whatif(args: argparse.Namespace) -> int:
+    """`dpkfac whatif`: predict every algorithm at every worker count; table, csv or json."""
+    out = _checked_output(args.out) if args.out is not None else None
+    if out is not None and args.format == "table":
+        raise InputError("--out needs --format csv or json (the table goes to the terminal)")
+    workers = parse_int_list(args.workers, what="--workers")
+    config = PlanConfig(factor_update_freq=args.factor_update_freq,
+                        inv_update_freq=args.inv_update_freq)
+    profile = load_profile(args.profile)
+    rows = whatif_rows(profile, workers=workers, config=config)
+    if args.format == "table":
+        print_whatif_table(rows, console=Console())
+        return 0
+    if args.format == "json":
+        document = {"schema": WHATIF_SCHEMA_ID, "profile": args.profile,
+                    "config": {"factor_update_freq": config.factor_update_freq,
+                               "inv_update_freq": config.inv_update_freq},
+                    "rows": rows}
+        if out is not None:
+            write_json_atomic(out, document)
+        else:
+            sys.stdout.write(json.dumps(document, indent=2) + "\n")
+        return 0
+    if out is not None:
+        write_atomic(out, lambda fh: _write_csv(fh, rows))
+    else:
+        buffer = io.StringIO()
+        _write_csv(buffer, rows)
+        sys.stdout.write(buffer.getvalue())
+    return 0
+
+
+def _write_csv(fh, rows: list[dict]) -> None:
+    writer = csv.DictWriter(fh, fieldnames=list(ROW_KEYS), extrasaction="ignore",
+                            lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def _add_freq_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--factor-update-freq", type=_positive_int, default=1, metavar="STEPS",
+                        help="rebuild K-FAC factors every STEPS steps (default 1)")
+    parser.add_argument("--inv-update-freq", type=_positive_int, default=1, metavar="STEPS",
+                        help="recompute decompositions every STEPS steps (default 1)")
+
+
+def _checked_output(path: str) -> Path:
+    """The output path, after checking its folder exists and it is not a folder itself."""
+    out = Path(path)
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"output folder {str(folder)!r} does not exist")
+    if out.is_dir():
+        raise InputError(f"output {str(out)!r} is a folder; expected a file name")
+    return out
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value

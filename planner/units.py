@@ -1,0 +1,57 @@
+"""Parsing human-written quantities from the command line: byte sizes and integer lists."""
+from __future__ import annotations
+
+import re
+from decimal import Decimal
+
+from .errors import InputError
+
+_BYTE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3, "tb": 1000 ** 4,
+    "kib": 1024, "mib": 1024 ** 2, "gib": 1024 ** 3, "tib": 1024 ** 4,
+}
+_BYTES_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_bytes(text: str, *, what: str = "size") -> int:
+    """Bytes from '1048576', '512MiB', '2GB', '1.5 GiB' (KB/MB/GB/TB: powers of 1000;
+    KiB/MiB/GiB/TiB: powers of 1024; case-insensitive). InputError if malformed."""
+    match = _BYTES_RE.match(text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _BYTE_UNITS:
+        raise InputError(f"{what} {text!r} is not a byte size; expected e.g. 1073741824, "
+                         f"512MiB or 2GB (units B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
+    value = Decimal(match.group(1)) * _BYTE_UNITS[unit]
+    if value != int(value):
+        raise InputError(f"{what} {text!r} is not a whole number of bytes")
+    return int(value)
+
+
+def parse_int_list(text: str, *, what: str = "list", minimum: int = 1) -> tuple[int, ...]:
+    """Integers from a comma-separated list like '1,2,4,8', each >= `minimum`, in the order given,
+    duplicates dropped. InputError if malformed or empty."""
+    parts = [p.strip() for p in text.split(",")]
+    if not text.strip() or any(not re.fullmatch(r"[+]?\d+", p) for p in parts):
+        raise InputError(f"{what} {text!r} is not a comma-separated list of integers "
+                         f"(e.g. 1,2,4,8)")
+    values = tuple(dict.fromkeys(int(p) for p in parts))
+    small = [v for v in values if v < minimum]
+    if small:
+        raise InputError(f"{what} {text!r}: every value must be >= {minimum}, got {small[0]}")
+    return values
+
+
+def parse_float_list(text: str, *, what: str = "list") -> tuple[float, ...]:
+    """Positive finite numbers from a comma-separated list like '1,1,0.5'. InputError if not."""
+    values = []
+    for part in text.split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            value = float("nan")
+        if not 0 < value < float("inf"):
+            raise InputError(f"{what} {text!r} is not a comma-separated list of positive "
+                             f"numbers (e.g. 1,1,0.5)")
+        values.append(value)
+    return tuple(values)

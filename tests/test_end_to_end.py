@@ -1,0 +1,150 @@
+"""The four subcommands as a user runs them: profile -> plan -> train (torchrun, 2 gloo) -> whatif,
+and the executor's bad-input paths (one `error:` line, exit 2, no traceback, nothing written)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from executor_fixtures import placement_dict
+
+DPKFAC = [sys.executable, "-m", "dpkfac.cli"]
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def _run(*args: str, torchrun: int | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    if torchrun:
+        torchrun_bin = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+        cmd = [torchrun_bin, "--standalone", "--nproc_per_node", str(torchrun),
+               "-m", "dpkfac.cli", *args]
+    else:
+        cmd = [*DPKFAC, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def _assert_clean_error(result: subprocess.CompletedProcess, *must_contain: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("error:"), result.stderr
+    assert "Traceback" not in result.stderr
+    for text in must_contain:
+        assert text in lines[-1], lines[-1]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("e2e")
+
+
+@pytest.fixture(scope="module")
+def profile_path(workdir) -> Path:
+    path = workdir / "profile.json"
+    result = _run("profile", "--model", "digits-mlp", "--batch-size", "16", "--out", str(path),
+                  "--repeats", "3", "--warmup", "1", torchrun=2)
+    assert result.returncode == 0, result.stderr
+    return path
+
+
+def test_profile_under_torchrun_fits_collectives(profile_path):
+    doc = json.loads(profile_path.read_text())
+    assert doc["schema"] == "dpkfac.profile/1" and doc["measured"] is True
+    assert [l["name"] for l in doc["layers"]] == ["1", "3", "5"]
+    assert doc["comm"]["world_size"] == 2 and doc["comm"]["source"] == "measured"
+    assert doc["comm"]["broadcast"]["beta_s_per_byte"] > 0
+    assert all(l["decompose_a_s"] > 0 and l["state_bytes"] > 0 for l in doc["layers"])
+
+
+def test_plan_train_whatif_round_trip(profile_path, workdir):
+    placement = workdir / "placement.json"
+    result = _run("plan", "--profile", str(profile_path), "--workers", "2", "--out", str(placement))
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(placement.read_text())
+    assert sorted(doc["assignment"]) == ["1", "3", "5"] and doc["world_size"] == 2
+
+    run_dir = workdir / "run"
+    result = _run("train", "--placement", str(placement), "--out", str(run_dir), "--epochs", "1",
+                  "--max-steps", "12", "--checkpoint-every", "5", "--no-progress", torchrun=2)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 12
+    assert summary["parameters_identical"] is True
+    owners = set(doc["assignment"].values())
+    for rank, memory in enumerate(summary["second_order_memory_bytes"]):
+        assert (memory > 0) == (rank in owners)
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(12))
+    for key in ("loss", "step_time_s", "forward_backward_s", "allreduce_s", "factors_s",
+                "decompose_s", "precondition_s", "broadcast_s"):
+        assert key in metrics[0]
+    assert (run_dir / "checkpoint.pt").is_file()
+
+    result = _run("whatif", "--profile", str(profile_path), "--workers", "1,2,4", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)["rows"]
+    assert {r["algorithm"] for r in rows} >= {"sgd", "dp-kfac"}
+    assert {r["workers"] for r in rows} == {1, 2, 4}
+
+
+def test_profile_unknown_model_is_a_clean_error(tmp_path):
+    out = tmp_path / "p.json"
+    _assert_clean_error(_run("profile", "--model", "no-such-model", "--batch-size", "8",
+                             "--out", str(out)), "no-such-model")
+    assert not out.exists()
+
+
+def test_profile_missing_output_folder(tmp_path):
+    _assert_clean_error(_run("profile", "--model", "digits-mlp", "--batch-size", "8",
+                             "--out", str(tmp_path / "nope" / "p.json")), "does not exist")
+
+
+def test_train_missing_placement(tmp_path):
+    _assert_clean_error(_run("train", "--placement", str(tmp_path / "missing.json"),
+                             "--out", str(tmp_path / "run")), "missing.json")
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_placement_for_other_world_size(tmp_path):
+    path = tmp_path / "placement.json"
+    names = {"1": 0, "3": 1, "5": 2}
+    path.write_text(json.dumps(placement_dict("digits-mlp", names, 3)))
+    _assert_clean_error(_run("train", "--placement", str(path), "--out", str(tmp_path / "run")),
+                        "world_size")
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_placement_for_other_model(tmp_path):
+    path = tmp_path / "placement.json"
+    path.write_text(json.dumps(placement_dict("digits-mlp", {"1": 0, "3": 0, "5": 0}, 1)))
+    _assert_clean_error(_run("train", "--placement", str(path), "--out", str(tmp_path / "run"),
+                             "--model", "digits-cnn"), "conv1")
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_resume_without_checkpoint(tmp_path):
+    path = tmp_path / "placement.json"
+    path.write_text(json.dumps(placement_dict("digits-mlp", {"1": 0, "3": 0, "5": 0}, 1)))
+    _assert_clean_error(_run("train", "--placement", str(path), "--out", str(tmp_path / "run"),
+                             "--resume"), "checkpoint")
+
+
+def test_train_resume_continues_exactly(tmp_path):
+    path = tmp_path / "placement.json"
+    path.write_text(json.dumps(placement_dict("digits-mlp", {"1": 0, "3": 0, "5": 0}, 1,
+                                              inv_update_freq=3)))
+    common = ["train", "--placement", str(path), "--epochs", "2", "--no-progress"]
+    full = _run(*common, "--out", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr
+    part = _run(*common, "--out", str(tmp_path / "part"), "--max-steps", "50",
+                "--checkpoint-every", "25")
+    assert part.returncode == 0, part.stderr
+    resumed = _run(*common, "--out", str(tmp_path / "part"), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    want = json.loads((tmp_path / "full" / "summary.json").read_text())
+    got = json.loads((tmp_path / "part" / "summary.json").read_text())
+    assert got["steps"] == want["steps"]
+    assert got["parameter_sha256"] == want["parameter_sha256"]
