@@ -59,8 +59,16 @@ class KFACBlock(ABC):
     def compute_factor_g(self, g: torch.Tensor) -> torch.Tensor:
         """G from one batch of the gradients w.r.t. the layer's outputs."""
 
+    def update_factor_a(self, a: torch.Tensor, decay: float) -> None:
+        """Build A from a batch of inputs and fold it into the running average."""
+        self.factor_a = _running_average(self.factor_a, self.compute_factor_a(a), decay)
+
+    def update_factor_g(self, g: torch.Tensor, decay: float) -> None:
+        """Build G from a batch of output gradients and fold it into the running average."""
+        self.factor_g = _running_average(self.factor_g, self.compute_factor_g(g), decay)
+
     def update_factors(self, a: torch.Tensor | None, g: torch.Tensor | None, decay: float) -> None:
-        """Fold new factors into the running averages (the first one is taken as is)."""
+        """Fold ready-made factors into the running averages (the first one is taken as is)."""
         if a is not None:
             self.factor_a = _running_average(self.factor_a, a, decay)
         if g is not None:

@@ -135,9 +135,8 @@ class DPKFAC:
             g = self._captured_g.pop(name, None)
             if a is None or g is None:
                 continue
-            block = self.blocks[name]
-            block.update_factors(block.compute_factor_a(a), block.compute_factor_g(g),
-                                 self.factor_decay)
+            self.blocks[name].update_factor_a(a, self.factor_decay)
+            self.blocks[name].update_factor_g(g, self.factor_decay)
 
     def _decompose(self) -> None:
         for name in self.owned:

@@ -37,6 +37,8 @@ class ProfileOptions:
     damping: float = 0.003
     warmup: int = 3
     repeats: int = 15
+    factor_batches: int = 16  # distinct batches folded into the factors before timing
+    factor_decay: float = 0.95
 
 
 def profile_model(model_name: str, batch_size: int, world: WorldInfo, *,
@@ -44,15 +46,15 @@ def profile_model(model_name: str, batch_size: int, world: WorldInfo, *,
     """Measure `model_name` at `batch_size` per worker; the profile document (dpkfac.profile/1)."""
     torch.manual_seed(0)
     model = build_model(model_name).to(world.device)
-    x, y = _one_batch(batch_size, world.device)
-    blocks, captured = _capture(model, x, y)
+    batches = _batches(batch_size, options.factor_batches, world.device)
+    blocks, captured = _accumulate_factors(model, batches, options.factor_decay)
     method = ComputeMethod(options.compute_method)
     with _progress_bar(progress, len(blocks) + 2) as bar:
         layers = []
         for block in blocks:
             layers.append(_profile_layer(block, *captured[block.name], method, options))
             _advance(bar, block.name)
-        step = _profile_step(model, x, y, options)
+        step = _profile_step(model, *batches[-1], options)
         _advance(bar, "step")
         comm = _profile_comm(world, options)
         _advance(bar, "collectives")
@@ -66,15 +68,21 @@ def profile_model(model_name: str, batch_size: int, world: WorldInfo, *,
     }
 
 
-def _one_batch(batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _batches(batch_size: int, count: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`count` consecutive batches of the training split (wrapping around when it runs out)."""
     train = load_digits_split().train
-    index = torch.arange(batch_size) % len(train)
-    x, y = train[index]
-    return x.to(device), y.to(device)
+    out = []
+    for i in range(count):
+        index = (torch.arange(batch_size) + i * batch_size) % len(train)
+        x, y = train[index]
+        out.append((x.to(device), y.to(device)))
+    return out
 
 
-def _capture(model: nn.Module, x, y):
-    """Blocks of every K-FAC layer and one batch of their inputs, output grads and dW."""
+def _accumulate_factors(model: nn.Module, batches, decay: float):
+    """Blocks of every K-FAC layer with running factors folded over `batches`, as in training
+    (so decompositions are timed on realistic, full-rank factors), and the last batch's inputs,
+    output gradients and dW per layer."""
     blocks = [make_block(m, n) for n, m in kfac_layers(model)]
     inputs: dict[str, torch.Tensor] = {}
     outputs: dict[str, torch.Tensor] = {}
@@ -84,8 +92,12 @@ def _capture(model: nn.Module, x, y):
             inputs[name] = args[0].detach()
             out.register_hook(lambda g: outputs.__setitem__(name, g.detach()))
         hooks.append(block.module.register_forward_hook(fwd))
-    model.zero_grad()
-    F.cross_entropy(model(x), y).backward()
+    for x, y in batches:
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        for block in blocks:
+            block.update_factor_a(inputs[block.name], decay)
+            block.update_factor_g(outputs[block.name], decay)
     for hook in hooks:
         hook.remove()
     captured = {b.name: (inputs[b.name], outputs[b.name], b.grad_matrix().clone()) for b in blocks}
@@ -95,18 +107,19 @@ def _capture(model: nn.Module, x, y):
 def _profile_layer(block: KFACBlock, a, g, grad, method: ComputeMethod,
                    options: ProfileOptions) -> dict:
     timed = lambda fn: median_time(fn, warmup=options.warmup, repeats=options.repeats)  # noqa: E731
-    factor_a_s, factor_a_iqr = timed(lambda: block.compute_factor_a(a))
-    factor_g_s, factor_g_iqr = timed(lambda: block.compute_factor_g(g))
-    block.update_factors(block.compute_factor_a(a), block.compute_factor_g(g), decay=0.95)
+    # decompositions first: timing the factor updates below keeps folding the same batch in
     decompose_a_s, decompose_a_iqr = timed(lambda: block.decompose_a(method, options.damping))
     decompose_g_s, decompose_g_iqr = timed(lambda: block.decompose_g(method, options.damping))
     precondition_s, precondition_iqr = timed(lambda: block.precondition(grad, method, options.damping))
+    state_bytes = block.memory_usage()
+    factor_a_s, factor_a_iqr = timed(lambda: block.update_factor_a(a, options.factor_decay))
+    factor_g_s, factor_g_iqr = timed(lambda: block.update_factor_g(g, options.factor_decay))
     return {
         "name": block.name, "kind": type(block.module).__name__,
         "dim_a": block.dim_a, "dim_g": block.dim_g, "grad_numel": block.grad_numel,
         "factor_a_s": factor_a_s, "factor_g_s": factor_g_s,
         "decompose_a_s": decompose_a_s, "decompose_g_s": decompose_g_s,
-        "precondition_s": precondition_s, "state_bytes": block.memory_usage(),
+        "precondition_s": precondition_s, "state_bytes": state_bytes,
         "rows_a": int(a.numel() // a.shape[1]) if a.dim() == 4 else int(a.numel() // a.shape[-1]),
         "spread_iqr_s": {"factor_a": factor_a_iqr, "factor_g": factor_g_iqr,
                          "decompose_a": decompose_a_iqr, "decompose_g": decompose_g_iqr,

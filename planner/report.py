@@ -4,6 +4,7 @@ from __future__ import annotations
 from itertools import groupby
 from typing import Sequence
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -20,6 +21,8 @@ def format_bytes(nbytes: float) -> str:
 
 def format_seconds(seconds: float) -> str:
     """Seconds with a unit that keeps 3-4 significant digits: s, ms or us."""
+    if seconds == 0:
+        return "0"
     if seconds >= 1:
         return f"{seconds:.3f} s"
     if seconds >= 1e-3:
@@ -58,7 +61,7 @@ def summary_table(placement: dict) -> Table:
     table.add_row("step time", format_seconds(pred["step_time_s"]))
     table.add_row("second-order part", format_seconds(second))
     table.add_row("lower bound (second-order)", format_seconds(bound))
-    table.add_row("gap to lower bound", f"{gap:.1%}")
+    table.add_row("gap to lower bound", f"{gap:.2%}")
     for key, label in (("compute_makespan_s", "  slowest owner compute"),
                        ("broadcast_s", "  broadcasts"), ("allreduce_s", "gradient all-reduce")):
         if key in pred:
@@ -82,23 +85,23 @@ def print_plan_report(placement: dict, *, console: Console) -> None:
 
 def whatif_table(rows: Sequence[dict]) -> Table:
     """What-if rows grouped by worker count; in each group the K-FAC variant with the least step
-    time is marked (plain SGD, which has no second-order part, is shown for reference)."""
-    table = Table(title="What-if: predicted cost per step")
-    for name, justify in (("workers", "right"), ("algorithm", "left"), ("step time", "right"),
-                          ("second-order", "right"), ("traffic/worker", "right"),
-                          ("memory/worker", "right"), ("", "left")):
-        table.add_column(name, justify=justify)
+    time is marked with * (plain SGD, which has no second-order part, is there for reference)."""
+    table = Table(title="What-if: predicted cost per step", box=box.SIMPLE_HEAD, pad_edge=False,
+                  caption="traffic and memory per worker; * fastest K-FAC variant")
+    for name in ("workers", "algorithm", "step time", "2nd order", "traffic", "memory"):
+        table.add_column(name, justify="left" if name == "algorithm" else "right", no_wrap=True)
     groups = [list(g) for _, g in groupby(rows, key=lambda r: r["workers"])]
     for index, group in enumerate(groups):
         kfac = [r for r in group if r["algorithm"] != "sgd"] or group
         fastest = min(r["step_time_s"] for r in kfac)
         for row in group:
-            best = row in kfac and row["step_time_s"] == fastest
-            table.add_row(str(row["workers"]), row["algorithm"], format_seconds(row["step_time_s"]),
+            best = any(row is r for r in kfac) and row["step_time_s"] <= fastest * (1 + 1e-9)
+            table.add_row(str(row["workers"]), row["algorithm"] + (" *" if best else ""),
+                          format_seconds(row["step_time_s"]),
                           format_seconds(row["second_order_s"]),
                           format_bytes(row["comm_bytes_per_step"]),
                           format_bytes(row["memory_bytes_per_worker"]),
-                          "<- best" if best else "", style="bold green" if best else None,
+                          style="bold green" if best else None,
                           end_section=index < len(groups) - 1 and row is group[-1])
     return table
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import os
 import sys
 import time
@@ -100,12 +101,15 @@ def memory_loads(*, memory: Sequence[int], owners: Sequence[int], workers: int) 
 def solve(method: str = "best", *, work: Sequence[float], workers: int,
           speeds: Sequence[float] | None = None, memory: Sequence[int] | None = None,
           memory_cap: int | None = None, time_limit_s: float = 10.0,
-          ilp_max_binaries: int | None = None) -> Solution:
+          ilp_max_binaries: int | None = None, target_gap: float = OPTIMALITY_GAP) -> Solution:
     """Assign layers to workers with `method` (see METHODS), minimising the makespan.
 
     work: seconds per layer at speed 1. memory: bytes of state per layer; memory_cap: bytes per
     worker. time_limit_s: wall-clock budget of the ILP. ilp_max_binaries: with method "best",
     skip the ILP when it would have more binary variables than this (None: never skip).
+    target_gap: relative gap to the lower bound that is good enough: "best" skips the ILP when a
+    heuristic is within it, and the ILP stops there (status "optimal" still needs a proof within
+    OPTIMALITY_GAP; a looser target trades that proof for speed).
     Raises InputError for bad arguments and for a memory cap no plan can meet (the message names
     the smallest cap that could work).
     """
@@ -116,8 +120,11 @@ def solve(method: str = "best", *, work: Sequence[float], workers: int,
         raise InputError(f"unknown solver {method!r}; expected one of {', '.join(METHODS)}")
     if not (time_limit_s > 0 and math.isfinite(time_limit_s)):
         raise InputError(f"time limit must be a positive number of seconds, got {time_limit_s}")
-    if inst.memory_cap is not None and inst.memory and max(inst.memory) > inst.memory_cap:
-        raise _cap_error(inst, "a single layer's state is larger than the cap", proven=True)
+    if inst.memory_cap is not None and inst.memory:
+        if max(inst.memory) > inst.memory_cap:
+            raise _cap_error(inst, "a single layer's state is larger than the cap", proven=True)
+        if sum(inst.memory) > inst.memory_cap * inst.workers:
+            raise _cap_error(inst, "all layers' state does not fit in workers x cap", proven=True)
     bound = makespan_lower_bound_s(work=inst.work, workers=inst.workers, speeds=inst.speeds)
 
     candidates: list[Solution] = []
@@ -128,13 +135,15 @@ def solve(method: str = "best", *, work: Sequence[float], workers: int,
             candidates.append(_solution(inst, owners, name, "heuristic", bound))
 
     ilp_note = ""
-    run_ilp = method == "ilp" or (method == "best" and not _meets(candidates, bound)
+    run_ilp = method == "ilp" or (method == "best"
+                                  and not _meets(candidates, bound, target_gap)
                                   and (ilp_max_binaries is None
                                        or _binary_count(inst) <= ilp_max_binaries))
     if run_ilp:
         upper = min((c.makespan_s for c in candidates), default=None)
         remaining = max(time_limit_s - (time.perf_counter() - start), 0.1)
-        owners, ilp_status, dual = _ilp(inst, time_limit_s=remaining, upper_bound_s=upper)
+        owners, ilp_status, dual = _ilp(inst, time_limit_s=remaining, upper_bound_s=upper,
+                                        gap=max(target_gap, OPTIMALITY_GAP))
         if dual is not None:
             bound = max(bound, dual)
         if owners is not None:
@@ -145,10 +154,16 @@ def solve(method: str = "best", *, work: Sequence[float], workers: int,
             ilp_note = f"the ILP found no assignment within {time_limit_s:g} s"
 
     if not candidates:
-        reason = ilp_note or (f"the {method} solver found no assignment that fits; "
-                              "try --solver best or ilp")
+        if ilp_note:
+            reason = ilp_note
+        elif method == "best":
+            reason = (f"no heuristic found an assignment that fits and the ILP was skipped "
+                      f"({_binary_count(inst)} binary variables)")
+        else:
+            reason = f"the {method} solver found no assignment that fits; try --solver best"
         raise _cap_error(inst, reason)
-    best = min(candidates, key=lambda c: (c.makespan_s, c.status != "optimal"))
+    rank = {"optimal": 0, "feasible": 1, "heuristic": 2}
+    best = min(candidates, key=lambda c: (c.makespan_s, rank[c.status]))
     status = "optimal" if best.makespan_s <= bound * (1 + OPTIMALITY_GAP) else best.status
     return Solution(owners=best.owners, method=best.method, status=status,
                     makespan_s=best.makespan_s, solve_time_s=time.perf_counter() - start,
@@ -187,7 +202,7 @@ def _speeds(speeds: Sequence[float] | None, workers: int) -> tuple[float, ...]:
 
 
 def _instance(*, work, workers, speeds, memory, memory_cap) -> _Instance:
-    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+    if not isinstance(workers, numbers.Integral) or isinstance(workers, bool) or workers < 1:
         raise InputError(f"number of workers must be an integer >= 1, got {workers!r}")
     work = tuple(float(w) for w in work)
     if not all(w >= 0 and math.isfinite(w) for w in work):
@@ -199,6 +214,7 @@ def _instance(*, work, workers, speeds, memory, memory_cap) -> _Instance:
         raise InputError("layer memory must be non-negative bytes")
     if memory_cap is not None and memory_cap < 0:
         raise InputError(f"memory cap must be >= 0 bytes, got {memory_cap}")
+    workers = int(workers)
     return _Instance(work=work, workers=workers, speeds=_speeds(speeds, workers),
                      memory=memory, memory_cap=memory_cap)
 
@@ -210,8 +226,9 @@ def _fits(inst: _Instance, owners: Sequence[int]) -> bool:
                default=0) <= inst.memory_cap
 
 
-def _meets(candidates: Sequence[Solution], bound: float) -> bool:
-    return any(c.makespan_s <= bound * (1 + OPTIMALITY_GAP) for c in candidates)
+def _meets(candidates: Sequence[Solution], bound: float, gap: float = 0.0) -> bool:
+    """Whether a candidate is within the relative gap (at least OPTIMALITY_GAP) of `bound`."""
+    return any(c.makespan_s <= bound * (1 + max(gap, OPTIMALITY_GAP)) for c in candidates)
 
 
 def _solution(inst: _Instance, owners: Sequence[int], method: str, status: str,
@@ -301,19 +318,24 @@ def _binary_count(inst: _Instance) -> int:
     return sum(len(r) for r in _allowed_workers(inst))
 
 
-def _pulp_solver(time_limit_s: float):
-    highs = pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=OPTIMALITY_GAP, gapAbs=1e-9)
+def _pulp_solver(*, time_limit_s: float, gap: float):
+    """HiGHS through highspy when PuLP can reach it, else CBC (installed, or PuLP's bundled)."""
+    options = {"msg": False, "timeLimit": time_limit_s, "gapRel": gap, "gapAbs": 1e-9}
+    highs = pulp.HiGHS(**options)
     if highs.available():
         return highs
-    return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=OPTIMALITY_GAP,
-                             gapAbs=1e-9)
+    cbc = pulp.COIN_CMD(**options)
+    if cbc.available():
+        return cbc
+    return pulp.PULP_CBC_CMD(**options)
 
 
-def _ilp(inst: _Instance, *, time_limit_s: float, upper_bound_s: float | None
-         ) -> tuple[tuple[int, ...] | None, str, float | None]:
+def _ilp(inst: _Instance, *, time_limit_s: float, upper_bound_s: float | None,
+         gap: float = OPTIMALITY_GAP) -> tuple[tuple[int, ...] | None, str, float | None]:
     """Solve the exact MIP. Returns (owners or None, status, proven lower bound seconds or None).
 
-    status: "optimal" (solver proved it), "feasible" (incumbent only), "infeasible" (proved),
+    status: "optimal" (solver proved it within OPTIMALITY_GAP), "feasible" (an incumbent, or
+    optimal only within a looser `gap`), "infeasible" (proved),
     "none" (nothing usable). Work is scaled so that the trivial lower bound is 1, memory so that
     the cap is 1, for the solver's tolerances.
     """
@@ -322,10 +344,10 @@ def _ilp(inst: _Instance, *, time_limit_s: float, upper_bound_s: float | None
     scale = bound if bound > 0 else 1.0
     allowed = _allowed_workers(inst)
     prob = pulp.LpProblem("dpkfac_placement", pulp.LpMinimize)
-    x = {(l, w): pulp.LpVariable(f"x_{l}_{w}", cat=pulp.LpBinary)
+    x = {(l, w): prob.add_variable(f"x_{l}_{w}", cat=pulp.LpBinary)
          for l in range(n) for w in allowed[l]}
     upper = None if upper_bound_s is None else upper_bound_s / scale * (1 + 1e-9)
-    makespan = pulp.LpVariable("T", lowBound=bound / scale, upBound=upper)
+    makespan = prob.add_variable("T", lowBound=bound / scale, upBound=upper)
     prob += makespan
     for l in range(n):
         prob += pulp.lpSum(x[l, w] for w in allowed[l]) == 1, f"once_{l}"
@@ -340,16 +362,16 @@ def _ilp(inst: _Instance, *, time_limit_s: float, upper_bound_s: float | None
             prob += pulp.lpSum(inst.memory[l] * x[l, w] for l in mine) <= 0, f"memory_{w}"
     try:
         with _native_stdout_silenced():
-            prob.solve(_pulp_solver(time_limit_s))
+            prob.solve(_pulp_solver(time_limit_s=time_limit_s, gap=gap))
     except pulp.PulpSolverError:
         return None, "none", None
     dual = _dual_bound(prob)
     dual_s = None if dual is None else max(dual * scale, bound)
     if prob.sol_status == pulp.LpSolutionInfeasible and prob.status == pulp.LpStatusInfeasible:
         return None, "infeasible", None
-    if prob.sol_status == pulp.LpSolutionOptimal:
+    if prob.sol_status == pulp.LpSolutionOptimal and gap <= OPTIMALITY_GAP:
         status = "optimal"
-    elif prob.sol_status == pulp.LpSolutionIntegerFeasible:
+    elif prob.sol_status in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
         status = "feasible"
     else:
         return None, "none", dual_s
@@ -365,7 +387,7 @@ def _ilp(inst: _Instance, *, time_limit_s: float, upper_bound_s: float | None
     if status == "optimal" and dual_s is None:
         # The solver proved optimality within OPTIMALITY_GAP: that is a bound in itself.
         span = makespan_s(work=inst.work, owners=owners, workers=workers, speeds=inst.speeds)
-        dual_s = span / (1 + OPTIMALITY_GAP)
+        dual_s = max(span / (1 + OPTIMALITY_GAP), bound)
     return tuple(owners), status, dual_s
 
 
@@ -405,15 +427,15 @@ def _dual_bound(prob: pulp.LpProblem) -> float | None:
 def _cap_error(inst: _Instance, reason: str, *, proven: bool = False) -> InputError:
     """The error for an unmet cap; `proven`: the cap itself is known to be infeasible."""
     lower, feasible = smallest_cap_bounds(memory=inst.memory, workers=inst.workers)
-    if proven:
-        lower = max(lower, int(inst.memory_cap) + 1)
+    basis = (f"largest layer state {max(inst.memory)} bytes, total state / workers "
+             f"{-(-sum(inst.memory) // inst.workers)} bytes")
+    if proven and inst.memory_cap + 1 > lower:
+        lower = inst.memory_cap + 1
+        basis = f"caps up to {inst.memory_cap} bytes are proven infeasible"
     if lower >= feasible:
         hint = f"the smallest cap that works is {feasible} bytes"
     else:
-        hint = (f"the smallest cap that could work is at least {lower} bytes (bound: largest "
-                f"layer state {max(inst.memory)} bytes, total state / workers "
-                f"{-(-sum(inst.memory) // inst.workers)} bytes"
-                + (", and this cap is proven infeasible" if proven else "")
-                + f"); a cap of {feasible} bytes is feasible (greedy packing by memory)")
+        hint = (f"the smallest cap that could work is at least {lower} bytes ({basis}); "
+                f"a cap of {feasible} bytes is feasible (greedy packing by memory)")
     return InputError(f"memory cap {inst.memory_cap} bytes cannot be met with {inst.workers} "
                       f"workers: {reason}; {hint}")

@@ -16,21 +16,29 @@ ROW_KEYS = ("workers", "algorithm", "step_time_s", "second_order_s", "comm_bytes
 
 
 def whatif_rows(profile: Profile, *, workers: Sequence[int], config: PlanConfig,
-                ilp_time_limit_s: float = 2.0, ilp_max_binaries: int = 300) -> list[dict]:
+                ilp_time_limit_s: float = 2.0, ilp_budget_s: float = 2.0,
+                ilp_max_binaries: int = 300, target_gap: float = 0.005) -> list[dict]:
     """One row per (worker count, algorithm in ALGORITHMS), in the order given.
 
     Row keys: ROW_KEYS (seconds per step, bytes per worker). The dp-kfac row uses the best of
-    the heuristics, plus the ILP (limited to `ilp_time_limit_s` seconds) only for instances with
-    at most `ilp_max_binaries` binary variables, so a sweep stays fast.
+    the heuristics, plus the ILP only for instances with at most `ilp_max_binaries` binary
+    variables, stopping within the relative gap `target_gap` of the lower bound (and skipped when
+    a heuristic is already within it), each run limited to `ilp_time_limit_s` seconds and all
+    runs of the sweep together to `ilp_budget_s` seconds, so a sweep stays fast.
     """
     rows: list[dict] = []
     works = layer_works_s(profile, config=config)
+    budget_left = ilp_budget_s
     for p in workers:
         if not isinstance(p, int) or isinstance(p, bool) or p < 1:
             raise InputError(f"worker counts must be integers >= 1, got {p!r}")
         round_robin = solve("round-robin", work=works, workers=p).owners
-        planned = solve("best", work=works, workers=p, time_limit_s=ilp_time_limit_s,
-                        ilp_max_binaries=ilp_max_binaries).owners
+        limit = min(ilp_time_limit_s, budget_left)
+        plan = solve("best", work=works, workers=p, time_limit_s=max(limit, 0.01),
+                     ilp_max_binaries=ilp_max_binaries if limit >= 0.05 else 0,
+                     target_gap=target_gap)
+        budget_left -= plan.solve_time_s
+        planned = plan.owners
         costs = {
             "sgd": sgd_cost(profile, workers=p),
             "mpd-kfac": mpd_kfac_cost(profile, workers=p, config=config),

@@ -1,0 +1,204 @@
+"""Cost model and baseline algorithms: hand-computed examples and monotonicity."""
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+
+from planner import comm
+from planner.algorithms import (ALGORITHMS, decomposition_bytes, dp_kfac_cost, factor_bytes,
+                                kaisa_comm_opt_cost, mpd_kfac_cost, sgd_cost)
+from planner.costmodel import (PlanConfig, broadcast_lower_bound_s, layer_work_s, predict,
+                               second_order_lower_bound_s)
+from planner.errors import InputError
+from planner.profile import AlphaBeta, profile_from_dict
+from planner.solvers import solve
+from planner.whatif import ROW_KEYS, whatif_rows
+
+from planner_fixtures import synthetic_profile_dict
+
+FREQ1 = PlanConfig()
+
+
+def two_layer_profile(*, world_size: int = 2, alpha: float = 1e-3, beta: float = 1e-9) -> dict:
+    doc = synthetic_profile_dict(2, 0, world_size=world_size, alpha_s=alpha, beta_s_per_byte=beta,
+                                 forward_backward_s=0.1, optimizer_s=0.01)
+    doc["layers"][0].update(dim_a=10, dim_g=20, grad_numel=200, factor_a_s=1.0, factor_g_s=2.0,
+                            decompose_a_s=3.0, decompose_g_s=4.0, precondition_s=5.0,
+                            state_bytes=1000)
+    doc["layers"][1].update(dim_a=30, dim_g=40, grad_numel=1200, factor_a_s=0.1, factor_g_s=0.2,
+                            decompose_a_s=0.3, decompose_g_s=0.4, precondition_s=0.5,
+                            state_bytes=3000)
+    return doc
+
+
+def test_compute_is_the_contracts_sum_at_frequency_one():
+    profile = profile_from_dict(two_layer_profile())
+    pred = predict(profile, owners=(0, 1), workers=2, config=FREQ1)
+    assert pred.compute_s == pytest.approx((15.0, 1.5))
+    together = predict(profile, owners=(1, 1), workers=2, config=FREQ1)
+    assert together.compute_s == pytest.approx((0.0, 16.5))
+
+
+def test_worker_speed_scales_compute():
+    profile = profile_from_dict(two_layer_profile())
+    pred = predict(profile, owners=(0, 1), workers=2, config=FREQ1, speeds=(2.0, 0.5))
+    assert pred.compute_s == pytest.approx((7.5, 3.0))
+
+
+def test_update_frequencies_amortise_factors_and_decompositions():
+    profile = profile_from_dict(two_layer_profile())
+    config = PlanConfig(factor_update_freq=3, inv_update_freq=7)
+    assert layer_work_s(profile.layers[0], config=config) == pytest.approx(3 / 3 + 7 / 7 + 5)
+    pred = predict(profile, owners=(0, 0), workers=1, config=config)
+    assert pred.second_order_s == pytest.approx(3 / 3 + 7 / 7 + 5 + 0.3 / 3 + 0.7 / 7 + 0.5)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True])
+def test_bad_frequency_is_an_input_error(bad):
+    with pytest.raises(InputError, match="freq"):
+        PlanConfig(factor_update_freq=bad)
+
+
+def test_step_time_adds_up_by_hand():
+    profile = profile_from_dict(two_layer_profile(world_size=2, alpha=1e-3, beta=1e-9))
+    pred = predict(profile, owners=(0, 1), workers=2, config=FREQ1)
+    # Measured at 2 ranks: broadcast = 1 hop, all-reduce = 2(p-1)/p = 1 pass: the measured line.
+    grad0, grad1 = 200 * 4, 1200 * 4
+    broadcast = (1e-3 + grad0 * 1e-9) + (1e-3 + grad1 * 1e-9)
+    allreduce = 1e-3 + (grad0 + grad1) * 1e-9
+    assert pred.broadcast_s == pytest.approx(broadcast)
+    assert pred.allreduce_s == pytest.approx(allreduce)
+    assert pred.second_order_s == pytest.approx(15.0 + broadcast)
+    assert pred.step_time_s == pytest.approx(0.1 + allreduce + 15.0 + broadcast + 0.01)
+    assert pred.memory_bytes == (1000, 3000)
+    assert pred.comm_bytes == (grad0 + grad1 + grad0 + grad1,) * 2
+
+
+def test_one_owner_makes_one_fused_broadcast():
+    profile = profile_from_dict(two_layer_profile(world_size=2, alpha=1e-3, beta=1e-9))
+    pred = predict(profile, owners=(1, 1), workers=2, config=FREQ1)
+    assert pred.broadcast_s == pytest.approx(1e-3 + 1400 * 4 * 1e-9)
+    assert pred.broadcast_bytes == (0, 5600)
+
+
+def test_rescaling_from_the_measured_world_size():
+    measured = AlphaBeta(alpha_s=6e-4, beta_s_per_byte=3e-10)
+    n = 1e6
+    # at the measured size the measured line comes back
+    assert comm.broadcast_s(measured, measured_ranks=4, ranks=4, nbytes=n) == pytest.approx(
+        6e-4 + n * 3e-10)
+    assert comm.allreduce_s(measured, measured_ranks=4, ranks=4, nbytes=n) == pytest.approx(
+        6e-4 + n * 3e-10)
+    # broadcast: alpha' = 2e-4, beta' = 3e-10; at 8 ranks 7 alpha' + n beta'
+    assert comm.broadcast_s(measured, measured_ranks=4, ranks=8, nbytes=n) == pytest.approx(
+        7 * 2e-4 + n * 3e-10)
+    # ring all-reduce at 4: 6 alpha' = 6e-4, 1.5 beta' = 3e-10 -> alpha' 1e-4, beta' 2e-10
+    assert comm.allreduce_s(measured, measured_ranks=4, ranks=8, nbytes=n) == pytest.approx(
+        14 * 1e-4 + 2 * 7 / 8 * n * 2e-10)
+    # measured alone: taken as per-hop values
+    assert comm.allreduce_s(measured, measured_ranks=1, ranks=3, nbytes=n) == pytest.approx(
+        4 * 6e-4 + 4 / 3 * n * 3e-10)
+    assert comm.broadcast_s(measured, measured_ranks=1, ranks=3, nbytes=n) == pytest.approx(
+        2 * 6e-4 + n * 3e-10)
+
+
+def test_no_communication_at_one_worker():
+    profile = profile_from_dict(synthetic_profile_dict(6, 1, world_size=8))
+    pred = predict(profile, owners=(0,) * 6, workers=1, config=FREQ1)
+    assert pred.allreduce_s == 0 and pred.broadcast_s == 0 and pred.comm_bytes == (0,)
+    for name, cost in [("sgd", sgd_cost(profile, workers=1)),
+                       ("mpd", mpd_kfac_cost(profile, workers=1, config=FREQ1)),
+                       ("kaisa", kaisa_comm_opt_cost(profile, workers=1, config=FREQ1))]:
+        assert cost.comm_bytes_per_step == 0, name
+
+
+def scaled_comm(doc: dict, factor: float) -> dict:
+    doc = copy.deepcopy(doc)
+    for op in ("allreduce", "broadcast"):
+        doc["comm"][op]["beta_s_per_byte"] *= factor
+        doc["comm"][op]["alpha_s"] *= factor
+    return doc
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_more_bandwidth_is_never_slower(seed):
+    rng = random.Random(seed)
+    doc = synthetic_profile_dict(10, seed, world_size=rng.choice([1, 2, 4, 8]))
+    slow, fast = profile_from_dict(doc), profile_from_dict(scaled_comm(doc, 0.25))
+    for workers in (1, 2, 3, 16):
+        owners = [rng.randrange(workers) for _ in range(10)]
+        assert (predict(fast, owners=owners, workers=workers, config=FREQ1).step_time_s
+                <= predict(slow, owners=owners, workers=workers, config=FREQ1).step_time_s)
+        slow_rows = whatif_rows(slow, workers=[workers], config=FREQ1)
+        fast_rows = whatif_rows(fast, workers=[workers], config=FREQ1)
+        for a, b in zip(fast_rows, slow_rows):
+            assert a["step_time_s"] <= b["step_time_s"] * (1 + 1e-12), a["algorithm"]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_lower_bound_holds_for_any_placement(seed):
+    rng = random.Random(seed)
+    profile = profile_from_dict(synthetic_profile_dict(9, seed))
+    config = PlanConfig(factor_update_freq=rng.randint(1, 4), inv_update_freq=rng.randint(1, 9))
+    for workers in (1, 2, 5, 12):
+        bound = second_order_lower_bound_s(profile, workers=workers, config=config)
+        assert bound >= broadcast_lower_bound_s(profile, workers=workers)
+        for _ in range(20):
+            owners = [rng.randrange(workers) for _ in range(9)]
+            pred = predict(profile, owners=owners, workers=workers, config=config)
+            assert bound <= pred.second_order_s * (1 + 1e-12)
+
+
+def test_baseline_byte_counts():
+    profile = profile_from_dict(two_layer_profile())
+    layer = profile.layers[0]
+    assert factor_bytes(layer, dtype_bytes=4) == 4 * (100 + 400)
+    assert decomposition_bytes(layer, dtype_bytes=4, compute_method="eigen") == 4 * (110 + 420)
+    assert decomposition_bytes(layer, dtype_bytes=4, compute_method="inverse") == 4 * 500
+
+
+def test_all_kfac_variants_agree_on_one_worker():
+    doc = synthetic_profile_dict(7, 2)
+    for layer in doc["layers"]:  # make state_bytes the baselines' factors + eigen decompositions
+        a, g = layer["dim_a"], layer["dim_g"]
+        layer["state_bytes"] = 4 * (2 * a * a + a + 2 * g * g + g)
+    profile = profile_from_dict(doc)
+    rows = whatif_rows(profile, workers=[1], config=FREQ1)
+    kfac = [r for r in rows if r["algorithm"] != "sgd"]
+    assert len({round(r["step_time_s"], 12) for r in kfac}) == 1
+    assert len({r["memory_bytes_per_worker"] for r in kfac}) == 1
+
+
+def test_whatif_rows_shape_and_orderings():
+    profile = profile_from_dict(synthetic_profile_dict(12, 4))
+    rows = whatif_rows(profile, workers=[1, 2, 8], config=FREQ1)
+    assert len(rows) == 3 * len(ALGORITHMS)
+    assert all(set(ROW_KEYS) <= set(r) for r in rows)
+    for p in (2, 8):
+        by = {r["algorithm"]: r for r in rows if r["workers"] == p}
+        assert by["dp-kfac"]["step_time_s"] <= by["dp-kfac-round-robin"]["step_time_s"] + 1e-12
+        assert by["dp-kfac"]["comm_bytes_per_step"] < by["mpd-kfac"]["comm_bytes_per_step"]
+        assert by["dp-kfac"]["memory_bytes_per_worker"] < by["kaisa-comm-opt"][
+            "memory_bytes_per_worker"]
+        assert by["sgd"]["second_order_s"] == 0
+        assert (by["kaisa-comm-opt"]["memory_bytes_per_worker"]
+                >= by["mpd-kfac"]["memory_bytes_per_worker"])
+
+
+def test_dp_kfac_cost_uses_the_given_placement():
+    profile = profile_from_dict(synthetic_profile_dict(6, 3))
+    owners = solve("greedy", work=[l.decompose_s for l in profile.layers], workers=3).owners
+    cost = dp_kfac_cost(profile, workers=3, config=FREQ1, owners=owners)
+    pred = predict(profile, owners=owners, workers=3, config=FREQ1)
+    assert cost.step_time_s == pred.step_time_s
+    assert cost.memory_bytes_per_worker == profile.model_grad_bytes + max(pred.memory_bytes)
+
+
+def test_whatif_sweep_is_fast():
+    import time
+    profile = profile_from_dict(synthetic_profile_dict(25, 1))
+    start = time.perf_counter()
+    whatif_rows(profile, workers=[1, 2, 4, 8, 16, 32, 64], config=FREQ1)
+    assert time.perf_counter() - start < 6.0
