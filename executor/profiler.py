@@ -162,8 +162,10 @@ def _time_collective(kind: str, nbytes: int, world: WorldInfo, options: ProfileO
         dist.barrier()
         op()
 
-    barrier_s, _ = median_time(dist.barrier, warmup=1, repeats=max(5, options.repeats // 2))
-    total_s, _ = median_time(run, warmup=options.warmup, repeats=options.repeats)
+    # a fixed number of runs (min_total_s=0): every rank must issue the same collectives
+    barrier_s, _ = median_time(dist.barrier, warmup=1, repeats=max(5, options.repeats // 2),
+                               min_total_s=0.0)
+    total_s, _ = median_time(run, warmup=options.warmup, repeats=options.repeats, min_total_s=0.0)
     seconds = torch.tensor([max(total_s - barrier_s, 0.0)], dtype=torch.float64)
     dist.all_reduce(seconds, op=dist.ReduceOp.MAX)  # every rank agrees on the slowest
     return float(seconds)

@@ -63,9 +63,10 @@ def allreduce_s(measured: AlphaBeta, *, measured_ranks: int, ranks: int, nbytes:
 
 
 def ring_allreduce_bytes(*, ranks: int, nbytes: float) -> float:
-    """Bytes one rank moves in a ring all-reduce of `nbytes` bytes: 2 (p-1)/p * n (0 at p == 1).
+    """Bytes one rank sends plus receives in a ring all-reduce of `nbytes` bytes:
+    2 (p-1)/p * n sent and as much received, 4 (p-1)/p * n in all (0 at p == 1).
 
-    This is the volume each rank sends (it receives the same amount); the project counts it once.
+    Every traffic figure in the project (planner, what-if, executor) counts sent + received.
     """
     _check_ranks(ranks)
-    return 2 * (ranks - 1) / ranks * nbytes
+    return 4 * (ranks - 1) / ranks * nbytes

@@ -73,7 +73,8 @@ def test_step_time_adds_up_by_hand():
     assert pred.second_order_s == pytest.approx(15.0 + broadcast)
     assert pred.step_time_s == pytest.approx(0.1 + allreduce + 15.0 + broadcast + 0.01)
     assert pred.memory_bytes == (1000, 3000)
-    assert pred.comm_bytes == (grad0 + grad1 + grad0 + grad1,) * 2
+    # ring all-reduce at p=2: n sent + n received; broadcasts: own sent + the other's received
+    assert pred.comm_bytes == (2 * (grad0 + grad1) + grad0 + grad1,) * 2
 
 
 def test_one_owner_makes_one_fused_broadcast():
