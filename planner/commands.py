@@ -73,7 +73,7 @@ def run_plan(args: argparse.Namespace) -> int:
                                method=args.solver, config=config, memory_cap=cap,
                                time_limit_s=args.time_limit, speeds=speeds)
     write_json_atomic(out, placement)
-    console = Console()
+    console = _console()
     print_plan_report(placement, console=console)
     console.print(f"wrote {out}")
     return 0
@@ -90,7 +90,7 @@ def run_whatif(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile)
     rows = whatif_rows(profile, workers=workers, config=config)
     if args.format == "table":
-        print_whatif_table(rows, console=Console())
+        print_whatif_table(rows, console=_console())
         return 0
     if args.format == "json":
         document = {"schema": WHATIF_SCHEMA_ID, "profile": args.profile,
@@ -154,3 +154,9 @@ def _positive_float(text: str) -> float:
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     return value
+
+
+def _console() -> Console:
+    """A rich console at least 100 columns wide, so piped tables are not cut at 80."""
+    detected = Console()
+    return Console(width=max(detected.width, 100)) if not detected.is_terminal else detected
