@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jsonschema
+import jsonschema.exceptions
+import jsonschema.validators
 
 from .errors import InputError
 
@@ -23,24 +25,81 @@ def read_json(path: str | os.PathLike, *, what: str) -> Any:
         raise InputError(f"{what} file {str(p)!r} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"cannot read {what} file {str(p)!r}: {exc}") from None
+    return parse_json(text, source=f"{what} file {str(p)!r}")
+
+
+def parse_json(text: str, *, source: str) -> Any:
+    """Parse JSON text strictly: no NaN/Infinity, no number that overflows to infinity, no
+    duplicate key in any object, no nesting deeper than the parser's recursion limit."""
     try:
-        return json.loads(text, parse_constant=_reject_constant)
-    except (json.JSONDecodeError, ValueError) as exc:
-        raise InputError(f"{what} file {str(p)!r} is not valid JSON: {exc}") from None
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
+                          object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise InputError(f"{source} is not valid JSON: {_one_line(str(exc))}") from None
 
 
 def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not allowed")
+    raise ValueError(f"{name} is not allowed (numbers must be finite)")
 
 
-def validate(document: Any, schema: dict, *, source: str) -> None:
-    """Check `document` against a JSON schema; the first violation becomes an InputError."""
-    validator = jsonschema.Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(document), key=lambda e: list(e.absolute_path))
-    if errors:
-        err = errors[0]
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text} is out of range (numbers must be finite)")
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    document: dict = {}
+    for key, value in pairs:
+        if key in document:
+            raise ValueError(f"duplicate key {key!r} in one object (each key at most once)")
+        document[key] = value
+    return document
+
+
+def _is_finite_number(checker: Any, instance: Any) -> bool:
+    """JSON schema "number": an int or a finite float, never a bool."""
+    if isinstance(instance, bool) or not isinstance(instance, (int, float)):
+        return False
+    return math.isfinite(instance)
+
+
+def _is_integer(checker: Any, instance: Any) -> bool:
+    """JSON schema "integer": an int, never a bool nor a float such as 2.0 (counts and ranks
+    are used as Python ints downstream)."""
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+# Draft 2020-12 with one change: "number" and "integer" exclude NaN and the infinities, so a
+# document built in Python (not parsed from text) cannot smuggle them past a "minimum".
+StrictValidator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine_many(
+        {"number": _is_finite_number, "integer": _is_integer}),
+)
+
+_MESSAGE_CHARS = 200
+
+
+def validate(document: Any, schema: dict, *, source: str,
+             explain: Callable[[Any], str] | None = None) -> None:
+    """Check `document` against a JSON schema; the most relevant violation becomes an
+    InputError `<source>: field <path>: <what was expected>` on one line.
+
+    explain: turns the offending value into the message, instead of jsonschema's own wording.
+    """
+    err = jsonschema.exceptions.best_match(StrictValidator(schema).iter_errors(document))
+    if err is not None:
         where = "/".join(str(part) for part in err.absolute_path) or "(top level)"
-        raise InputError(f"{source}: field {where}: {err.message}")
+        message = explain(err.instance) if explain is not None else err.message
+        raise InputError(f"{source}: field {where}: {_one_line(message)}")
+
+
+def _one_line(text: str) -> str:
+    """`text` on one line, cut to a readable length."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= _MESSAGE_CHARS else flat[:_MESSAGE_CHARS - 3] + "..."
 
 
 def file_sha256(path: str | os.PathLike) -> str:

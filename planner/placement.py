@@ -8,7 +8,7 @@ from .costmodel import PlanConfig, layer_state_bytes, layer_works_s, predict
 from .errors import InputError
 from .jsonio import file_sha256, read_json, validate
 from .profile import Profile
-from .schemas import PLACEMENT_SCHEMA, PLACEMENT_SCHEMA_ID
+from .schemas import PLACEMENT_SCHEMA, PLACEMENT_SCHEMA_ID, placement_ranks_schema
 from .solvers import solve
 
 
@@ -69,7 +69,8 @@ def make_placement(*, profile: Profile, profile_path: str | os.PathLike, workers
 def load_placement(source: str | os.PathLike | dict) -> dict:
     """Read (unless given a dict) and check a placement document; return it.
 
-    Checks the schema, then that every assigned rank and per-worker rank is < world_size.
+    Checks the schema, then (with a schema made for its world_size) that every assigned rank and
+    per-worker rank is < world_size, then that no per-worker rank appears twice.
     Raises InputError naming the file, the field and what was expected.
     """
     if isinstance(source, dict):
@@ -83,16 +84,12 @@ def load_placement(source: str | os.PathLike | dict) -> dict:
                          f"got {doc.get('schema')!r}")
     validate(doc, PLACEMENT_SCHEMA, source=where)
     world = doc["world_size"]
-    for name, rank in doc["assignment"].items():
-        if rank >= world:
-            raise InputError(f"{where}: field assignment/{name}: rank {rank} is out of range "
-                             f"for world_size {world} (expected 0..{world - 1})")
+    validate(doc, placement_ranks_schema(world), source=where,
+             explain=lambda rank: f"rank {rank!r} is out of range for world_size {world} "
+                                  f"(expected 0..{world - 1})")
     seen: set[int] = set()
     for i, entry in enumerate(doc["predicted"]["per_worker"]):
         rank = entry["rank"]
-        if rank >= world:
-            raise InputError(f"{where}: field predicted/per_worker/{i}/rank: rank {rank} is out "
-                             f"of range for world_size {world} (expected 0..{world - 1})")
         if rank in seen:
             raise InputError(f"{where}: field predicted/per_worker/{i}/rank: rank {rank} "
                              f"appears twice")

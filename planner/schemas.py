@@ -112,3 +112,15 @@ PLACEMENT_SCHEMA: dict = {
         },
     },
 }
+
+
+def placement_ranks_schema(world_size: int) -> dict:
+    """The schema a placement's ranks must meet once its world_size is known: every owner in
+    `assignment` and every `predicted/per_worker/*/rank` lies in 0..world_size-1."""
+    rank = {"type": "integer", "minimum": 0, "maximum": world_size - 1}
+    return {
+        "properties": {
+            "assignment": {"additionalProperties": rank},
+            "predicted": {"properties": {"per_worker": {"items": {"properties": {"rank": rank}}}}},
+        },
+    }
