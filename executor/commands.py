@@ -101,7 +101,7 @@ def _print_profile(doc: dict, out: Path) -> None:
                       f"{1e3 * (l['factor_a_s'] + l['factor_g_s']):.3f}",
                       f"{1e3 * (l['decompose_a_s'] + l['decompose_g_s']):.3f}",
                       f"{1e3 * l['precondition_s']:.3f}", f"{l['state_bytes'] / 1024:.1f}")
-    console = Console()
+    console = Console(width=max(Console().width, 110))
     console.print(table)
     comm = doc["comm"]
     console.print(f"forward+backward {1e3 * doc['step']['forward_backward_s']:.3f} ms; "

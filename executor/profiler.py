@@ -11,23 +11,35 @@ import platform
 from contextlib import nullcontext
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from planner.curves import fit_cost_curves, fit_line
 from planner.schemas import PROFILE_SCHEMA_ID
 
 from .blocks import ComputeMethod, KFACBlock, kfac_layers, make_block
 from .data import load_digits_split
 from .distributed import WorldInfo
-from .models import build_model
+from .models import build_model, input_spec
 from .timing import median_time
 
 # Collective costs assumed when profiling a single process (nothing to measure): loopback gloo.
 ASSUMED_COMM = {"alpha_s": 5e-5, "beta_s_per_byte": 1e-9}
-MESSAGE_SIZES = tuple(2 ** k for k in range(10, 23, 2))  # 1 KiB .. 4 MiB
+MIN_LARGEST_MESSAGE = 4 << 20   # bytes: always time at least up to 4 MiB
+MAX_LARGEST_MESSAGE = 64 << 20  # bytes: and never beyond 64 MiB
+
+
+def message_sizes(model_grad_bytes: int) -> tuple[int, ...]:
+    """Collective message sizes to time, bytes: powers of 4 from 1 KiB up to the model's whole
+    gradient (at least 4 MiB, at most 64 MiB)."""
+    largest = min(max(model_grad_bytes, MIN_LARGEST_MESSAGE), MAX_LARGEST_MESSAGE)
+    sizes, size = [], 1 << 10
+    while size <= largest:
+        sizes.append(size)
+        size *= 4
+    return tuple(sizes)
 
 
 @dataclass(frozen=True)
@@ -46,7 +58,7 @@ def profile_model(model_name: str, batch_size: int, world: WorldInfo, *,
     """Measure `model_name` at `batch_size` per worker; the profile document (dpkfac.profile/1)."""
     torch.manual_seed(0)
     model = build_model(model_name).to(world.device)
-    batches = _batches(batch_size, options.factor_batches, world.device)
+    batches = _batches(model_name, batch_size, options.factor_batches, world.device)
     blocks, captured = _accumulate_factors(model, batches, options.factor_decay)
     method = ComputeMethod(options.compute_method)
     with _progress_bar(progress, len(blocks) + 2) as bar:
@@ -56,27 +68,33 @@ def profile_model(model_name: str, batch_size: int, world: WorldInfo, *,
             _advance(bar, block.name)
         step = _profile_step(model, *batches[-1], options)
         _advance(bar, "step")
-        comm = _profile_comm(world, options)
+        grad_bytes = 4 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+        comm = _profile_comm(world, options, message_sizes(grad_bytes))
         _advance(bar, "collectives")
     return {
         "schema": PROFILE_SCHEMA_ID, "model": model_name, "batch_size": batch_size,
         "device": _device_name(world.device), "dtype": "float32",
         "compute_method": method.value, "measured": True, "layers": layers, "step": step,
         "comm": comm,
+        "fits": fit_cost_curves(layers),
         "model_grad_numel": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "environment": _environment(world, options),
     }
 
 
-def _batches(batch_size: int, count: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """`count` consecutive batches of the training split (wrapping around when it runs out)."""
-    train = load_digits_split().train
-    out = []
-    for i in range(count):
-        index = (torch.arange(batch_size) + i * batch_size) % len(train)
-        x, y = train[index]
-        out.append((x.to(device), y.to(device)))
-    return out
+def _batches(model_name: str, batch_size: int, count: int,
+             device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`count` distinct batches: consecutive digits (wrapping around) for digits models, seeded
+    random inputs of the model's input shape for the others."""
+    spec = input_spec(model_name)
+    if spec.dataset == "digits":
+        train = load_digits_split().train
+        indices = [(torch.arange(batch_size) + i * batch_size) % len(train) for i in range(count)]
+        batches = [train[index] for index in indices]
+    else:
+        generator = torch.Generator().manual_seed(0)
+        batches = [spec.random_batch(batch_size, generator=generator) for _ in range(count)]
+    return [(x.to(device), y.to(device)) for x, y in batches]
 
 
 def _accumulate_factors(model: nn.Module, batches, decay: float):
@@ -120,11 +138,19 @@ def _profile_layer(block: KFACBlock, a, g, grad, method: ComputeMethod,
         "factor_a_s": factor_a_s, "factor_g_s": factor_g_s,
         "decompose_a_s": decompose_a_s, "decompose_g_s": decompose_g_s,
         "precondition_s": precondition_s, "state_bytes": state_bytes,
-        "rows_a": int(a.numel() // a.shape[1]) if a.dim() == 4 else int(a.numel() // a.shape[-1]),
+        "rows_a": _rows(block, g), "rows_g": _rows(block, g),
         "spread_iqr_s": {"factor_a": factor_a_iqr, "factor_g": factor_g_iqr,
                          "decompose_a": decompose_a_iqr, "decompose_g": decompose_g_iqr,
                          "precondition": precondition_iqr},
     }
+
+
+def _rows(block: KFACBlock, grad_output: torch.Tensor) -> int:
+    """Rows of the matrices both factors are built from: batch x output positions for a conv
+    (one unfolded patch per position), all leading dimensions for a Linear."""
+    if isinstance(block.module, nn.Conv2d):
+        return int(grad_output.numel() // grad_output.shape[1])
+    return int(grad_output.numel() // grad_output.shape[-1])
 
 
 def _profile_step(model: nn.Module, x, y, options: ProfileOptions) -> dict:
@@ -140,7 +166,7 @@ def _profile_step(model: nn.Module, x, y, options: ProfileOptions) -> dict:
             "spread_iqr_s": {"forward_backward": fb_iqr, "optimizer": opt_iqr}}
 
 
-def _profile_comm(world: WorldInfo, options: ProfileOptions) -> dict:
+def _profile_comm(world: WorldInfo, options: ProfileOptions, sizes: tuple[int, ...]) -> dict:
     backend = world.backend or ("nccl" if world.device.type == "cuda" else "gloo")
     if world.world_size == 1:
         return {"backend": backend, "world_size": 1, "allreduce": dict(ASSUMED_COMM),
@@ -148,44 +174,47 @@ def _profile_comm(world: WorldInfo, options: ProfileOptions) -> dict:
                                                            "measure; run under torchrun to fit)"}
     fits = {}
     for kind in ("allreduce", "broadcast"):
-        seconds = [_time_collective(kind, n, world, options) for n in MESSAGE_SIZES]
-        fits[kind] = fit_alpha_beta(MESSAGE_SIZES, seconds)
+        seconds = [_time_collective(kind, n, world, options) for n in sizes]
+        fits[kind] = dict(fit_alpha_beta(sizes, seconds), seconds=seconds)
     return {"backend": backend, "world_size": world.world_size, **fits, "source": "measured",
-            "message_bytes": list(MESSAGE_SIZES)}
+            "message_bytes": list(sizes)}
 
 
-def _time_collective(kind: str, nbytes: int, world: WorldInfo, options: ProfileOptions) -> float:
-    buf = torch.zeros(nbytes // 4, dtype=torch.float32, device=world.device)
+def _time_collective(kind: str, nbytes: int, world: WorldInfo, options: ProfileOptions,
+                     *, back_to_back: int = 8) -> float:
+    """Seconds of one collective of `nbytes` bytes, the slowest rank's view.
+
+    As nccl-tests do, `back_to_back` calls run between two barriers; a barrier's own time is
+    subtracted and the rest divided by the count; the median over `options.repeats` trials.
+    Every rank runs the same fixed number of collectives (min_total_s=0).
+    """
+    buf = torch.zeros(max(nbytes // 4, 1), dtype=torch.float32, device=world.device)
     op = (lambda: dist.all_reduce(buf)) if kind == "allreduce" else (lambda: dist.broadcast(buf, 0))
 
-    def run() -> None:
+    def burst() -> None:
         dist.barrier()
-        op()
+        for _ in range(back_to_back):
+            op()
+        dist.barrier()
 
-    # a fixed number of runs (min_total_s=0): every rank must issue the same collectives
-    barrier_s, _ = median_time(dist.barrier, warmup=1, repeats=max(5, options.repeats // 2),
-                               min_total_s=0.0)
-    total_s, _ = median_time(run, warmup=options.warmup, repeats=options.repeats, min_total_s=0.0)
-    seconds = torch.tensor([max(total_s - barrier_s, 0.0)], dtype=torch.float64)
+    def two_barriers() -> None:
+        dist.barrier()
+        dist.barrier()
+
+    trials = max(3, options.repeats // 3)
+    barrier_s, _ = median_time(two_barriers, warmup=1, repeats=trials, min_total_s=0.0)
+    total_s, _ = median_time(burst, warmup=1, repeats=trials, min_total_s=0.0)
+    seconds = torch.tensor([max(total_s - barrier_s, 0.0) / back_to_back], dtype=torch.float64)
     dist.all_reduce(seconds, op=dist.ReduceOp.MAX)  # every rank agrees on the slowest
     return float(seconds)
 
 
 def fit_alpha_beta(nbytes, seconds) -> dict:
-    """Least-squares fit of seconds = alpha + beta * nbytes; both clamped to >= 0.
-
-    Returns alpha_s, beta_s_per_byte and the fit's mean relative error.
-    """
-    n = np.asarray(nbytes, dtype=float)
-    t = np.asarray(seconds, dtype=float)
-    # weight by 1/t so small messages (which set alpha) count as much as large ones
-    w = 1.0 / np.maximum(t, 1e-9)
-    design = np.stack([np.ones_like(n), n], axis=1) * w[:, None]
-    (alpha, beta), *_ = np.linalg.lstsq(design, t * w, rcond=None)
-    alpha, beta = max(float(alpha), 0.0), max(float(beta), 0.0)
-    predicted = alpha + beta * n
-    error = float(np.mean(np.abs(predicted - t) / np.maximum(t, 1e-12)))
-    return {"alpha_s": alpha, "beta_s_per_byte": beta, "fit_mean_rel_error": error}
+    """Least-squares fit of seconds = alpha + beta * nbytes (both >= 0), with its mean relative
+    error."""
+    line = fit_line(nbytes, seconds)
+    return {"alpha_s": line.intercept_s, "beta_s_per_byte": line.slope,
+            "fit_mean_rel_error": line.mean_rel_error}
 
 
 def _device_name(device: torch.device) -> str:
