@@ -13,7 +13,9 @@ per-hop values. With p == 1 every collective costs 0 seconds and moves 0 bytes.
 """
 from __future__ import annotations
 
-from .profile import AlphaBeta
+from dataclasses import dataclass
+
+from .profile import AlphaBeta, CommCosts
 
 
 def _check_ranks(ranks: int) -> None:
@@ -70,3 +72,38 @@ def ring_allreduce_bytes(*, ranks: int, nbytes: float) -> float:
     """
     _check_ranks(ranks)
     return 4 * (ranks - 1) / ranks * nbytes
+
+
+@dataclass(frozen=True)
+class Network:
+    """Per-hop costs of the two collectives the executor uses, independent of the rank count.
+
+    broadcast_hop / allreduce_hop: alpha' seconds and beta' seconds per byte of one hop of a
+    pipelined broadcast / ring all-reduce (see the forms above). `source` says where they came
+    from ("profile" rescaled from the measured world size, or "cluster" from topology).
+    """
+    broadcast_hop: AlphaBeta
+    allreduce_hop: AlphaBeta
+    source: str = "profile"
+
+    def broadcast_s(self, *, ranks: int, nbytes: float) -> float:
+        """Seconds for one broadcast of `nbytes` bytes among `ranks` ranks (0 at one rank)."""
+        _check_ranks(ranks)
+        if ranks == 1:
+            return 0.0
+        return (ranks - 1) * self.broadcast_hop.alpha_s + nbytes * self.broadcast_hop.beta_s_per_byte
+
+    def allreduce_s(self, *, ranks: int, nbytes: float) -> float:
+        """Seconds for one ring all-reduce of `nbytes` bytes among `ranks` ranks (0 at one rank)."""
+        _check_ranks(ranks)
+        if ranks == 1:
+            return 0.0
+        hop = self.allreduce_hop
+        return 2 * (ranks - 1) * hop.alpha_s + 2 * (ranks - 1) / ranks * nbytes * hop.beta_s_per_byte
+
+
+def network_from_profile(costs: CommCosts) -> Network:
+    """The per-hop network implied by a profile's measured collectives (rescaled as above)."""
+    return Network(broadcast_hop=broadcast_per_hop(costs.broadcast, measured_ranks=costs.world_size),
+                   allreduce_hop=allreduce_per_hop(costs.allreduce, measured_ranks=costs.world_size),
+                   source="profile")

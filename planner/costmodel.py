@@ -90,37 +90,57 @@ def owner_broadcast_bytes(profile: Profile, *, owners: Sequence[int], workers: i
     return memory_loads(memory=layer_grad_bytes(profile), owners=owners, workers=workers)
 
 
-def gradient_allreduce_s(profile: Profile, *, workers: int) -> float:
+def network_of(profile: Profile, network: comm.Network | None = None) -> comm.Network:
+    """`network` if given (e.g. from a cluster file), else the one the profile measured."""
+    return network if network is not None else comm.network_from_profile(profile.comm)
+
+
+def gradient_allreduce_s(profile: Profile, *, workers: int,
+                         network: comm.Network | None = None) -> float:
     """Seconds of the ring all-reduce of the whole model's gradient at `workers` ranks."""
-    return comm.allreduce_s(profile.comm.allreduce, measured_ranks=profile.comm.world_size,
-                            ranks=workers, nbytes=profile.model_grad_bytes)
+    return network_of(profile, network).allreduce_s(ranks=workers,
+                                                    nbytes=profile.model_grad_bytes)
 
 
-def broadcast_total_s(profile: Profile, *, owners: Sequence[int], workers: int) -> float:
-    """Seconds of all broadcasts of one step: one fused broadcast per owner with >= 1 layer."""
+def common_memory_bytes(profile: Profile, *, workers: int) -> int:
+    """Bytes every worker holds for DP-KFAC whatever it owns: the flat buffers of the fused
+    broadcasts (one per owner, together all K-FAC layers' gradient bytes); 0 at one worker."""
+    return profile.grad_bytes if workers > 1 else 0
+
+
+def owner_broadcasts_s(profile: Profile, *, owners: Sequence[int], workers: int,
+                       network: comm.Network | None = None) -> tuple[float, ...]:
+    """Seconds of each rank's fused broadcast (0 for a rank that owns nothing)."""
+    net = network_of(profile, network)
     owned = [0] * workers
     for owner in owners:
         owned[owner] += 1
     sizes = owner_broadcast_bytes(profile, owners=owners, workers=workers)
-    return sum(comm.broadcast_s(profile.comm.broadcast, measured_ranks=profile.comm.world_size,
-                                ranks=workers, nbytes=nbytes)
-               for nbytes, count in zip(sizes, owned) if count > 0)
+    return tuple(net.broadcast_s(ranks=workers, nbytes=nbytes) if count > 0 else 0.0
+                 for nbytes, count in zip(sizes, owned))
 
 
-def broadcast_lower_bound_s(profile: Profile, *, workers: int) -> float:
+def broadcast_total_s(profile: Profile, *, owners: Sequence[int], workers: int,
+                      network: comm.Network | None = None) -> float:
+    """Seconds of all broadcasts of one step: one fused broadcast per owner with >= 1 layer."""
+    return sum(owner_broadcasts_s(profile, owners=owners, workers=workers, network=network))
+
+
+def broadcast_lower_bound_s(profile: Profile, *, workers: int,
+                            network: comm.Network | None = None) -> float:
     """A proven lower bound on broadcast_total_s over all placements, seconds.
 
     Any placement makes k >= 1 fused broadcasts whose bytes add up to all layers' gradient bytes
     N, costing k (p-1) alpha' + N beta' >= (p-1) alpha' + N beta': the cost of one broadcast of
     everything. It holds because the per-byte term is additive and alpha' >= 0.
     """
-    return comm.broadcast_s(profile.comm.broadcast, measured_ranks=profile.comm.world_size,
-                            ranks=workers, nbytes=profile.grad_bytes)
+    return network_of(profile, network).broadcast_s(ranks=workers, nbytes=profile.grad_bytes)
 
 
 def second_order_lower_bound_s(profile: Profile, *, workers: int, config: PlanConfig,
                                speeds: Sequence[float] | None = None,
-                               compute_bound_s: float = 0.0) -> float:
+                               compute_bound_s: float = 0.0,
+                               network: comm.Network | None = None) -> float:
     """A proven lower bound on second_order_s for any placement, seconds.
 
     max(total work / sum of speeds, largest layer work / fastest speed, compute_bound_s)
@@ -130,7 +150,7 @@ def second_order_lower_bound_s(profile: Profile, *, workers: int, config: PlanCo
     works = layer_works_s(profile, config=config)
     compute = max(makespan_lower_bound_s(work=works, workers=workers, speeds=speeds),
                   compute_bound_s)
-    return compute + broadcast_lower_bound_s(profile, workers=workers)
+    return compute + broadcast_lower_bound_s(profile, workers=workers, network=network)
 
 
 def comm_bytes_per_worker(profile: Profile, *, owners: Sequence[int], workers: int
@@ -151,7 +171,8 @@ def comm_bytes_per_worker(profile: Profile, *, owners: Sequence[int], workers: i
 
 
 def predict(profile: Profile, *, owners: Sequence[int], workers: int, config: PlanConfig,
-            speeds: Sequence[float] | None = None, compute_bound_s: float = 0.0) -> Prediction:
+            speeds: Sequence[float] | None = None, compute_bound_s: float = 0.0,
+            network: comm.Network | None = None) -> Prediction:
     """Predicted step of `profile` with layer i owned by rank owners[i] among `workers` ranks."""
     if len(owners) != len(profile.layers):
         raise ValueError(f"{len(owners)} owners for {len(profile.layers)} layers")
@@ -160,14 +181,14 @@ def predict(profile: Profile, *, owners: Sequence[int], workers: int, config: Pl
     works = layer_works_s(profile, config=config)
     compute = worker_loads_s(work=works, owners=owners, workers=workers, speeds=speeds)
     makespan = max(compute, default=0.0)
-    broadcast = broadcast_total_s(profile, owners=owners, workers=workers)
-    allreduce = gradient_allreduce_s(profile, workers=workers)
+    broadcast = broadcast_total_s(profile, owners=owners, workers=workers, network=network)
+    allreduce = gradient_allreduce_s(profile, workers=workers, network=network)
     second_order = makespan + broadcast
     owned = [0] * workers
     for owner in owners:
         owned[owner] += 1
     bound = second_order_lower_bound_s(profile, workers=workers, config=config, speeds=speeds,
-                                       compute_bound_s=compute_bound_s)
+                                       compute_bound_s=compute_bound_s, network=network)
     return Prediction(
         workers=workers,
         step_time_s=profile.forward_backward_s + allreduce + second_order + profile.optimizer_s,

@@ -193,7 +193,7 @@ def test_time_limited_ilp_claims_optimal_only_with_proof():
 def test_status_comes_from_the_solution_status_not_the_problem_status(monkeypatch):
     """At a time limit PuLP's problem status can read Optimal while the solution is only an
     incumbent (LpSolutionIntegerFeasible): that must not be reported as optimal."""
-    import planner.solvers as solvers
+    import planner.ilp as ilp
 
     original = pulp.LpProblem.solve
 
@@ -203,10 +203,11 @@ def test_status_comes_from_the_solution_status_not_the_problem_status(monkeypatc
         return result
 
     monkeypatch.setattr(pulp.LpProblem, "solve", stopped_at_time_limit)
-    monkeypatch.setattr(solvers, "_dual_bound", lambda prob: None)
-    work = [3.0, 3.0, 3.0, 2.0, 2.0]  # bound 6.5, optimum 7: only a solver can prove it
-    sol = solve("ilp", work=work, workers=2)
-    assert sol.makespan_s == pytest.approx(7.0)
+    monkeypatch.setattr(ilp, "_dual_bound", lambda prob: None)
+    # bound 8.67, optimum 9 (local search stops at 10): only a solver can prove it
+    work = [2.0, 8.0, 3.0, 3.0, 2.0, 3.0, 5.0]
+    sol = solve("ilp", work=work, workers=3)
+    assert sol.makespan_s == pytest.approx(9.0)
     assert sol.status == "feasible"
 
 
