@@ -1,13 +1,15 @@
 """The `dpkfac` console command: profile, plan, train, whatif, validate nothing else.
 
 Bad input raises planner.errors.InputError anywhere below; it becomes one `error:` line and
-exit status 2. plan and whatif never import torch.
+exit status 2. A fault of the running job (executor.faults.RunFault: a rank died or hung) is one
+`error:` line and exit status 1. plan and whatif never import torch.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
+from executor.faults import RunFault
 from planner.errors import InputError
 
 
@@ -40,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RunFault as exc:  # a dead or stuck rank: not bad input, and worth a restart
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

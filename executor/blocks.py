@@ -20,6 +20,19 @@ class ComputeMethod(str, enum.Enum):
     INVERSE = "inverse"
 
 
+class DecomposeOutcome(str, enum.Enum):
+    """What one decomposition attempt of one factor came to."""
+    OK = "ok"              # decomposed at the requested damping
+    RETRIED = "retried"    # failed or non-finite at first; succeeded with more damping
+    FAILED = "failed"      # non-finite factor, or every retry failed: the old result stays
+
+
+# After a failed or non-finite decomposition, retry with this many times the damping added to
+# the factor's diagonal, in order, before giving up (the previous decomposition then stays).
+RETRY_DAMPING_MULTIPLES = (10.0, 100.0, 1000.0)
+_MIN_RETRY_SHIFT = 1e-6  # the smallest diagonal shift tried when damping is 0
+
+
 class KFACBlock(ABC):
     """One layer's K-FAC state and math. Tensor methods are pure: they do not touch the module."""
 
@@ -75,13 +88,35 @@ class KFACBlock(ABC):
             self.factor_g = _running_average(self.factor_g, g, decay)
 
     # -- decomposition and preconditioning ----------------------------------------------------
-    def decompose_a(self, method: ComputeMethod, damping: float) -> None:
-        """Decompose (or invert) the running A."""
-        self.decomposition.update(_decompose(self.factor_a, "a", method, damping))
+    def decompose_a(self, method: ComputeMethod, damping: float) -> DecomposeOutcome:
+        """Decompose (or invert) the running A; on failure keep the previous result."""
+        return self._decompose_side(self.factor_a, "a", method, damping)
 
-    def decompose_g(self, method: ComputeMethod, damping: float) -> None:
-        """Decompose (or invert) the running G."""
-        self.decomposition.update(_decompose(self.factor_g, "g", method, damping))
+    def decompose_g(self, method: ComputeMethod, damping: float) -> DecomposeOutcome:
+        """Decompose (or invert) the running G; on failure keep the previous result."""
+        return self._decompose_side(self.factor_g, "g", method, damping)
+
+    def _decompose_side(self, factor: torch.Tensor | None, side: str, method: ComputeMethod,
+                        damping: float) -> DecomposeOutcome:
+        result, outcome = decompose_safely(factor, side, method, damping)
+        if result is not None:
+            self.decomposition.update(result)
+        return outcome
+
+    def ready(self, method: ComputeMethod) -> bool:
+        """True when both factors have a decomposition to precondition with."""
+        keys = ("q_a", "d_a", "q_g", "d_g") if method is ComputeMethod.EIGEN else ("inv_a", "inv_g")
+        return all(k in self.decomposition for k in keys)
+
+    def drop_nonfinite_factors(self) -> int:
+        """Forget a running factor that holds NaN or inf (it restarts from the next batch);
+        returns how many factors were dropped (0, 1 or 2). The decomposition is kept."""
+        dropped = 0
+        if self.factor_a is not None and not bool(torch.isfinite(self.factor_a).all()):
+            self.factor_a, dropped = None, dropped + 1
+        if self.factor_g is not None and not bool(torch.isfinite(self.factor_g).all()):
+            self.factor_g, dropped = None, dropped + 1
+        return dropped
 
     def precondition(self, grad: torch.Tensor, method: ComputeMethod, damping: float) -> torch.Tensor:
         """Preconditioned gradient of a dW matrix (dim_g x dim_a).
@@ -217,13 +252,33 @@ def _running_average(old: torch.Tensor | None, new: torch.Tensor, decay: float) 
     return old.mul_(decay).add_(new, alpha=1.0 - decay)
 
 
+def decompose_safely(factor: torch.Tensor | None, side: str, method: ComputeMethod,
+                     damping: float) -> tuple[dict[str, torch.Tensor] | None, DecomposeOutcome]:
+    """Decompose `factor`, retrying with more damping when the solver fails or returns
+    non-finite numbers. Returns (result or None, outcome); None leaves the caller's old one."""
+    if factor is None or not bool(torch.isfinite(factor).all()):
+        return None, DecomposeOutcome.FAILED
+    base = max(damping, _MIN_RETRY_SHIFT)
+    shifts = (0.0,) + tuple(base * m for m in RETRY_DAMPING_MULTIPLES)
+    for attempt, shift in enumerate(shifts):
+        try:
+            result = _decompose(factor, side, method, damping, shift=shift)
+        except RuntimeError:  # torch.linalg.LinAlgError is a RuntimeError
+            continue
+        if all(bool(torch.isfinite(t).all()) for t in result.values()):
+            return result, DecomposeOutcome.OK if attempt == 0 else DecomposeOutcome.RETRIED
+    return None, DecomposeOutcome.FAILED
+
+
 def _decompose(factor: torch.Tensor, side: str, method: ComputeMethod,
-               damping: float) -> dict[str, torch.Tensor]:
+               damping: float, *, shift: float = 0.0) -> dict[str, torch.Tensor]:
     """eigen: eigenvalues (negatives clamped to 0) and eigenvectors; inverse: (F + sqrt(damping) I)^-1
-    through a Cholesky factorisation."""
+    through a Cholesky factorisation. `shift` adds that much more to the diagonal first."""
+    def eye() -> torch.Tensor:
+        return torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
+
     if method is ComputeMethod.EIGEN:
-        values, vectors = torch.linalg.eigh(factor)
+        values, vectors = torch.linalg.eigh(factor + shift * eye() if shift else factor)
         return {f"d_{side}": values.clamp_min_(0.0), f"q_{side}": vectors}
-    eye = torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
-    cholesky = torch.linalg.cholesky(factor + damping ** 0.5 * eye)
+    cholesky = torch.linalg.cholesky(factor + (damping ** 0.5 + shift) * eye())
     return {f"inv_{side}": torch.cholesky_inverse(cholesky)}

@@ -51,7 +51,13 @@ def _register_train(subparsers) -> None:
     p.add_argument("--damping", type=float, default=None)
     p.add_argument("--kl-clip", type=float, default=None)
     p.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS")
-    p.add_argument("--resume", action="store_true", help="continue exactly from DIR/checkpoint.pt")
+    p.add_argument("--resume", nargs="?", const="always", default="never",
+                   choices=("always", "auto", "never"), metavar="auto",
+                   help="continue exactly from DIR/checkpoint.pt; `--resume auto` only when it "
+                   "exists (a torchrun elastic restart resumes as `auto` does)")
+    p.add_argument("--timeout", type=_positive_seconds, default=600.0, metavar="SECONDS",
+                   help="process-group timeout: a collective waiting longer (a dead or stuck "
+                   "rank) ends the job with an error naming the step and phase (default 600)")
     p.add_argument("--precise-timing", action="store_true",
                    help="synchronise the device around each phase (exact phase times, slower)")
     p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
@@ -70,10 +76,10 @@ def _run_profile(args: argparse.Namespace) -> int:
     from planner.profile import profile_from_dict
 
     from .distributed import init_distributed, shutdown_distributed
-    from .models import build_model
     from .profiler import ProfileOptions, profile_model
+    from .train import build_model_checked
 
-    build_model(args.model)  # an unknown model fails before any process group forms
+    build_model_checked(args.model)  # an unknown model fails before any process group forms
     world = init_distributed(device=args.device)
     try:
         options = ProfileOptions(compute_method=args.compute_method, warmup=args.warmup,
@@ -113,6 +119,17 @@ def _print_profile(doc: dict, out: Path) -> None:
     console.print(f"wrote {out}")
 
 
+def _positive_seconds(text: str) -> float:
+    """argparse type: a finite number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}")
+    return value
+
+
 def _gbps(beta: float) -> str:
     return f"{1e-9 / beta:.2f} GB/s" if beta > 0 else "bandwidth not resolved"
 
@@ -126,6 +143,7 @@ def _run_train(args: argparse.Namespace) -> int:
                       max_steps=args.max_steps, seed=args.seed, algorithm=args.algorithm,
                       model=args.model, batch_size=args.batch_size,
                       checkpoint_every=args.checkpoint_every, resume=args.resume,
+                      timeout_s=args.timeout,
                       precise_timing=args.precise_timing,
                       progress=False if args.no_progress else None, **overrides)
     _print_summary(run_training(cfg), args.out)

@@ -37,7 +37,11 @@ def train_loader(dataset: TensorDataset, *, batch_size: int, rank: int, world_si
     """A loader over this rank's shard; call sampler.set_epoch(e) before each epoch."""
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
                                  seed=seed, drop_last=True)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True), sampler
+    # The loader's own generator: starting an epoch must not draw from the global torch RNG, so a
+    # resumed run's RNG stream matches an uninterrupted one wherever the checkpoint fell.
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
+                      generator=generator), sampler
 
 
 def test_loader(dataset: TensorDataset, *, batch_size: int = 512) -> DataLoader:

@@ -30,7 +30,12 @@ def pick_backend() -> str:
 
 
 def init_distributed(*, timeout_s: float = 600.0, device: str | None = None) -> WorldInfo:
-    """Join the env:// process group under torchrun; world size 1 without it."""
+    """Join the env:// process group under torchrun; world size 1 without it.
+
+    timeout_s: seconds any collective (and the rendezvous) may wait before failing. With gloo a
+    collective past it raises; with NCCL the watchdog aborts the process (TORCH_NCCL_ASYNC_ERROR_
+    HANDLING, on by default), so a dead or stuck rank never hangs the job.
+    """
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     if not launched_by_torchrun():
         dev = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
@@ -73,6 +78,22 @@ def allreduce_mean_(tensors: list[torch.Tensor], world_size: int, process_group=
         t.copy_(flat[offset:offset + t.numel()].view_as(t))
         offset += t.numel()
     return flat.numel() * flat.element_size()
+
+
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """True when no tensor holds NaN or inf (one device synchronisation)."""
+    if not tensors:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def broadcast_object(obj: object, world: WorldInfo) -> object:
+    """Rank 0's `obj` on every rank (pickled over the default group)."""
+    if world.world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def ring_allreduce_bytes(nbytes: int, world_size: int) -> int:

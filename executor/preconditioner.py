@@ -5,11 +5,19 @@ the running factors and their decomposition, preconditions the already all-reduc
 broadcasts the result; every owner's results travel in one fused asynchronous broadcast.
 Non-owners never hold the layer's factors. The placement decides owners; nothing here is clever
 about placing.
+
+Numerical safety (counted in `numerics`, per owner and in total, see NUMERICS_COUNTERS): a running
+factor that turns NaN/inf is dropped and rebuilt from the next batch; a decomposition that fails
+or comes out non-finite is retried with more damping, else the previous decomposition stays; a
+layer with no usable decomposition, or whose preconditioned gradient is non-finite, gets its plain
+(all-reduced) gradient this step. Each owner's cumulative counters ride at the end of its fused
+broadcast (4 numbers), so every rank knows the totals after every step. Non-finite *gradients*
+are the training loop's to handle (executor/train.py skips such steps on all ranks).
 """
 from __future__ import annotations
 
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any, Callable
 
 import torch
@@ -18,11 +26,20 @@ from torch import nn
 
 from planner.placement import check_placement_matches, load_placement
 
-from .blocks import ComputeMethod, KFACBlock, kfac_layers, make_block
+from .blocks import ComputeMethod, DecomposeOutcome, KFACBlock, kfac_layers, make_block
 from .distributed import world_rank_and_size
 from .timing import PhaseTimer
 
 PHASES = ("factors", "decompose", "precondition", "broadcast")
+
+# Event counters of the numerical safety net (cumulative, per owner rank and per layer):
+#   nonfinite_factors:  running factors (A or G) found NaN/inf and dropped
+#   decompose_retries:  decompositions that failed at first and succeeded with more damping
+#   decompose_failures: decompositions that failed at every damping; the previous one was kept
+#   plain_gradient:     layer-steps that used the plain gradient (no usable decomposition, or a
+#                       non-finite preconditioned gradient)
+NUMERICS_COUNTERS = ("nonfinite_factors", "decompose_retries", "decompose_failures",
+                     "plain_gradient")
 
 
 class DPKFAC:
@@ -76,6 +93,8 @@ class DPKFAC:
         self.steps = 0
         self.timer = PhaseTimer(PHASES, synchronize=precise_timing)
         self.comm_bytes: dict[str, int] = {"broadcast": 0}
+        self.layer_numerics: dict[str, Counter] = defaultdict(Counter)  # owned layers' events
+        self._peer_numerics: dict[int, list[int]] = {}  # other owners' totals, from broadcasts
 
         assignment = self.placement["assignment"]
         self.blocks: dict[str, KFACBlock] = {name: make_block(m, name) for name, m in layers}
@@ -106,6 +125,11 @@ class DPKFAC:
         return [module.register_forward_pre_hook(save_input),
                 module.register_forward_hook(save_grad_hook)]
 
+    def discard_captured(self) -> None:
+        """Forget this step's captured inputs and output gradients (a skipped step)."""
+        self._captured_a.clear()
+        self._captured_g.clear()
+
     def remove_hooks(self) -> None:
         """Detach from the model."""
         for hook in self._hooks:
@@ -135,23 +159,52 @@ class DPKFAC:
             g = self._captured_g.pop(name, None)
             if a is None or g is None:
                 continue
-            self.blocks[name].update_factor_a(a, self.factor_decay)
-            self.blocks[name].update_factor_g(g, self.factor_decay)
+            block = self.blocks[name]
+            block.update_factor_a(a, self.factor_decay)
+            block.update_factor_g(g, self.factor_decay)
+            self._count(name, "nonfinite_factors", block.drop_nonfinite_factors())
 
     def _decompose(self) -> None:
         for name in self.owned:
             block = self.blocks[name]
-            if block.factor_a is None or block.factor_g is None:
-                continue
-            block.decompose_a(self.method, self.damping)
-            block.decompose_g(self.method, self.damping)
+            outcomes = []
+            if block.factor_a is not None:
+                outcomes.append(block.decompose_a(self.method, self.damping))
+            if block.factor_g is not None:
+                outcomes.append(block.decompose_g(self.method, self.damping))
+            self._count(name, "decompose_retries", outcomes.count(DecomposeOutcome.RETRIED))
+            self._count(name, "decompose_failures", outcomes.count(DecomposeOutcome.FAILED))
 
     def _precondition(self, name: str) -> torch.Tensor:
+        """The owner's preconditioned gradient of `name`, or its plain gradient when there is
+        no usable decomposition or the result is not finite."""
         block = self.blocks[name]
         grad = self._grad_or_zeros(block)
-        if not block.decomposition:
+        if block.module.weight.grad is None:
             return grad
-        return block.precondition(grad, self.method, self.damping)
+        if block.ready(self.method):
+            result = block.precondition(grad, self.method, self.damping)
+            if bool(torch.isfinite(result).all()):
+                return result
+        self._count(name, "plain_gradient", 1)
+        return grad
+
+    def _count(self, name: str, counter: str, n: int) -> None:
+        if n:
+            self.layer_numerics[name][counter] += n
+
+    def _own_numerics(self) -> list[int]:
+        """This rank's cumulative counters, in NUMERICS_COUNTERS order."""
+        return [sum(c[k] for c in self.layer_numerics.values()) for k in NUMERICS_COUNTERS]
+
+    @property
+    def numerics(self) -> dict[str, int]:
+        """Cumulative safety-net counters summed over every owner rank (the same on all ranks
+        after each step)."""
+        totals = self._own_numerics()
+        for peer in self._peer_numerics.values():
+            totals = [t + p for t, p in zip(totals, peer)]
+        return dict(zip(NUMERICS_COUNTERS, totals))
 
     def _exchange(self, mine: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Every owner broadcasts its preconditioned gradients, fused into one flat buffer."""
@@ -162,18 +215,22 @@ class DPKFAC:
             names = self.layers_of_rank.get(src, [])
             if not names:
                 continue
+            ref = self._grad_or_zeros(self.blocks[names[0]])
             if src == self.rank:
-                flat = torch.cat([mine[n].reshape(-1) for n in names])
+                counters = torch.tensor(self._own_numerics(), dtype=ref.dtype, device=ref.device)
+                flat = torch.cat([mine[n].reshape(-1) for n in names] + [counters])
             else:
-                ref = self._grad_or_zeros(self.blocks[names[0]])
-                numel = sum(self.blocks[n].grad_numel for n in names)
+                numel = sum(self.blocks[n].grad_numel for n in names) + len(NUMERICS_COUNTERS)
                 flat = torch.empty(numel, dtype=ref.dtype, device=ref.device)
             work = dist.broadcast(flat, src=src, group=self.process_group, async_op=True)
-            pending.append((names, flat, work))
+            pending.append((src, names, flat, work))
             self.comm_bytes["broadcast"] += flat.numel() * flat.element_size()
         results = dict(mine)
-        for names, flat, work in pending:
+        for src, names, flat, work in pending:
             work.wait()
+            if src != self.rank:
+                tail = flat[-len(NUMERICS_COUNTERS):]
+                self._peer_numerics[src] = [int(v) for v in tail.tolist()]
             offset = 0
             for n in names:
                 block = self.blocks[n]
@@ -208,6 +265,11 @@ class DPKFAC:
         return sum(block.memory_usage() for block in self.blocks.values())
 
     @property
+    def current_phase(self) -> str | None:
+        """The phase of `.step()` running now, or the one an exception left it in."""
+        return self.timer.current
+
+    @property
     def phase_times(self) -> dict[str, float]:
         """Seconds spent in each phase of the last step."""
         return self.timer.times()
@@ -216,7 +278,8 @@ class DPKFAC:
         """This rank's preconditioner state: step count and its owned blocks' tensors."""
         return {"steps": self.steps, "world_size": self.world_size, "rank": self.rank,
                 "blocks": {n: {k: v.clone() for k, v in self.blocks[n].state_tensors().items()}
-                           for n in self.owned}}
+                           for n in self.owned},
+                "numerics": {n: dict(c) for n, c in self.layer_numerics.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what state_dict() returned on this same rank."""
@@ -225,3 +288,7 @@ class DPKFAC:
             if name not in self.owned:
                 raise ValueError(f"checkpoint holds layer {name!r} that rank {self.rank} does not own")
             self.blocks[name].load_state(tensors)
+        self.layer_numerics = defaultdict(Counter)
+        for name, counts in state.get("numerics", {}).items():
+            self.layer_numerics[name].update({k: int(v) for k, v in counts.items()
+                                              if k in NUMERICS_COUNTERS})

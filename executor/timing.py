@@ -22,6 +22,7 @@ class PhaseTimer:
         self._phases = tuple(phases)
         self._synchronize = synchronize
         self._seconds = dict.fromkeys(self._phases, 0.0)
+        self.current: str | None = None  # the phase running now (named in fault messages)
 
     def reset(self) -> None:
         """Zero every phase."""
@@ -33,12 +34,12 @@ class PhaseTimer:
         if self._synchronize:
             synchronize_device()
         start = time.perf_counter()
-        try:
-            yield
-        finally:
-            if self._synchronize:
-                synchronize_device()
-            self._seconds[name] += time.perf_counter() - start
+        self.current = name
+        yield  # on an exception `current` keeps naming the phase that failed
+        if self._synchronize:
+            synchronize_device()
+        self._seconds[name] += time.perf_counter() - start
+        self.current = None
 
     def times(self) -> dict[str, float]:
         """Seconds per phase since the last reset."""

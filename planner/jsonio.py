@@ -83,13 +83,16 @@ _MESSAGE_CHARS = 200
 
 
 def validate(document: Any, schema: dict, *, source: str,
-             explain: Callable[[Any], str] | None = None) -> None:
+             explain: Callable[[Any], str] | None = None, validator: Any = None) -> None:
     """Check `document` against a JSON schema; the most relevant violation becomes an
     InputError `<source>: field <path>: <what was expected>` on one line.
 
     explain: turns the offending value into the message, instead of jsonschema's own wording.
+    validator: a jsonschema validator class (default StrictValidator), e.g. one that knows
+    more types.
     """
-    err = jsonschema.exceptions.best_match(StrictValidator(schema).iter_errors(document))
+    cls = validator or StrictValidator
+    err = jsonschema.exceptions.best_match(cls(schema).iter_errors(document))
     if err is not None:
         where = "/".join(str(part) for part in err.absolute_path) or "(top level)"
         message = explain(err.instance) if explain is not None else err.message

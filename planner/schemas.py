@@ -49,10 +49,12 @@ PROFILE_SCHEMA: dict = {
             "required": ["forward_backward_s", "optimizer_s"],
             "properties": {"forward_backward_s": _SECONDS, "optimizer_s": _SECONDS},
         },
+        "model_grad_numel": _POS_INT,
         "comm": {
             "type": "object",
             "required": ["backend", "world_size", "allreduce", "broadcast"],
             "properties": {
+                "source": {"type": "string"},
                 "backend": {"enum": ["gloo", "nccl", "mpi"]},
                 "world_size": _POS_INT,
                 "allreduce": _ALPHA_BETA,
