@@ -2,6 +2,7 @@
 bad input. Imports no torch, so the command line can catch RunFault cheaply."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -31,7 +32,8 @@ class RunPosition:
 def fault_message(*, rank: int, world_size: int, position: RunPosition, timeout_s: float,
                   cause: BaseException) -> str:
     """One line saying which rank stopped where, why, and what to look at next."""
-    detail = " ".join(str(cause).split())[:300] or type(cause).__name__
+    detail = re.sub(r"^\[[^\]]*\]\s*", "", " ".join(str(cause).split()))  # drop [file.cc:123]
+    detail = detail[:240] or type(cause).__name__
     return (f"rank {rank} of {world_size}: collective communication failed at "
             f"{position.describe()} (process-group timeout {timeout_s:g} s): {detail}. Another "
             "rank has probably died or hung; see its output. Resume with --resume (or "
