@@ -8,6 +8,7 @@ used. Rank 0 reads it and hands it to the other ranks, so other machines need no
 from __future__ import annotations
 
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -143,7 +144,9 @@ def read_checkpoint(path: Path, *, world_size: int) -> dict:
     if not path.is_file():
         raise InputError(f"{where} does not exist")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a damaged file is reported below, not warned about
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt or hostile file
         first = " ".join(str(exc).split())[:200]
         raise InputError(f"{where} cannot be read (not a dpkfac checkpoint, or damaged): "
