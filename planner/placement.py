@@ -4,66 +4,126 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
-from .costmodel import PlanConfig, layer_state_bytes, layer_works_s, predict
+from .cluster import Cluster, flat_cluster
+from .costmodel import PlanConfig
 from .errors import InputError
 from .jsonio import file_sha256, read_json, validate
+from .plan import Plan, make_plan
 from .profile import Profile
 from .schemas import PLACEMENT_SCHEMA, PLACEMENT_SCHEMA_ID, placement_ranks_schema
-from .solvers import solve
+from .solvers import DEFAULT_ILP_MAX_BINARIES
 
 
-def make_placement(*, profile: Profile, profile_path: str | os.PathLike, workers: int,
+def make_placement(*, profile: Profile, profile_path: str | os.PathLike, workers: int | None,
                    method: str = "best", config: PlanConfig, memory_cap: int | None = None,
-                   time_limit_s: float = 10.0, speeds: Sequence[float] | None = None) -> dict:
-    """Solve the placement of `profile` on `workers` ranks and return the placement document.
+                   time_limit_s: float = 10.0, speeds: Sequence[float] | None = None,
+                   cluster: Cluster | None = None,
+                   ilp_max_binaries: int | None = DEFAULT_ILP_MAX_BINARIES,
+                   broadcast_mode: str = "collective") -> dict:
+    """Solve the placement of `profile` on `workers` ranks (or on `cluster`) and return the
+    placement document.
 
     memory_cap: bytes of second-order state allowed per worker (None: no cap).
-    time_limit_s: seconds the ILP may run. speeds: relative worker speeds (default all 1.0).
-    Predicted times are seconds per step, memory in bytes (CONTRACTS.md).
+    time_limit_s: seconds the solvers may run. speeds: relative worker speeds (default all 1.0;
+    with a cluster, the cluster's). Predicted times are seconds per step, memory in bytes
+    (CONTRACTS.md).
     """
-    solution = solve(method, work=layer_works_s(profile, config=config), workers=workers,
-                     speeds=speeds, memory=layer_state_bytes(profile), memory_cap=memory_cap,
-                     time_limit_s=time_limit_s)
-    pred = predict(profile, owners=solution.owners, workers=workers, config=config,
-                   speeds=speeds, compute_bound_s=solution.lower_bound_s)
+    cluster = resolve_cluster(workers=workers, speeds=speeds, cluster=cluster)
+    plan = make_plan(profile=profile, cluster=cluster, config=config, method=method,
+                     memory_cap=memory_cap, time_limit_s=time_limit_s,
+                     ilp_max_binaries=ilp_max_binaries, broadcast_mode=broadcast_mode)
+    return placement_document(plan, profile_path=profile_path, memory_cap=memory_cap)
+
+
+def resolve_cluster(*, workers: int | None, speeds: Sequence[float] | None,
+                    cluster: Cluster | None) -> Cluster:
+    """The cluster to plan for: `cluster` (its size must agree with `workers` if given; speeds
+    come from the file), else a flat cluster of `workers` workers with `speeds`."""
+    if cluster is None:
+        if workers is None:
+            raise InputError("give --workers N or --cluster FILE")
+        return flat_cluster(workers=workers, speeds=speeds)
+    if workers is not None and workers != cluster.workers:
+        raise InputError(f"--workers {workers} does not match {cluster.source} "
+                         f"({cluster.workers} workers)")
+    if speeds is not None:
+        raise InputError(f"worker speeds come from {cluster.source}; drop --speeds")
+    return cluster
+
+
+def placement_document(plan: Plan, *, profile_path: str | os.PathLike,
+                       memory_cap: int | None = None) -> dict:
+    """The dpkfac.placement/1 document of a plan (CONTRACTS.md fields and more)."""
+    profile, solution, pred, cycle = plan.profile, plan.solution, plan.prediction, plan.cycle
+    workers = plan.cluster.workers
+    busy, idle, comm_s = (cycle.mean_per_worker(f) for f in ("busy_s", "idle_s", "comm_s"))
     per_worker = [
         {"rank": rank, "compute_s": pred.compute_s[rank], "memory_bytes": pred.memory_bytes[rank],
+         "total_memory_bytes": pred.memory_bytes[rank] + plan.common_bytes,
+         "memory_cap_bytes": plan.caps[rank] if plan.caps is not None else None,
+         "speed": plan.cluster.speeds[rank],
+         "busy_s": busy[rank], "comm_s": comm_s[rank], "idle_s": idle[rank],
          "layers": pred.layers_owned[rank], "broadcast_bytes": pred.broadcast_bytes[rank],
          "comm_bytes": pred.comm_bytes[rank]}
         for rank in range(workers)
     ]
-    return {
+    worst = cycle.steps[cycle.worst_step]
+    second_order = cycle.mean_second_order_s
+    doc = {
         "schema": PLACEMENT_SCHEMA_ID,
         "model": profile.model,
         "world_size": workers,
         "profile": {"path": str(profile_path), "sha256": file_sha256(profile_path)},
         "solver": solution.method,
         "status": solution.status,
-        "config": {"factor_update_freq": config.factor_update_freq,
-                   "inv_update_freq": config.inv_update_freq,
+        "config": {"factor_update_freq": plan.config.factor_update_freq,
+                   "inv_update_freq": plan.config.inv_update_freq,
                    "batch_size": profile.batch_size,
                    "compute_method": profile.compute_method},
         "assignment": {layer.name: owner for layer, owner in zip(profile.layers, solution.owners)},
         "predicted": {
-            "step_time_s": pred.step_time_s,
-            "second_order_s": pred.second_order_s,
-            "lower_bound_s": pred.lower_bound_s,
+            "step_time_s": cycle.mean_step_time_s,
+            "second_order_s": second_order,
+            "lower_bound_s": min(pred.lower_bound_s, second_order),
             "compute_makespan_s": pred.compute_makespan_s,
             "broadcast_s": pred.broadcast_s,
             "allreduce_s": pred.allreduce_s,
             "forward_backward_s": profile.forward_backward_s,
             "optimizer_s": profile.optimizer_s,
             "comm_bytes_per_step": max(pred.comm_bytes),
+            "common_memory_bytes": plan.common_bytes,
+            "amortised_second_order_s": pred.second_order_s,
+            "method": "event-level simulation of the executor's cycle (planner.simulate), "
+                      "mean over the cycle",
+            "cycle": {"steps": len(cycle.steps),
+                      "step_time_s": [s.step_time_s for s in cycle.steps],
+                      "second_order_s": [s.second_order_s for s in cycle.steps],
+                      "compute_makespan_s": [s.compute_makespan_s for s in cycle.steps]},
+            "critical_path": [seg.as_dict() for seg in worst.critical_path],
             "per_worker": per_worker,
         },
         "planner": {
-            "requested_solver": method,
+            "requested_solver": plan.method,
             "solve_time_s": solution.solve_time_s,
-            "time_limit_s": time_limit_s,
+            "time_limit_s": plan.time_limit_s,
+            "ilp": solution.ilp,
             "memory_cap_bytes": memory_cap,
-            "speeds": list(speeds) if speeds is not None else [1.0] * workers,
+            "speeds": list(plan.cluster.speeds),
+            "network": plan.network.source if plan.network is not None else "profile",
+            "cluster": plan.cluster.source,
         },
     }
+    if plan.staggered is not None:
+        st = plan.staggered
+        doc["decomposition_step"] = {layer.name: k for layer, k in zip(profile.layers, st.slots)}
+        doc["predicted"]["staggered"] = {
+            "honoured_by_executor": False,
+            "step_time_s": st.cycle.mean_step_time_s,
+            "second_order_s": st.cycle.mean_second_order_s,
+            "per_step_makespan_s": list(st.per_step_makespan_s),
+            "executor_per_step_makespan_s": list(st.executor_per_step_makespan_s),
+        }
+    return doc
 
 
 def load_placement(source: str | os.PathLike | dict) -> dict:
