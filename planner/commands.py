@@ -10,13 +10,17 @@ from pathlib import Path
 
 from rich.console import Console
 
+from .cluster import load_cluster
+from .compare import compare_rows
 from .costmodel import PlanConfig
 from .errors import InputError
+from .explain import explain_lines
 from .jsonio import write_atomic, write_json_atomic
-from .placement import make_placement
+from .placement import placement_document, resolve_cluster
+from .plan import make_plan
 from .profile import load_profile
-from .report import print_plan_report, print_whatif_table
-from .solvers import METHODS
+from .report import compare_table, print_plan_report, print_whatif_table
+from .solvers import DEFAULT_ILP_MAX_BINARIES, METHODS, auto_time_limit_s
 from .units import parse_bytes, parse_float_list, parse_int_list
 from .whatif import ROW_KEYS, WHATIF_SCHEMA_ID, whatif_rows
 
@@ -28,18 +32,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Solve which worker owns each K-FAC layer from a profile, write the "
                     "placement file (dpkfac.placement/1) and print a short report.")
     plan.add_argument("--profile", required=True, metavar="FILE", help="profile JSON file")
-    plan.add_argument("--workers", required=True, type=_positive_int, metavar="N",
-                      help="number of workers (ranks)")
+    plan.add_argument("--workers", type=_positive_int, metavar="N",
+                      help="number of workers (ranks) of a flat cluster; required unless "
+                           "--cluster is given")
+    plan.add_argument("--cluster", metavar="FILE",
+                      help="cluster description (JSON, schema dpkfac.cluster/1): nodes x GPUs "
+                           "per node, link bandwidth and latency, per-worker speed and memory")
     plan.add_argument("--out", required=True, metavar="FILE", help="placement file to write")
     plan.add_argument("--solver", choices=METHODS, default="best",
                       help="placement method (default: best, the least makespan of all)")
     _add_freq_flags(plan)
     plan.add_argument("--memory-cap", metavar="BYTES",
                       help="second-order state allowed per worker, e.g. 512MiB, 2GB, 1073741824")
-    plan.add_argument("--time-limit", type=_positive_float, default=10.0, metavar="SECONDS",
-                      help="time limit of the ILP solver (default 10)")
+    plan.add_argument("--time-limit", type=_positive_float, default=None, metavar="SECONDS",
+                      help="time limit of local search and ILP together (default: 0.5 s + "
+                           "0.1 ms per layer x worker, at most 3 s)")
     plan.add_argument("--speeds", metavar="LIST",
                       help="relative worker speeds, one per rank, e.g. 1,1,1,0.5 (default all 1)")
+    plan.add_argument("--explain", action="store_true",
+                      help="also explain why the bottleneck worker is the bottleneck")
+    plan.add_argument("--compare", action="store_true",
+                      help="also run every solver on the same profile and print them side by side")
     plan.set_defaults(func=run_plan)
 
     whatif = subparsers.add_parser(
@@ -61,20 +74,36 @@ def run_plan(args: argparse.Namespace) -> int:
     """`dpkfac plan`: solve, write the placement atomically, print the report."""
     out = _checked_output(args.out)
     cap = parse_bytes(args.memory_cap, what="--memory-cap") if args.memory_cap is not None else None
+    cluster_file = load_cluster(args.cluster) if args.cluster is not None else None
+    workers = args.workers if args.workers is not None else (
+        cluster_file.workers if cluster_file is not None else None)
     speeds = None
     if args.speeds is not None:
         speeds = parse_float_list(args.speeds, what="--speeds")
-        if len(speeds) != args.workers:
-            raise InputError(f"--speeds gives {len(speeds)} speeds for {args.workers} workers")
+        if workers is not None and len(speeds) != workers:
+            raise InputError(f"--speeds gives {len(speeds)} speeds for {workers} workers")
+    cluster = resolve_cluster(workers=args.workers, speeds=speeds, cluster=cluster_file)
     config = PlanConfig(factor_update_freq=args.factor_update_freq,
                         inv_update_freq=args.inv_update_freq)
     profile = load_profile(args.profile)
-    placement = make_placement(profile=profile, profile_path=args.profile, workers=args.workers,
-                               method=args.solver, config=config, memory_cap=cap,
-                               time_limit_s=args.time_limit, speeds=speeds)
-    write_json_atomic(out, placement)
+    limit = args.time_limit if args.time_limit is not None else auto_time_limit_s(
+        layers=len(profile.layers), workers=cluster.workers)
+    plan = make_plan(profile=profile, cluster=cluster, config=config, method=args.solver,
+                     memory_cap=cap, time_limit_s=limit)
+    placement = placement_document(plan, profile_path=args.profile, memory_cap=cap)
     console = _console()
+    rows = None
+    if args.compare:
+        rows = compare_rows(profile=profile, cluster=cluster, config=config, memory_cap=cap,
+                            time_limit_s=limit, ilp_max_binaries=DEFAULT_ILP_MAX_BINARIES)
+    write_json_atomic(out, placement)
     print_plan_report(placement, console=console)
+    if args.explain:
+        console.print("[bold]Why the bottleneck is the bottleneck[/bold]")
+        for line in explain_lines(plan):
+            console.print(line, highlight=False)
+    if rows is not None:
+        console.print(compare_table(rows))
     console.print(f"wrote {out}")
     return 0
 

@@ -30,22 +30,36 @@ def format_seconds(seconds: float) -> str:
     return f"{seconds * 1e6:.1f} us"
 
 
-def plan_table(placement: dict) -> Table:
-    """Per-worker table of a placement: rank, layers, compute, memory, share of the bottleneck."""
+def plan_table(placement: dict, *, max_rows: int = 32) -> Table:
+    """Per-worker table of a placement: rank, layers, compute, busy, idle, memory (state and
+    with the buffers every worker holds), share of the bottleneck. With more than `max_rows`
+    workers only the busiest `max_rows` are shown, in rank order."""
     pred = placement["predicted"]
+    workers = pred["per_worker"]
+    bottleneck = max((w["compute_s"] for w in workers), default=0.0)
+    shown = workers
+    if len(workers) > max_rows:
+        keep = {w["rank"] for w in sorted(workers, key=lambda w: -w["compute_s"])[:max_rows]}
+        shown = [w for w in workers if w["rank"] in keep]
+    caption = (f"the {len(shown)} busiest of {len(workers)} workers" if len(shown) < len(workers)
+               else None)
+    table = Table(title=f"Placement of {placement['model']} on {placement['world_size']} workers",
+                  caption=caption)
+    for name in ("rank", "layers", "compute", "busy", "idle", "state", "memory", "cap",
+                 "of bottleneck"):
+        table.add_column(name, justify="right")
     owned = _layers_per_rank(placement)
-    bottleneck = max((w["compute_s"] for w in pred["per_worker"]), default=0.0)
-    table = Table(title=f"Placement of {placement['model']} on {placement['world_size']} workers")
-    table.add_column("rank", justify="right")
-    table.add_column("layers", justify="right")
-    table.add_column("compute", justify="right")
-    table.add_column("memory", justify="right")
-    table.add_column("of bottleneck", justify="right")
-    for worker in pred["per_worker"]:
+    for worker in shown:
         share = worker["compute_s"] / bottleneck if bottleneck > 0 else 0.0
         style = "bold" if bottleneck > 0 and worker["compute_s"] == bottleneck else None
+        cap = worker.get("memory_cap_bytes")
         table.add_row(str(worker["rank"]), str(owned.get(worker["rank"], 0)),
-                      format_seconds(worker["compute_s"]), format_bytes(worker["memory_bytes"]),
+                      format_seconds(worker["compute_s"]),
+                      format_seconds(worker["busy_s"]) if "busy_s" in worker else "",
+                      format_seconds(worker["idle_s"]) if "idle_s" in worker else "",
+                      format_bytes(worker["memory_bytes"]),
+                      format_bytes(worker.get("total_memory_bytes", worker["memory_bytes"])),
+                      format_bytes(cap) if cap is not None else "-",
                       f"{share:.0%}", style=style)
     return table
 
@@ -58,29 +72,84 @@ def summary_table(placement: dict) -> Table:
     table = Table(show_header=False, title="Prediction (per step)")
     table.add_column("what")
     table.add_column("value", justify="right")
-    table.add_row("step time", format_seconds(pred["step_time_s"]))
+    cycle = pred.get("cycle", {}).get("steps", 1)
+    table.add_row("step time (simulated)" + (f", mean of {cycle}" if cycle > 1 else ""),
+                  format_seconds(pred["step_time_s"]))
     table.add_row("second-order part", format_seconds(second))
     table.add_row("lower bound (second-order)", format_seconds(bound))
     table.add_row("gap to lower bound", f"{gap:.2%}")
-    for key, label in (("compute_makespan_s", "  slowest owner compute"),
+    for key, label in (("compute_makespan_s", "  slowest owner compute (amortised)"),
                        ("broadcast_s", "  broadcasts"), ("allreduce_s", "gradient all-reduce")):
         if key in pred:
             table.add_row(label, format_seconds(pred[key]))
+    if "staggered" in pred:
+        st = pred["staggered"]
+        table.add_row("step time, staggered decompositions*", format_seconds(st["step_time_s"]))
+        table.add_row("  busiest step compute: executor / staggered",
+                      f"{format_seconds(max(st['executor_per_step_makespan_s']))} / "
+                      f"{format_seconds(max(st['per_step_makespan_s']))}")
     planner = placement.get("planner", {})
     solver = placement["solver"]
     if planner.get("requested_solver") not in (None, solver):
         solver = f"{solver} (via {planner['requested_solver']})"
     table.add_row("solver", solver)
     table.add_row("status", placement["status"])
+    if "ilp" in planner:
+        table.add_row("ILP", planner["ilp"])
     if "solve_time_s" in planner:
         table.add_row("solve time", format_seconds(planner["solve_time_s"]))
+    if "staggered" in pred:
+        table.caption = ("* schedule in 'decomposition_step'; the executor does not honour it "
+                         "yet (it decomposes every layer on step 0 of each cycle)")
     return table
+
+
+def critical_path_line(placement: dict) -> str | None:
+    """The critical path of the slowest simulated step, as one line."""
+    path = placement["predicted"].get("critical_path")
+    if not path:
+        return None
+    parts = []
+    for seg in path:
+        who = f"[{seg['worker']}]" if seg["worker"] is not None else ""
+        count = f" x{seg['layers']}" if seg.get("layers") else ""
+        parts.append(f"{seg['kind']}{who}{count} {format_seconds(seg['end_s'] - seg['start_s'])}")
+    return "critical path: " + " -> ".join(parts)
 
 
 def print_plan_report(placement: dict, *, console: Console) -> None:
     """Print the per-worker table and the prediction summary of a placement to `console`."""
     console.print(plan_table(placement))
     console.print(summary_table(placement))
+    line = critical_path_line(placement)
+    if line:
+        console.print(line)
+
+
+def compare_table(rows: Sequence[dict]) -> Table:
+    """Every solver side by side. Row keys: solver, makespan_s, second_order_s, step_time_s,
+    lower_bound_s, status, solve_time_s, max_memory_bytes, winner (the method that won inside
+    it), error (why it found no plan)."""
+    table = Table(title="Solvers compared on the same profile", box=box.SIMPLE_HEAD,
+                  caption="makespan: busiest worker's amortised K-FAC compute; "
+                          "/LB: makespan over the best proven lower bound")
+    for name in ("solver", "plan from", "makespan", "/LB", "2nd order", "step", "max state",
+                 "status", "time"):
+        table.add_column(name, justify="left" if name in ("solver", "plan from", "status")
+                         else "right", no_wrap=True)
+    best = min((r["makespan_s"] for r in rows if r.get("error") is None), default=None)
+    bound = max((r["lower_bound_s"] for r in rows if r.get("error") is None), default=0.0)
+    for r in rows:
+        if r.get("error") is not None:
+            table.add_row(r["solver"], "-", "no plan", "", "", "", "", r["error"][:40], "")
+            continue
+        ratio = r["makespan_s"] / bound if bound > 0 else 1.0
+        style = "bold green" if best is not None and r["makespan_s"] <= best * (1 + 1e-9) else None
+        table.add_row(r["solver"], r["winner"], format_seconds(r["makespan_s"]), f"{ratio:.4f}",
+                      format_seconds(r["second_order_s"]), format_seconds(r["step_time_s"]),
+                      format_bytes(r["max_memory_bytes"]), r["status"],
+                      format_seconds(r["solve_time_s"]), style=style)
+    return table
 
 
 def whatif_table(rows: Sequence[dict]) -> Table:

@@ -1,0 +1,222 @@
+"""Planner benchmark with floors: prints a table and exits 1 when any instance is below the bar.
+
+Floors (issue 3):
+* equal to the brute-force optimum on small instances (8 layers, 3 workers; also unequal speeds
+  and a memory cap);
+* never worse than round-robin, LPT (greedy) or the contiguous-block DP;
+* within 2% of the lower bound max(total / P, largest layer) or proven optimal;
+* ResNet-50-sized (54 layers) x 64 workers <= 1 s; 144 layers x 64 workers <= 5 s (planning:
+  solve + simulation, default time limit); 1000 layers x 1024 workers <= 15 s for the whole
+  `dpkfac plan` command (a subprocess, timed);
+* a feasible memory cap is respected by every worker; an infeasible cap exits 2 with an error
+  that names the smallest cap that could work.
+
+Profiles are analytic (planner.synthetic): ResNet-50's 54 layers, a 24-block transformer
+(144 equal-ish layers), random mixes. Usage: python bench/planner.py
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# this file is named planner.py: keep its folder from shadowing the planner package
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from planner.cluster import flat_cluster  # noqa: E402
+from planner.costmodel import PlanConfig, layer_state_bytes, layer_works_s  # noqa: E402
+from planner.plan import make_plan  # noqa: E402
+from planner.profile import profile_from_dict  # noqa: E402
+from planner.solvers import (HEURISTICS, auto_time_limit_s, makespan_s, memory_loads,  # noqa: E402
+                             smallest_cap_bounds, solve, trivial_lower_bound_s)
+from planner.synthetic import (layer_dict, mixed_profile, profile_dict,  # noqa: E402
+                               resnet50_profile, transformer_profile)
+
+ROOT = Path(__file__).resolve().parents[1]
+DPKFAC = [sys.executable, "-c", "import sys; from dpkfac.cli import main; sys.exit(main())"]
+
+
+def brute_force(work, workers, *, speeds=None, memory=None, cap=None) -> float:
+    """The optimal makespan by trying every assignment, seconds."""
+    best = float("inf")
+    for owners in itertools.product(range(workers), repeat=len(work)):
+        if cap is not None and max(memory_loads(memory=memory, owners=owners,
+                                                workers=workers)) > cap:
+            continue
+        best = min(best, makespan_s(work=work, owners=owners, workers=workers, speeds=speeds))
+    return best
+
+
+def small_profile(seed: int) -> dict:
+    rng = random.Random(seed)
+    layers = [layer_dict(f"l{i}", kind="Linear", dim_a=rng.randint(64, 2048),
+                         dim_g=rng.randint(64, 2048), rows=rng.choice([256, 4096, 65536]))
+              for i in range(8)]
+    return profile_dict(f"small-{seed}", layers, batch_size=32, forward_backward_s=0.05)
+
+
+def row_for(name: str, doc: dict, *, workers: int, config: PlanConfig, speeds=None,
+            cap: int | None = None, budget_s: float | None = None, brute: bool = False) -> dict:
+    """Solve one instance with every heuristic and with the planner (best), check the floors."""
+    profile = profile_from_dict(doc)
+    work, memory = layer_works_s(profile, config=config), layer_state_bytes(profile)
+    lb = trivial_lower_bound_s(work=work, workers=workers, speeds=speeds)
+    heur = {}
+    for method in HEURISTICS:
+        try:
+            heur[method] = solve(method, work=work, workers=workers, speeds=speeds,
+                                 memory=memory, memory_cap=cap).makespan_s
+        except Exception:  # noqa: BLE001 - a heuristic that cannot meet the cap
+            heur[method] = float("inf")
+    cluster = flat_cluster(workers=workers, speeds=speeds)
+    limit = auto_time_limit_s(layers=len(work), workers=workers)
+    start = time.perf_counter()
+    plan = make_plan(profile=profile, cluster=cluster, config=config, memory_cap=cap,
+                     time_limit_s=limit)
+    elapsed = time.perf_counter() - start
+    sol = plan.solution
+    problems = []
+    if sol.makespan_s > min(heur.values()) * (1 + 1e-9):
+        problems.append("worse than a heuristic")
+    if not (sol.status == "optimal" or sol.makespan_s <= 1.02 * lb):
+        problems.append("not within 2% nor proven")
+    if budget_s is not None and elapsed > budget_s:
+        problems.append(f"over {budget_s:g} s")
+    if cap is not None and max(plan.prediction.memory_bytes) > cap:
+        problems.append("cap broken")
+    exact = None
+    if brute:
+        exact = brute_force(work, workers, speeds=speeds, memory=memory, cap=cap)
+        if abs(sol.makespan_s - exact) > 1e-9 * exact:
+            problems.append("not the brute-force optimum")
+    return {"instance": name, "size": f"{len(work)} x {workers}", "lb": lb,
+            "proven": sol.lower_bound_s / lb, **{m: heur[m] / lb for m in HEURISTICS},
+            "best": sol.makespan_s / lb, "exact": None if exact is None else exact / lb,
+            "status": f"{sol.status} ({sol.method})", "time": elapsed,
+            "budget": budget_s, "ok": not problems, "why": "; ".join(problems)}
+
+
+def command_row(name: str, doc: dict, *, workers: int, budget_s: float,
+                config: PlanConfig = PlanConfig()) -> dict:
+    """Time the whole `dpkfac plan` command in a subprocess."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "profile.json"
+        path.write_text(json.dumps(doc))
+        out = Path(tmp) / "placement.json"
+        start = time.perf_counter()
+        proc = subprocess.run([*DPKFAC, "plan", "--profile", str(path), "--workers",
+                               str(workers), "--out", str(out), "--inv-update-freq",
+                               str(config.inv_update_freq)],
+                              capture_output=True, text=True, cwd=ROOT)
+        elapsed = time.perf_counter() - start
+        problems = []
+        if proc.returncode != 0:
+            problems.append(f"exit {proc.returncode}: {proc.stderr.strip()[-200:]}")
+            placement = None
+        else:
+            placement = json.loads(out.read_text())
+    if elapsed > budget_s:
+        problems.append(f"over {budget_s:g} s")
+    profile = profile_from_dict(doc)
+    work = layer_works_s(profile, config=config)
+    lb = trivial_lower_bound_s(work=work, workers=workers)
+    best = placement["predicted"]["compute_makespan_s"] / lb if placement else float("nan")
+    status = f"{placement['status']} ({placement['solver']})" if placement else "-"
+    if placement and not (placement["status"] == "optimal" or best <= 1.02):
+        problems.append("not within 2% nor proven")
+    return {"instance": name + " (whole command)", "size": f"{len(work)} x {workers}", "lb": lb,
+            "proven": None, "best": best, "exact": None, "status": status, "time": elapsed,
+            "budget": budget_s, "ok": not problems, "why": "; ".join(problems),
+            **{m: None for m in HEURISTICS}}
+
+
+def infeasible_cap_row() -> dict:
+    """An impossible cap: exit status 2, one error line naming the smallest cap that could work."""
+    doc = resnet50_profile()
+    profile = profile_from_dict(doc)
+    memory = layer_state_bytes(profile)
+    lower, _ = smallest_cap_bounds(memory=memory, workers=8)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "profile.json"
+        path.write_text(json.dumps(doc))
+        out = Path(tmp) / "placement.json"
+        start = time.perf_counter()
+        proc = subprocess.run([*DPKFAC, "plan", "--profile", str(path), "--workers", "8",
+                               "--out", str(out), "--memory-cap", str(lower - 1)],
+                              capture_output=True, text=True, cwd=ROOT)
+        elapsed = time.perf_counter() - start
+        last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
+        ok = (proc.returncode == 2 and last.startswith("error:") and "smallest cap" in last
+              and not out.exists() and "Traceback" not in proc.stderr)
+    return {"instance": f"resnet50 cap {lower - 1} B (infeasible)", "size": "54 x 8", "lb": 0.0,
+            "proven": None, "best": None, "exact": None,
+            "status": f"exit {proc.returncode}", "time": elapsed, "budget": None, "ok": ok,
+            "why": "" if ok else f"expected exit 2 naming the smallest cap; got: {last[:120]}",
+            **{m: None for m in HEURISTICS}}
+
+
+def main() -> int:
+    rows = []
+    freq1, freq10 = PlanConfig(), PlanConfig(inv_update_freq=10)
+    for seed in range(6):
+        rows.append(row_for(f"small-{seed}", small_profile(seed), workers=3, config=freq1,
+                            brute=True))
+    rows.append(row_for("small-0 speeds 1,0.5,2", small_profile(0), workers=3, config=freq1,
+                        speeds=[1.0, 0.5, 2.0], brute=True))
+    small = profile_from_dict(small_profile(1))
+    lower, feasible = smallest_cap_bounds(memory=layer_state_bytes(small), workers=3)
+    rows.append(row_for(f"small-1 cap {feasible} B", small_profile(1), workers=3, config=freq1,
+                        cap=feasible, brute=True))
+    r50, tf = resnet50_profile(), transformer_profile()
+    rows.append(row_for("resnet50", r50, workers=64, config=freq1, budget_s=1.0))
+    rows.append(row_for("resnet50 inv-freq 10", r50, workers=64, config=freq10, budget_s=1.0))
+    rows.append(row_for("resnet50 inv-freq 10", r50, workers=8, config=freq10, budget_s=1.0))
+    rows.append(row_for("resnet50 inv-freq 10 half slow", r50, workers=16, config=freq10,
+                        speeds=[1.0] * 8 + [0.5] * 8, budget_s=1.0))
+    r50_state = layer_state_bytes(profile_from_dict(r50))
+    cap = int(smallest_cap_bounds(memory=r50_state, workers=8)[1] * 1.05)
+    rows.append(row_for(f"resnet50 inv-freq 10 cap {cap / 2**20:.0f} MiB", r50, workers=8,
+                        config=freq10, cap=cap, budget_s=1.0))
+    rows.append(row_for("transformer", tf, workers=64, config=freq1, budget_s=5.0))
+    rows.append(row_for("transformer inv-freq 10", tf, workers=64, config=freq10, budget_s=5.0))
+    rows.append(row_for("transformer", tf, workers=40, config=freq1, budget_s=5.0))
+    rows.append(row_for("mixed-200 inv-freq 10", mixed_profile(n_layers=200), workers=16,
+                        config=freq10, budget_s=5.0))
+    rows.append(command_row("resnet50", r50, workers=64, budget_s=1.5))
+    rows.append(command_row("mixed-1000", mixed_profile(n_layers=1000), workers=1024,
+                            budget_s=15.0))
+    rows.append(command_row("mixed-1000 inv-freq 10", mixed_profile(n_layers=1000),
+                            workers=1024, budget_s=15.0, config=freq10))
+    rows.append(command_row("mixed-1000 inv-freq 10", mixed_profile(n_layers=1000),
+                            workers=64, budget_s=15.0, config=freq10))
+    rows.append(infeasible_cap_row())
+
+    table = Table(title="Planner: makespan / lower bound max(total/P, largest layer); time")
+    for col in ("instance", "layers x P", "LB", "proven LB", "round-robin", "greedy", "block",
+                "planner", "brute force", "status", "time", "ok"):
+        table.add_column(col, justify="left" if col in ("instance", "status", "ok") else "right")
+    fmt = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
+    for r in rows:
+        table.add_row(r["instance"], r["size"], f"{r['lb'] * 1e3:.2f} ms" if r["lb"] else "",
+                      fmt(r["proven"]), fmt(r["round-robin"]), fmt(r["greedy"]), fmt(r["block"]),
+                      fmt(r["best"]), fmt(r["exact"]), r["status"],
+                      f"{r['time']:.2f} s" + (f" / {r['budget']:g}" if r["budget"] else ""),
+                      "yes" if r["ok"] else f"NO: {r['why']}",
+                      style=None if r["ok"] else "bold red")
+    console = Console(width=200)
+    console.print(table)
+    failed = [r for r in rows if not r["ok"]]
+    console.print(f"{len(rows) - len(failed)}/{len(rows)} instances meet the floors")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""`dpkfac plan --compare`: every solver on the same profile and cluster, side by side."""
+from __future__ import annotations
+
+from .cluster import Cluster
+from .costmodel import PlanConfig
+from .errors import InputError
+from .plan import make_plan
+from .profile import Profile
+from .solvers import METHODS
+
+
+def compare_rows(*, profile: Profile, cluster: Cluster, config: PlanConfig,
+                 memory_cap: int | None, time_limit_s: float,
+                 ilp_max_binaries: int | None) -> list[dict]:
+    """One row per method in METHODS (keys: see planner.report.compare_table). Seconds, bytes.
+    A method that finds no plan within the caps gets an `error` instead of numbers."""
+    rows = []
+    for method in METHODS:
+        try:
+            plan = make_plan(profile=profile, cluster=cluster, config=config, method=method,
+                             memory_cap=memory_cap, time_limit_s=time_limit_s,
+                             ilp_max_binaries=ilp_max_binaries)
+        except InputError as exc:
+            rows.append({"solver": method, "error": str(exc)})
+            continue
+        sol = plan.solution
+        rows.append({"solver": method, "winner": sol.method, "makespan_s": sol.makespan_s,
+                     "lower_bound_s": sol.lower_bound_s,
+                     "second_order_s": plan.cycle.mean_second_order_s,
+                     "step_time_s": plan.cycle.mean_step_time_s, "status": sol.status,
+                     "solve_time_s": sol.solve_time_s,
+                     "max_memory_bytes": max(plan.prediction.memory_bytes), "error": None})
+    return rows

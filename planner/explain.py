@@ -1,0 +1,114 @@
+"""`dpkfac plan --explain`: why the bottleneck worker is the bottleneck, in plain sentences.
+
+Pure function of a Plan; times in seconds, memory in bytes, formatted for people.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .bounds import pigeonhole_lower_bound_s, trivial_lower_bound_s
+from .costmodel import layer_work_s
+from .plan import Plan
+from .report import format_bytes, format_seconds
+
+
+def explain_lines(plan: Plan, *, top: int = 8) -> list[str]:
+    """Sentences: the bottleneck worker, its heaviest layers with their parts, the lower bound
+    that binds, and whether memory caps, speeds or communication explain the rest."""
+    profile, config, sol = plan.profile, plan.config, plan.solution
+    speeds = plan.cluster.speeds
+    works = [layer_work_s(l, config=config) for l in profile.layers]
+    loads = np.array(plan.prediction.compute_s)
+    b = int(np.argmax(loads))
+    span = float(loads[b])
+    mine = sorted((i for i, o in enumerate(sol.owners) if o == b), key=lambda i: -works[i])
+    lines = [f"Bottleneck: rank {b} computes {format_seconds(span)} per step (amortised) over "
+             f"{len(mine)} layer(s) at speed {speeds[b]:g}; the next busiest rank computes "
+             f"{format_seconds(float(np.sort(loads)[-2]) if len(loads) > 1 else 0.0)}."]
+    for i in mine[:top]:
+        layer = profile.layers[i]
+        parts = (f"factors {format_seconds(layer.factor_s / config.factor_update_freq)}, "
+                 f"decompose {format_seconds(layer.decompose_s / config.inv_update_freq)}, "
+                 f"precondition {format_seconds(layer.precondition_s)}")
+        share = works[i] / speeds[b] / span if span > 0 else 0.0
+        lines.append(f"  {layer.name} (A {layer.dim_a} x G {layer.dim_g}): "
+                     f"{format_seconds(works[i] / speeds[b])} = {share:.0%} of rank {b} ({parts})")
+    if len(mine) > top:
+        lines.append(f"  ... and {len(mine) - top} smaller layer(s)")
+    lines.extend(_bound_lines(plan, works=works, span=span, b=b, mine=mine))
+    lines.extend(_cap_lines(plan, works=works, loads=loads, b=b, mine=mine))
+    lines.extend(_step_lines(plan))
+    return lines
+
+
+def _bound_lines(plan: Plan, *, works, span, b, mine) -> list[str]:
+    speeds, workers = plan.cluster.speeds, plan.cluster.workers
+    largest = max(works) / max(speeds) if works else 0.0
+    share = sum(works) / sum(speeds)
+    pigeon = pigeonhole_lower_bound_s(work=works, workers=workers, speeds=speeds)
+    bound = plan.solution.lower_bound_s
+    gap = span / bound - 1 if bound > 0 else 0.0
+    out = [f"Lower bound {format_seconds(bound)} (gap {gap:.2%}, status {plan.solution.status}): "
+           f"largest layer {format_seconds(largest)}, total work / total speed "
+           f"{format_seconds(share)}, pigeonhole {format_seconds(pigeon)}."]
+    if span <= largest * (1 + 1e-6) and len(mine) == 1:
+        out.append("Why: rank {} holds only the largest layer, which must run whole on some "
+                   "worker; no placement can beat it. Split work differently (a smaller "
+                   "inv_update_freq period for it is the only lever) or accept it.".format(b))
+    elif span <= share * (1 + 0.02):
+        out.append("Why: the work is spread evenly (within 2% of total work / total speed); only "
+                   "more or faster workers lower it.")
+    elif span <= pigeon * (1 + 1e-6):
+        out.append("Why: there are more large layers than workers, so some worker must take "
+                   "several of them (pigeonhole); the plan meets that bound.")
+    elif plan.solution.status == "optimal":
+        out.append("Why: the solver proved no other assignment does better (the simple bounds "
+                   "are not tight for these layer sizes).")
+    else:
+        out.append(f"Why not lower: the solver did not prove optimality within its time limit "
+                   f"({plan.solution.ilp}); a longer --time-limit may close the gap.")
+    if len(set(speeds)) > 1:
+        out.append(f"Speeds differ (slowest {min(speeds):g}, fastest {max(speeds):g}); rank {b} "
+                   f"runs at {speeds[b]:g}.")
+    return out
+
+
+def _cap_lines(plan: Plan, *, works, loads, b, mine) -> list[str]:
+    """Whether memory caps stop the obvious move of b's smallest layer to the least busy rank."""
+    if plan.caps is None or not mine:
+        return []
+    held = np.array(plan.prediction.memory_bytes)
+    state = [l.state_bytes for l in plan.profile.layers]
+    out = []
+    for i in reversed(mine):  # smallest first
+        fits = [w for w in range(len(loads)) if w != b and held[w] + state[i] <= plan.caps[w]]
+        if not fits:
+            out.append(f"Memory: moving {plan.profile.layers[i].name} "
+                       f"({format_bytes(state[i])} of state) off rank {b} would break every "
+                       f"other worker's cap; the caps bind.")
+            break
+    tight = [w for w in range(len(held)) if held[w] >= 0.95 * plan.caps[w]]
+    if tight:
+        out.append(f"Memory: {len(tight)} worker(s) within 5% of their cap.")
+    return out
+
+
+def _step_lines(plan: Plan) -> list[str]:
+    cycle = plan.cycle
+    worst = cycle.steps[cycle.worst_step]
+    bcast = worst.broadcast_s
+    path = " -> ".join(f"{s.kind}" + (f"[{s.worker}]" if s.worker is not None else "")
+                       for s in worst.critical_path)
+    out = [f"Step: simulated {format_seconds(cycle.mean_step_time_s)} mean over a cycle of "
+           f"{len(cycle.steps)} step(s); broadcasts {format_seconds(bcast)} and the gradient "
+           f"all-reduce {format_seconds(worst.allreduce_s)} per step.",
+           f"Critical path of the slowest step: {path}."]
+    if plan.staggered is not None:
+        st = plan.staggered
+        out.append(f"Decompositions: the executor runs them all in step 0 of each cycle "
+                   f"(busiest worker {format_seconds(max(st.executor_per_step_makespan_s))}); "
+                   f"the staggered schedule in the placement ('decomposition_step', not yet "
+                   f"honoured by the executor) would cap it at "
+                   f"{format_seconds(max(st.per_step_makespan_s))} and give a mean step of "
+                   f"{format_seconds(st.cycle.mean_step_time_s)}.")
+    return out
