@@ -155,7 +155,11 @@ def _print_summary(summary: dict, out: str) -> None:
 
     if os.environ.get("RANK", "0") != "0":
         return
+    loss, step_s = summary["final_loss"], summary["mean_step_time_s"]
+    numerics = {k: v for k, v in summary.get("numerics", {}).items() if v}
     print(f"{summary['algorithm']} on {summary['world_size']} worker(s): {summary['steps']} steps, "
-          f"final loss {summary['final_loss']:.4f}, test accuracy "
-          f"{100 * summary['test_accuracy']:.2f}%, mean step {1e3 * summary['mean_step_time_s']:.2f} ms, "
-          f"second-order memory per rank {summary['second_order_memory_bytes']} B; wrote {out}")
+          f"final loss {'n/a' if loss is None else f'{loss:.4f}'}, test accuracy "
+          f"{100 * summary['test_accuracy']:.2f}%, mean step "
+          f"{'n/a' if step_s is None else f'{1e3 * step_s:.2f} ms'}, "
+          f"second-order memory per rank {summary['second_order_memory_bytes']} B"
+          f"{f', numerical events {numerics}' if numerics else ''}; wrote {out}")
