@@ -103,7 +103,7 @@ def run_plan(args: argparse.Namespace) -> int:
         for line in explain_lines(plan):
             console.print(line, highlight=False)
     if rows is not None:
-        console.print(compare_table(rows))
+        Console(width=max(console.width, 132), file=console.file).print(compare_table(rows))
     console.print(f"wrote {out}")
     return 0
 

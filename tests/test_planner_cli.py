@@ -192,7 +192,101 @@ def test_help(sub, capsys):
 def test_planner_never_imports_torch():
     code = ("import planner.commands, planner.whatif, planner.placement, planner.solvers, "
             "planner.costmodel, planner.algorithms, planner.report, planner.comm, "
-            "planner.units, planner.profile, planner.jsonio, planner.schemas; import sys; "
+            "planner.units, planner.profile, planner.jsonio, planner.schemas, planner.cluster, "
+            "planner.simulate, planner.stagger, planner.plan, planner.ilp, planner.heuristics, "
+            "planner.localsearch, planner.bounds, planner.instance, planner.explain, "
+            "planner.compare, planner.synthetic; import sys; "
             "bad = [m for m in ('torch', 'executor') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+CLUSTER = {"schema": "dpkfac.cluster/1", "nodes": 2, "gpus_per_node": 2,
+           "intra_node": {"bandwidth_bytes_per_s": 1e11, "latency_s": 2e-6},
+           "inter_node": {"bandwidth_bytes_per_s": 1e10, "latency_s": 1e-5},
+           "workers": [{"rank": 2, "speed": 0.5}]}
+
+
+@pytest.mark.parametrize("run", RUNNERS)
+def test_plan_on_a_cluster_file(run, tmp_path, profile, capsys):
+    cluster = tmp_path / "cluster.json"
+    cluster.write_text(json.dumps(CLUSTER))
+    out = tmp_path / "p.json"
+    assert run(["plan", "--profile", str(profile), "--cluster", str(cluster),
+                "--out", str(out)]) == 0
+    doc = load_placement(out)
+    assert doc["world_size"] == 4 and doc["planner"]["speeds"] == [1.0, 1.0, 0.5, 1.0]
+    assert doc["planner"]["network"] == "cluster"
+    assert run(["plan", "--profile", str(profile), "--cluster", str(cluster), "--workers", "4",
+                "--out", str(out)]) == 0
+
+
+@pytest.mark.parametrize("run", RUNNERS)
+def test_explain_and_compare(run, tmp_path, profile, capsys):
+    out = tmp_path / "p.json"
+    assert run(["plan", "--profile", str(profile), "--workers", "3", "--out", str(out),
+                "--explain", "--compare", "--time-limit", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "Bottleneck: rank" in printed and "Lower bound" in printed and "Why" in printed
+    assert "Critical path" in printed
+    assert "Solvers compared" in printed
+    for method in ("round-robin", "greedy", "block", "local-search", "ilp", "best"):
+        assert method in printed
+    assert load_placement(out)["world_size"] == 3
+
+
+@pytest.mark.parametrize("run", RUNNERS)
+def test_staggered_schedule_is_written_and_reported(run, tmp_path, profile, capsys):
+    out = tmp_path / "p.json"
+    assert run(["plan", "--profile", str(profile), "--workers", "3", "--out", str(out),
+                "--inv-update-freq", "4"]) == 0
+    doc = load_placement(out)
+    assert set(doc["decomposition_step"]) == set(doc["assignment"])
+    assert all(0 <= k < 4 for k in doc["decomposition_step"].values())
+    staggered = doc["predicted"]["staggered"]
+    assert staggered["honoured_by_executor"] is False
+    assert len(staggered["per_step_makespan_s"]) == 4
+    assert max(staggered["per_step_makespan_s"]) <= max(
+        staggered["executor_per_step_makespan_s"]) + 1e-12
+    assert doc["predicted"]["cycle"]["steps"] == 4
+    assert "does not honour it" in capsys.readouterr().out
+
+
+BAD_CLUSTER = {
+    "missing": lambda d: ["--cluster", str(d / "nope.json")],
+    "not-json": lambda d: ["--cluster", str(_write(d / "c.json", "{oops"))],
+    "bad-field": lambda d: ["--cluster", str(_write(d / "c.json", json.dumps(
+        dict(CLUSTER, nodes="two"))))],
+    "mismatch": lambda d: ["--cluster", str(_write(d / "c.json", json.dumps(CLUSTER))),
+                           "--workers", "3"],
+    "speeds-and-cluster": lambda d: ["--cluster", str(_write(d / "c.json", json.dumps(CLUSTER))),
+                                     "--speeds", "1,1,1,1"],
+    "no-workers": lambda d: [],
+    "tiny-memory": lambda d: ["--cluster", str(_write(d / "c.json", json.dumps(
+        dict(CLUSTER, worker={"memory_bytes": 10}))))],
+}
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("run", RUNNERS)
+@pytest.mark.parametrize("case", sorted(BAD_CLUSTER))
+def test_bad_cluster_input_exits_2_without_output(run, case, tmp_path, profile, capsys):
+    out = tmp_path / "out" / "placement.json"
+    out.parent.mkdir()
+    argv = ["plan", "--profile", str(profile), *BAD_CLUSTER[case](tmp_path), "--out", str(out)]
+    assert run(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "Traceback" not in "\n".join(err)
+    assert list(out.parent.iterdir()) == []
+
+
+def test_infeasible_cap_names_the_smallest_cap(tmp_path, profile, capsys):
+    out = tmp_path / "p.json"
+    assert planner_main(["plan", "--profile", str(profile), "--workers", "3", "--out", str(out),
+                         "--memory-cap", "100KiB"]) == 2
+    assert "smallest cap" in capsys.readouterr().err
+    assert not out.exists()

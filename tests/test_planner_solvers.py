@@ -229,3 +229,136 @@ def test_solution_invariants(work, workers, method):
             assert span <= solve(other, work=work, workers=workers).makespan_s * (1 + 1e-9) + 1e-12
     if sol.status == "optimal" and len(work) <= 6 and workers <= 3:
         assert span <= brute_force(work, workers) * (1 + 2 * OPTIMALITY_GAP) + 1e-12
+
+
+# ----------------------------------------------------------------------------- in depth
+
+from planner.bounds import pigeonhole_lower_bound_s, trivial_lower_bound_s  # noqa: E402
+from planner.instance import make_instance  # noqa: E402
+from planner.localsearch import balance_memory, refine_makespan  # noqa: E402
+
+works = st.lists(st.floats(min_value=0.0, max_value=10.0, allow_nan=False), min_size=1,
+                 max_size=7)
+
+
+@settings(deadline=None, max_examples=40)
+@given(work=works, workers=st.integers(min_value=1, max_value=3),
+       speeds=st.lists(st.sampled_from([0.5, 1.0, 2.0]), min_size=3, max_size=3),
+       seed=st.integers(0, 1000))
+def test_bounds_never_exceed_the_brute_force_optimum(work, workers, speeds, seed):
+    speeds = speeds[:workers]
+    exact = brute_force(work, workers, speeds=speeds)
+    for bound in (trivial_lower_bound_s, pigeonhole_lower_bound_s, makespan_lower_bound_s):
+        assert bound(work=work, workers=workers, speeds=speeds) <= exact * (1 + 1e-9) + 1e-12
+
+
+def test_pigeonhole_bound_proves_equal_layers():
+    # 144 equal layers on 64 workers: some worker takes 3; the trivial bound says 2.25
+    assert pigeonhole_lower_bound_s(work=[1.0] * 144, workers=64) == pytest.approx(3.0)
+    sol = solve("best", work=[1.0] * 144, workers=64)
+    assert sol.makespan_s == pytest.approx(3.0) and sol.status == "optimal"
+
+
+@settings(deadline=None, max_examples=40)
+@given(work=works, workers=st.integers(min_value=1, max_value=4),
+       memory=st.lists(st.integers(0, 50), min_size=7, max_size=7),
+       caps=st.lists(st.integers(30, 200), min_size=4, max_size=4),
+       start=st.integers(0, 10 ** 6))
+def test_local_search_keeps_caps_and_never_gets_worse(work, workers, memory, caps, start):
+    memory, caps = memory[:len(work)], caps[:workers]
+    inst = make_instance(work=work, workers=workers, memory=memory, memory_cap=caps)
+    rng = random.Random(start)
+    owners = [rng.randrange(workers) for _ in work]
+    held = memory_loads(memory=memory, owners=owners, workers=workers)
+    if any(h > c for h, c in zip(held, caps)):
+        return
+    before = makespan_s(work=work, owners=owners, workers=workers)
+    refined = refine_makespan(inst, owners)
+    after = makespan_s(work=work, owners=refined, workers=workers)
+    assert after <= before * (1 + 1e-12) + 1e-12
+    assert all(h <= c for h, c in zip(memory_loads(memory=memory, owners=refined,
+                                                   workers=workers), caps))
+    balanced = balance_memory(inst, refined, makespan_s=after)
+    assert makespan_s(work=work, owners=balanced, workers=workers) <= after * (1 + 1e-9) + 1e-12
+    assert max(memory_loads(memory=memory, owners=balanced, workers=workers)) <= max(
+        memory_loads(memory=memory, owners=refined, workers=workers))
+
+
+@settings(deadline=None, max_examples=30)
+@given(work=works, workers=st.integers(min_value=1, max_value=3),
+       memory=st.lists(st.integers(1, 40), min_size=7, max_size=7),
+       caps=st.lists(st.integers(20, 120), min_size=3, max_size=3),
+       method=st.sampled_from(METHODS))
+def test_per_worker_caps_are_respected_or_refused(work, workers, memory, caps, method):
+    memory, caps = memory[:len(work)], caps[:workers]
+    try:
+        sol = solve(method, work=work, workers=workers, memory=memory, memory_cap=caps,
+                    time_limit_s=2)
+    except InputError as exc:
+        assert "cap" in str(exc)
+        if method in ("ilp", "best"):  # exact methods refuse only what no plan can meet
+            assert brute_force_caps(work, workers, memory, caps) == float("inf")
+        return
+    held = memory_loads(memory=memory, owners=sol.owners, workers=workers)
+    assert all(h <= c for h, c in zip(held, caps))
+    if method in ("ilp", "best") and len(work) <= 6:
+        assert close(sol.makespan_s, brute_force_caps(work, workers, memory, caps))
+
+
+def brute_force_caps(work, workers, memory, caps) -> float:
+    best = float("inf")
+    for owners in itertools.product(range(workers), repeat=len(work)):
+        held = memory_loads(memory=memory, owners=owners, workers=workers)
+        if all(h <= c for h, c in zip(held, caps)):
+            best = min(best, makespan_s(work=work, owners=owners, workers=workers))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_eight_layers_three_workers_equal_brute_force(seed):
+    work, _ = random_instance(200 + seed, layers=8, workers=3)
+    sol = solve("best", work=work, workers=3, time_limit_s=5)
+    assert close(sol.makespan_s, brute_force(work, 3)) and sol.status == "optimal"
+
+
+def test_block_with_unequal_speeds_and_caps_equals_brute_force_over_blocks():
+    rng = random.Random(9)
+    for _ in range(15):
+        n, p = rng.randint(1, 7), rng.randint(1, 3)
+        work = [rng.uniform(0, 1) for _ in range(n)]
+        memory = [rng.randint(1, 10) for _ in range(n)]
+        speeds = [rng.choice([0.5, 1.0, 2.0]) for _ in range(p)]
+        cap = rng.randint(10, 30)
+        best = float("inf")
+        for cuts in itertools.combinations_with_replacement(range(n + 1), p - 1):
+            bounds = list(zip((0,) + cuts, cuts + (n,)))
+            if any(sum(memory[a:b]) > cap for a, b in bounds):
+                continue
+            best = min(best, max(sum(work[a:b]) / s for (a, b), s in zip(bounds, speeds)))
+        if best == float("inf"):
+            with pytest.raises(InputError):
+                solve("block", work=work, workers=p, speeds=speeds, memory=memory,
+                      memory_cap=cap)
+            continue
+        sol = solve("block", work=work, workers=p, speeds=speeds, memory=memory, memory_cap=cap)
+        assert sol.makespan_s == pytest.approx(best, rel=1e-9)
+
+
+def test_large_instance_skips_the_ilp_and_is_fast():
+    import time
+    rng = random.Random(1)
+    work = [rng.uniform(0.1, 1.0) for _ in range(1000)]
+    start = time.perf_counter()
+    sol = solve("best", work=work, workers=64, time_limit_s=2, ilp_max_binaries=20_000)
+    assert time.perf_counter() - start < 3.0
+    assert sol.ilp.startswith("skipped")
+    assert sol.makespan_s <= 1.02 * trivial_lower_bound_s(work=work, workers=64)
+    for method in HEURISTICS:
+        assert sol.makespan_s <= solve(method, work=work, workers=64).makespan_s * (1 + 1e-9)
+
+
+def test_ilp_warm_start_and_cbc_agree():
+    work, _ = random_instance(42, layers=9, workers=3)
+    highs = solve("ilp", work=work, workers=3, time_limit_s=5)
+    assert highs.ilp.startswith("highs")
+    assert close(highs.makespan_s, brute_force(work, 3))
