@@ -13,6 +13,11 @@ frequencies):
   the slowest owner is done);
 * step_time_s = forward_backward_s + gradient all-reduce of model_grad_bytes + second_order_s
   + optimizer_s.
+
+Collective costs come from the profile's measurements or, with a cluster file, from its
+topology (a planner.comm.Network). These closed forms are the amortised view the solvers
+optimise; planner.simulate gives the step-by-step prediction that placement files carry (equal
+to these at both update frequencies 1 on identical workers).
 """
 from __future__ import annotations
 
