@@ -98,7 +98,7 @@ def _step_lines(plan: Plan) -> list[str]:
     worst = cycle.steps[cycle.worst_step]
     bcast = worst.broadcast_s
     path = " -> ".join(f"{s.kind}" + (f"[{s.worker}]" if s.worker is not None else "")
-                       for s in worst.critical_path)
+                       + (f" x{s.count}" if s.count > 1 else "") for s in worst.critical_path)
     out = [f"Step: simulated {format_seconds(cycle.mean_step_time_s)} mean over a cycle of "
            f"{len(cycle.steps)} step(s); broadcasts {format_seconds(bcast)} and the gradient "
            f"all-reduce {format_seconds(worst.allreduce_s)} per step.",

@@ -113,6 +113,7 @@ def critical_path_line(placement: dict) -> str | None:
     for seg in path:
         who = f"[{seg['worker']}]" if seg["worker"] is not None else ""
         count = f" x{seg['layers']}" if seg.get("layers") else ""
+        count += f" x{seg['count']}" if seg.get("count", 1) > 1 else ""
         parts.append(f"{seg['kind']}{who}{count} {format_seconds(seg['end_s'] - seg['start_s'])}")
     return "critical path: " + " -> ".join(parts)
 

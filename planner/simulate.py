@@ -42,17 +42,19 @@ BROADCAST_MODES = ("collective", "owner")
 @dataclass(frozen=True)
 class Segment:
     """One stretch of the timeline: `kind` on `worker` (None: all workers / the network),
-    covering `layers` layers (0 when not per layer), from start_s to end_s seconds."""
+    covering `layers` layers (0 when not per layer) or `count` back-to-back operations (e.g.
+    broadcasts of several owners), from start_s to end_s seconds."""
     kind: str
     worker: int | None
     start_s: float
     end_s: float
     layers: int = 0
+    count: int = 1
 
     def as_dict(self) -> dict:
         """Plain-data form for the placement file."""
         return {"kind": self.kind, "worker": self.worker, "layers": self.layers,
-                "start_s": self.start_s, "end_s": self.end_s}
+                "count": self.count, "start_s": self.start_s, "end_s": self.end_s}
 
 
 @dataclass(frozen=True)
@@ -221,6 +223,9 @@ def _critical_path(*, fb, ar_start, ar_end, phase_s, counts, finish, bcasts, don
             if cause == "ready":
                 gate = src if mode == "owner" else int(np.argmax(finish))
                 break
+        if len(chain) > 3:  # back-to-back broadcasts of many owners: one segment
+            chain = [Segment("broadcast", None, chain[-1].start_s, chain[0].end_s,
+                             count=len(chain))]
         path.extend(chain)
     t = float(finish[gate])
     for phase in reversed(range(3)):
