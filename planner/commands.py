@@ -16,17 +16,19 @@ from .costmodel import PlanConfig
 from .errors import InputError
 from .explain import explain_lines
 from .jsonio import write_atomic, write_json_atomic
-from .placement import placement_document, resolve_cluster
+from .placement import load_placement, placement_document, resolve_cluster
 from .plan import make_plan
-from .profile import load_profile
-from .report import compare_table, print_plan_report, print_whatif_table
+from .profile import load_profile, profile_to_dict
+from .report import compare_table, print_plan_report, print_whatif_table, validation_table
 from .solvers import DEFAULT_ILP_MAX_BINARIES, METHODS, auto_time_limit_s
 from .units import parse_bytes, parse_float_list, parse_int_list
+from .validate import calibrate, compare, load_run_summary, measured_phases, predicted_phases
 from .whatif import ROW_KEYS, WHATIF_SCHEMA_ID, whatif_rows
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the `plan` and `whatif` subparsers; each sets func=<function(args) -> exit status>."""
+    """Add the `plan`, `whatif` and `validate` subparsers; each sets func=<function(args) -> exit
+    status>."""
     plan = subparsers.add_parser(
         "plan", help="assign K-FAC layers to workers and write a placement",
         description="Solve which worker owns each K-FAC layer from a profile, write the "
@@ -68,6 +70,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     whatif.add_argument("--out", metavar="FILE",
                         help="write csv/json here instead of standard output")
     whatif.set_defaults(func=run_whatif)
+
+    validate = subparsers.add_parser(
+        "validate", help="compare a placement's predicted phases with a training run's",
+        description="Print predicted vs measured seconds per phase and for the whole step (mean "
+                    "over ranks) with the relative error; optionally write a profile calibrated "
+                    "from the run, so the next plan predicts better.")
+    validate.add_argument("--placement", required=True, metavar="FILE", help="placement file")
+    validate.add_argument("--run", required=True, metavar="DIR",
+                          help="folder of a `dpkfac train` run (its summary.json)")
+    validate.add_argument("--profile", metavar="FILE",
+                          help="profile to predict from (default: the one the placement names)")
+    validate.add_argument("--calibrate-out", metavar="FILE",
+                          help="write a calibrated copy of the profile here")
+    validate.add_argument("--format", choices=("table", "json"), default="table")
+    validate.set_defaults(func=run_validate)
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -137,6 +154,38 @@ def run_whatif(args: argparse.Namespace) -> int:
         buffer = io.StringIO()
         _write_csv(buffer, rows)
         sys.stdout.write(buffer.getvalue())
+    return 0
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    """`dpkfac validate`: predicted vs measured per phase; optional calibrated profile."""
+    out = _checked_output(args.calibrate_out) if args.calibrate_out is not None else None
+    placement = load_placement(args.placement)
+    profile_path = args.profile or placement["profile"]["path"]
+    profile = load_profile(profile_path)
+    summary = load_run_summary(args.run)
+    if summary["world_size"] != placement["world_size"]:
+        raise InputError(f"run {args.run!r} has world_size {summary['world_size']}, placement "
+                         f"{args.placement!r} is for {placement['world_size']}")
+    rows = compare(predicted_phases(profile, placement), measured_phases(summary))
+    scales = None
+    if out is not None:
+        calibrated, scales = calibrate(profile, rows)
+        write_json_atomic(out, profile_to_dict(calibrated))
+    if args.format == "json":
+        document = {"schema": "dpkfac.validation/1", "placement": args.placement,
+                    "run": args.run, "profile": profile_path,
+                    "rows": [{"phase": r.phase, "predicted_s": r.predicted_s,
+                              "measured_s": r.measured_s, "rel_error": r.rel_error}
+                             for r in rows], "calibration_scales": scales}
+        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+        return 0
+    console = _console()
+    console.print(validation_table(rows, title=f"{placement['model']} on "
+                                               f"{placement['world_size']} worker(s): predicted "
+                                               "vs measured, mean over ranks"))
+    if out is not None:
+        console.print(f"wrote calibrated profile {out}")
     return 0
 
 

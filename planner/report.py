@@ -186,3 +186,17 @@ def _layers_per_rank(placement: dict) -> dict[int, int]:
     for rank in placement["assignment"].values():
         counts[rank] = counts.get(rank, 0) + 1
     return counts
+
+
+def validation_table(rows, *, title: str) -> Table:
+    """Predicted vs measured seconds per phase (PhaseRow-like rows), with the relative error."""
+    table = Table(title=title)
+    for name in ("phase", "predicted", "measured", "error"):
+        table.add_column(name, justify="left" if name == "phase" else "right", no_wrap=True)
+    for row in rows:
+        error = row.rel_error
+        shown = f"{100 * error:+.1f}%" if error != float("inf") else "n/a"
+        style = "bold" if row.phase == "step_time" else None
+        table.add_row(row.phase.replace("_", " "), format_seconds(row.predicted_s),
+                      format_seconds(row.measured_s), shown, style=style)
+    return table

@@ -26,7 +26,7 @@ The critical path is the chain of segments that set the step's end.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -73,6 +73,12 @@ class StepResult:
     comm_s: tuple[float, ...]
     idle_s: tuple[float, ...]
     critical_path: tuple[Segment, ...]
+    phases_s: Mapping[str, tuple[float, ...]] = field(default_factory=dict)  # per phase, per worker
+
+
+# The executor's measured phases (metrics.jsonl keys without "_s"), in step order.
+PHASES = ("forward_backward", "allreduce", "factors", "decompose", "precondition", "broadcast",
+          "optimizer")
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,14 @@ class CycleResult:
     def mean_per_worker(self, field: str) -> tuple[float, ...]:
         """Mean over the cycle of a per-worker field (busy_s, comm_s or idle_s), seconds."""
         return tuple(float(v) for v in np.mean([getattr(s, field) for s in self.steps], axis=0))
+
+    def mean_phases(self) -> dict[str, tuple[float, ...]]:
+        """Mean over the cycle of each phase as each worker's own timer would measure it
+        (waiting included: the all-reduce waits for the slowest forward/backward, the broadcast
+        phase waits for the slowest owner), seconds per worker."""
+        return {phase: tuple(float(v) for v in np.mean([s.phases_s[phase] for s in self.steps],
+                                                       axis=0))
+                for phase in PHASES}
 
 
 def cycle_length(config: PlanConfig) -> int:
@@ -170,7 +184,18 @@ def simulate_step(profile: Profile, *, owners: Sequence[int], workers: int, conf
                       compute_makespan_s=float(phase_s.sum(axis=1).max()),
                       allreduce_s=allreduce, broadcast_s=float(sum(sizes)),
                       busy_s=tuple(busy.tolist()), comm_s=tuple(comm.tolist()),
-                      idle_s=tuple(np.maximum(idle, 0.0).tolist()), critical_path=path)
+                      idle_s=tuple(np.maximum(idle, 0.0).tolist()), critical_path=path,
+                      phases_s=_phases(fb=fb, ar_end=ar_end, phase_s=phase_s, finish=finish,
+                                       done=done, opt=opt))
+
+
+def _phases(*, fb, ar_end, phase_s, finish, done, opt) -> dict[str, tuple[float, ...]]:
+    """Per worker, the seconds each of the executor's phase timers covers in this step."""
+    as_tuple = lambda a: tuple(float(v) for v in a)  # noqa: E731
+    return {"forward_backward": as_tuple(fb), "allreduce": as_tuple(ar_end - fb),
+            "factors": as_tuple(phase_s[:, 0]), "decompose": as_tuple(phase_s[:, 1]),
+            "precondition": as_tuple(phase_s[:, 2]), "broadcast": as_tuple(done - finish),
+            "optimizer": as_tuple(opt)}
 
 
 def simulate_cycle(profile: Profile, *, owners: Sequence[int], workers: int, config: PlanConfig,

@@ -1,0 +1,115 @@
+"""Closing the loop: a placement's predicted phases against a training run's measured ones, and
+calibration of a profile from that run. Pure functions over plain data; seconds throughout."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from .costmodel import PlanConfig
+from .errors import InputError
+from .jsonio import read_json
+from .profile import AlphaBeta, CommCosts, Profile
+from .simulate import PHASES, simulate_cycle
+
+SUMMARY_FIELDS = ("world_size", "mean_step_time_s", "phase_means_by_rank_s")
+
+
+@dataclass(frozen=True)
+class PhaseRow:
+    """One phase (or the whole step): predicted and measured seconds, mean over ranks, and the
+    relative error (predicted - measured) / measured."""
+    phase: str
+    predicted_s: float
+    measured_s: float
+
+    @property
+    def rel_error(self) -> float:
+        """Signed relative error of the prediction; 0 when both are 0."""
+        if self.measured_s == 0.0:
+            return 0.0 if self.predicted_s == 0.0 else float("inf")
+        return (self.predicted_s - self.measured_s) / self.measured_s
+
+
+def load_run_summary(run_dir: str | os.PathLike) -> dict:
+    """A training run's summary.json, checked for the fields validation needs."""
+    path = Path(run_dir) / "summary.json"
+    summary = read_json(path, what="run summary")
+    if not isinstance(summary, dict):
+        raise InputError(f"run summary {str(path)!r}: expected a JSON object")
+    missing = [f for f in SUMMARY_FIELDS if f not in summary]
+    if missing:
+        raise InputError(f"run summary {str(path)!r}: field {missing[0]}: missing (written by "
+                         "`dpkfac train` of this version)")
+    if summary["mean_step_time_s"] is None:
+        raise InputError(f"run summary {str(path)!r}: field mean_step_time_s: the run has no steps")
+    return summary
+
+
+def placement_owners(placement: Mapping, profile: Profile) -> tuple[int, ...]:
+    """Owner rank of each profile layer, in profile order."""
+    assignment = placement["assignment"]
+    missing = [layer.name for layer in profile.layers if layer.name not in assignment]
+    if missing:
+        raise InputError(f"placement: field assignment: no owner for profile layer {missing[0]!r}"
+                         " (placement and profile are for different models)")
+    return tuple(int(assignment[layer.name]) for layer in profile.layers)
+
+
+def predicted_phases(profile: Profile, placement: Mapping) -> dict[str, tuple[float, ...]]:
+    """Per phase, per rank: the simulated mean over a cycle, as the executor's timers see it."""
+    config = placement["config"]
+    cycle = simulate_cycle(profile, owners=placement_owners(placement, profile),
+                           workers=placement["world_size"],
+                           config=PlanConfig(factor_update_freq=config["factor_update_freq"],
+                                             inv_update_freq=config["inv_update_freq"]))
+    phases = cycle.mean_phases()
+    phases["step_time"] = (cycle.mean_step_time_s,) * placement["world_size"]
+    return phases
+
+
+def measured_phases(summary: Mapping) -> dict[str, tuple[float, ...]]:
+    """Per phase, per rank: the run's steady-state means (summary.json phase_means_by_rank_s)."""
+    by_rank: Sequence[Mapping[str, float]] = summary["phase_means_by_rank_s"]
+    return {phase: tuple(float(rank.get(f"{phase}_s", 0.0)) for rank in by_rank)
+            for phase in (*PHASES, "step_time")}
+
+
+def compare(predicted: Mapping[str, Sequence[float]],
+            measured: Mapping[str, Sequence[float]]) -> list[PhaseRow]:
+    """One row per phase and one for the whole step, each the mean over ranks."""
+    return [PhaseRow(phase, float(np.mean(predicted[phase])), float(np.mean(measured[phase])))
+            for phase in (*PHASES, "step_time")]
+
+
+def calibrate(profile: Profile, rows: Sequence[PhaseRow]) -> tuple[Profile, dict[str, float]]:
+    """A profile whose costs are scaled so the same placement would predict the measured phases.
+
+    Each compute phase (forward/backward, factors, decompositions, preconditioning, optimizer)
+    is scaled by measured / predicted; the collectives' alpha and beta by the same ratio of the
+    all-reduce and broadcast phases. Returns the calibrated profile and the scale factors.
+    """
+    ratio = {row.phase: (row.measured_s / row.predicted_s if row.predicted_s > 0 else 1.0)
+             for row in rows}
+    layers = tuple(replace(layer,
+                           factor_a_s=layer.factor_a_s * ratio["factors"],
+                           factor_g_s=layer.factor_g_s * ratio["factors"],
+                           decompose_a_s=layer.decompose_a_s * ratio["decompose"],
+                           decompose_g_s=layer.decompose_g_s * ratio["decompose"],
+                           precondition_s=layer.precondition_s * ratio["precondition"])
+                   for layer in profile.layers)
+    comm = CommCosts(backend=profile.comm.backend, world_size=profile.comm.world_size,
+                     allreduce=_scaled(profile.comm.allreduce, ratio["allreduce"]),
+                     broadcast=_scaled(profile.comm.broadcast, ratio["broadcast"]))
+    extra = dict(profile.extra, calibrated={"scales": ratio})
+    calibrated = replace(profile, layers=layers, comm=comm, extra=extra,
+                         forward_backward_s=profile.forward_backward_s * ratio["forward_backward"],
+                         optimizer_s=profile.optimizer_s * ratio["optimizer"])
+    return calibrated, ratio
+
+
+def _scaled(cost: AlphaBeta, factor: float) -> AlphaBeta:
+    return AlphaBeta(alpha_s=cost.alpha_s * factor, beta_s_per_byte=cost.beta_s_per_byte * factor)
