@@ -12,13 +12,29 @@ SPLIT_SEED = 0
 
 
 @dataclass(frozen=True)
-class DigitsSplit:
-    """Train and test tensors: images (N, 1, 8, 8) in [0, 1], integer labels (N,)."""
+class DataSplit:
+    """Train and test tensors (inputs, integer labels) and what they are."""
     train: TensorDataset
     test: TensorDataset
+    name: str = "digits"
 
 
-def load_digits_split() -> DigitsSplit:
+SYNTHETIC_TRAIN, SYNTHETIC_TEST = 1024, 256  # samples of a synthetic split
+
+
+def load_split(spec) -> DataSplit:
+    """The data a model trains on: the digits for digits-shaped models, else a seeded synthetic
+    split of the model's input shape (random inputs and labels: for timing, not accuracy)."""
+    if spec.dataset == "digits":
+        return load_digits_split()
+    generator = torch.Generator().manual_seed(SPLIT_SEED)
+    train = spec.random_batch(SYNTHETIC_TRAIN, generator=generator)
+    test = spec.random_batch(SYNTHETIC_TEST, generator=generator)
+    return DataSplit(train=TensorDataset(*train), test=TensorDataset(*test),
+                     name="synthetic (random inputs and labels: accuracy means nothing)")
+
+
+def load_digits_split() -> DataSplit:
     """The digits set split 80/20 by a fixed permutation (the same on every rank and run)."""
     from sklearn.datasets import load_digits
 
@@ -28,7 +44,7 @@ def load_digits_split() -> DigitsSplit:
     order = torch.from_numpy(np.random.RandomState(SPLIT_SEED).permutation(len(labels)))
     n_test = int(round(TEST_FRACTION * len(labels)))
     test_idx, train_idx = order[:n_test], order[n_test:]
-    return DigitsSplit(train=TensorDataset(images[train_idx], labels[train_idx]),
+    return DataSplit(train=TensorDataset(images[train_idx], labels[train_idx]),
                        test=TensorDataset(images[test_idx], labels[test_idx]))
 
 

@@ -35,11 +35,11 @@ from planner.placement import check_placement_matches, load_placement
 from .blocks import kfac_layers
 from .checkpoint import (CHECKPOINT_NAME, checkpoint_exists, load_checkpoint,
                          remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state)
-from .data import load_digits_split, test_loader, train_loader
+from .data import load_split, test_loader, train_loader
 from .distributed import (WorldInfo, all_finite, allreduce_mean_, broadcast_object,
                           init_distributed, ring_allreduce_bytes, shutdown_distributed)
 from .faults import RunFault, RunPosition, fault_message
-from .models import build_model
+from .models import build_model, input_spec
 from .preconditioner import NUMERICS_COUNTERS, PHASES, DPKFAC
 from .timing import synchronize_device
 
@@ -232,7 +232,7 @@ def _train(cfg: TrainConfig, placement: dict, model_name: str, world: WorldInfo,
     model = build_model_checked(model_name).to(world.device)  # built after seeding: same init
     _broadcast_parameters(model, world)
     batch_size = cfg.batch_size or placement["config"].get("batch_size", 32)
-    split = load_digits_split()
+    split = load_split(input_spec(model_name))
     loader, sampler = train_loader(split.train, batch_size=batch_size, rank=world.rank,
                                    world_size=world.world_size, seed=cfg.seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
@@ -522,8 +522,11 @@ def _summarise(cfg, world, model, precond, records, steps, grad_bytes, split, sk
     memory = precond.memory_usage() if precond is not None else 0
     bcast = (precond.comm_bytes["broadcast"] / max(precond.steps, 1)) if precond is not None else 0
     layer_events = {n: dict(c) for n, c in precond.layer_numerics.items()} if precond else {}
+    phases = {k: statistics.fmean(r[k] for r in steady) for k in steady[0]
+              if k.endswith("_s")} if steady else {}
     per_rank = _all_gather_object({"memory": memory, "digest": parameter_digest(model),
-                                   "broadcast": bcast, "numerics": layer_events}, world)
+                                   "broadcast": bcast, "numerics": layer_events,
+                                   "phases": phases}, world)
     allreduce = ring_allreduce_bytes(grad_bytes, world.world_size)
     mine = per_rank[world.rank]
     losses = [r["loss"] for r in records if r["loss"] is not None]
@@ -535,8 +538,9 @@ def _summarise(cfg, world, model, precond, records, steps, grad_bytes, split, sk
         "test_accuracy": evaluate(model, split.test, world.device),
         "mean_step_time_s": statistics.fmean(r["step_time_s"] for r in steady) if steady else None,
         "steady_state": f"mean over steps after the first {cfg.warmup_steps} of this run",
-        "phase_means_s": {k: statistics.fmean(r[k] for r in steady) for k in steady[0]
-                          if k.endswith("_s")} if steady else {},
+        "phase_means_s": phases,
+        "phase_means_by_rank_s": [r["phases"] for r in per_rank],
+        "dataset": split.name,
         "comm_bytes_per_step": {"allreduce": allreduce, "broadcast": int(mine["broadcast"]),
                                 "total": allreduce + int(mine["broadcast"])},
         "second_order_memory_bytes": [r["memory"] for r in per_rank],
