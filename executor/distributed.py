@@ -65,19 +65,30 @@ def world_rank_and_size(process_group=None) -> tuple[int, int]:
     return 0, 1
 
 
-def allreduce_mean_(tensors: list[torch.Tensor], world_size: int, process_group=None) -> int:
-    """Average tensors across ranks in one fused all-reduce; returns the bytes of the buffer."""
+def average_gradients_(tensors: list[torch.Tensor], world_size: int,
+                       process_group=None) -> tuple[int, bool]:
+    """Average tensors across ranks in one fused all-reduce and check the result is finite.
+
+    Returns the bytes of the fused buffer and whether it holds no NaN or inf (one check of the
+    flat buffer; identical on every rank, so every rank takes the same decision).
+    """
     if not tensors:
-        return 0
+        return 0, True
     flat = torch.cat([t.reshape(-1) for t in tensors])
     if world_size > 1:
         dist.all_reduce(flat, group=process_group)
         flat.div_(world_size)
+    finite = bool(torch.isfinite(flat).all())
     offset = 0
     for t in tensors:
         t.copy_(flat[offset:offset + t.numel()].view_as(t))
         offset += t.numel()
-    return flat.numel() * flat.element_size()
+    return flat.numel() * flat.element_size(), finite
+
+
+def allreduce_mean_(tensors: list[torch.Tensor], world_size: int, process_group=None) -> int:
+    """Average tensors across ranks in one fused all-reduce; returns the bytes of the buffer."""
+    return average_gradients_(tensors, world_size, process_group)[0]
 
 
 def all_finite(tensors: list[torch.Tensor]) -> bool:

@@ -8,7 +8,9 @@ message sizes and fits alpha-beta (seconds, seconds per byte) by least squares.
 from __future__ import annotations
 
 import platform
-from contextlib import nullcontext
+import statistics
+import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -21,9 +23,9 @@ from planner.schemas import PROFILE_SCHEMA_ID
 
 from .blocks import ComputeMethod, KFACBlock, kfac_layers, make_block
 from .data import load_digits_split
-from .distributed import WorldInfo
+from .distributed import WorldInfo, average_gradients_
 from .models import build_model, input_spec
-from .timing import median_time
+from .timing import median_time, synchronize_device
 
 # Collective costs assumed when profiling a single process (nothing to measure): loopback gloo.
 ASSUMED_COMM = {"alpha_s": 5e-5, "beta_s_per_byte": 1e-9}
@@ -55,19 +57,26 @@ class ProfileOptions:
 
 def profile_model(model_name: str, batch_size: int, world: WorldInfo, *,
                   options: ProfileOptions = ProfileOptions(), progress: bool = False) -> dict:
-    """Measure `model_name` at `batch_size` per worker; the profile document (dpkfac.profile/1)."""
+    """Measure `model_name` at `batch_size` per worker; the profile document (dpkfac.profile/1).
+
+    After folding `factor_batches` batches into the factors (so decompositions see full-rank
+    factors, as in training), it runs warm-up + repeats training-like steps: forward/backward
+    with the capture hooks, the gradient packing of the all-reduce, every layer's factor
+    updates, then every decomposition, then every preconditioning, the KL clip and write-back,
+    and an optimizer step with learning rate 0 (weights stay put), in the executor's order, so
+    each kernel is timed with the caches as training leaves them. Medians over the repeats.
+    """
     torch.manual_seed(0)
     model = build_model(model_name).to(world.device)
     batches = _batches(model_name, batch_size, options.factor_batches, world.device)
     blocks, captured = _accumulate_factors(model, batches, options.factor_decay)
     method = ComputeMethod(options.compute_method)
-    with _progress_bar(progress, len(blocks) + 2) as bar:
-        layers = []
-        for block in blocks:
-            layers.append(_profile_layer(block, *captured[block.name], method, options))
-            _advance(bar, block.name)
-        step = _profile_step(model, *batches[-1], options)
-        _advance(bar, "step")
+    with _progress_bar(progress, options.warmup + options.repeats + 1) as bar:
+        samples = _time_steps(model, blocks, batches, method, options,
+                              advance=lambda: _advance(bar, "steps"))
+        layers = [_layer_record(block, samples[block.name], captured[block.name][1])
+                  for block in blocks]
+        step = _step_record(samples["step"])
         grad_bytes = 4 * sum(p.numel() for p in model.parameters() if p.requires_grad)
         comm = _profile_comm(world, options, message_sizes(grad_bytes))
         _advance(bar, "collectives")
@@ -97,11 +106,8 @@ def _batches(model_name: str, batch_size: int, count: int,
     return [(x.to(device), y.to(device)) for x, y in batches]
 
 
-def _accumulate_factors(model: nn.Module, batches, decay: float):
-    """Blocks of every K-FAC layer with running factors folded over `batches`, as in training
-    (so decompositions are timed on realistic, full-rank factors), and the last batch's inputs,
-    output gradients and dW per layer."""
-    blocks = [make_block(m, n) for n, m in kfac_layers(model)]
+def _capture_hooks(blocks: list[KFACBlock]):
+    """Forward hooks that keep every layer's latest input and output gradient."""
     inputs: dict[str, torch.Tensor] = {}
     outputs: dict[str, torch.Tensor] = {}
     hooks = []
@@ -110,6 +116,15 @@ def _accumulate_factors(model: nn.Module, batches, decay: float):
             inputs[name] = args[0].detach()
             out.register_hook(lambda g: outputs.__setitem__(name, g.detach()))
         hooks.append(block.module.register_forward_hook(fwd))
+    return inputs, outputs, hooks
+
+
+def _accumulate_factors(model: nn.Module, batches, decay: float):
+    """Blocks of every K-FAC layer with running factors folded over `batches`, as in training
+    (so decompositions are timed on realistic, full-rank factors), and the last batch's inputs,
+    output gradients and dW per layer."""
+    blocks = [make_block(m, n) for n, m in kfac_layers(model)]
+    inputs, outputs, hooks = _capture_hooks(blocks)
     for x, y in batches:
         model.zero_grad()
         F.cross_entropy(model(x), y).backward()
@@ -122,27 +137,103 @@ def _accumulate_factors(model: nn.Module, batches, decay: float):
     return blocks, captured
 
 
-def _profile_layer(block: KFACBlock, a, g, grad, method: ComputeMethod,
-                   options: ProfileOptions) -> dict:
-    timed = lambda fn: median_time(fn, warmup=options.warmup, repeats=options.repeats)  # noqa: E731
-    # decompositions first: timing the factor updates below keeps folding the same batch in
-    decompose_a_s, decompose_a_iqr = timed(lambda: block.decompose_a(method, options.damping))
-    decompose_g_s, decompose_g_iqr = timed(lambda: block.decompose_g(method, options.damping))
-    precondition_s, precondition_iqr = timed(lambda: block.precondition(grad, method, options.damping))
-    state_bytes = block.memory_usage()
-    factor_a_s, factor_a_iqr = timed(lambda: block.update_factor_a(a, options.factor_decay))
-    factor_g_s, factor_g_iqr = timed(lambda: block.update_factor_g(g, options.factor_decay))
-    return {
-        "name": block.name, "kind": type(block.module).__name__,
-        "dim_a": block.dim_a, "dim_g": block.dim_g, "grad_numel": block.grad_numel,
-        "factor_a_s": factor_a_s, "factor_g_s": factor_g_s,
-        "decompose_a_s": decompose_a_s, "decompose_g_s": decompose_g_s,
-        "precondition_s": precondition_s, "state_bytes": state_bytes,
-        "rows_a": _rows(block, g), "rows_g": _rows(block, g),
-        "spread_iqr_s": {"factor_a": factor_a_iqr, "factor_g": factor_g_iqr,
-                         "decompose_a": decompose_a_iqr, "decompose_g": decompose_g_iqr,
-                         "precondition": precondition_iqr},
-    }
+LAYER_KERNELS = ("factor_a", "factor_g", "decompose_a", "decompose_g", "precondition")
+STEP_PHASES = ("forward_backward", "pack", "apply", "optimizer")
+
+
+def _time_steps(model: nn.Module, blocks: list[KFACBlock], batches, method,
+                options: ProfileOptions, advance) -> dict[str, dict[str, list[float]]]:
+    """Seconds of every kernel in each timed step: {layer name or "step": {kernel: [s, ...]}}.
+
+    The per-layer kernels mirror what DPKFAC.step runs for an owned layer: factor update of A,
+    factor update of G with the non-finite check, each decomposition, and preconditioning of
+    the layer's gradient matrix with the finiteness check of the result.
+    """
+    samples = {b.name: {k: [] for k in LAYER_KERNELS} for b in blocks}
+    samples["step"] = {k: [] for k in STEP_PHASES}
+    inputs, outputs, hooks = _capture_hooks(blocks)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9, weight_decay=5e-4)
+    clock = _Clock()
+    for i in range(options.warmup + options.repeats):
+        keep = i >= options.warmup
+        x, y = batches[i % len(batches)]
+        with clock.time(samples["step"]["forward_backward"], keep):
+            optimizer.zero_grad(set_to_none=False)
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        with clock.time(samples["step"]["pack"], keep):
+            average_gradients_(grads + [loss.detach().reshape(1).clone()], 1)
+        for b in blocks:
+            with clock.time(samples[b.name]["factor_a"], keep):
+                b.update_factor_a(inputs[b.name], options.factor_decay)
+            with clock.time(samples[b.name]["factor_g"], keep):
+                b.update_factor_g(outputs[b.name], options.factor_decay)
+                b.drop_nonfinite_factors()
+        for b in blocks:
+            with clock.time(samples[b.name]["decompose_a"], keep):
+                b.decompose_a(method, options.damping)
+            with clock.time(samples[b.name]["decompose_g"], keep):
+                b.decompose_g(method, options.damping)
+        results = {}
+        for b in blocks:
+            with clock.time(samples[b.name]["precondition"], keep):
+                result = b.precondition(b.grad_matrix(), method, options.damping)
+                bool(torch.isfinite(result).all())
+            results[b.name] = result
+        with clock.time(samples["step"]["apply"], keep):
+            _apply_like_executor(blocks, results, lr=0.1, kl_clip=0.001)
+        with clock.time(samples["step"]["optimizer"], keep):
+            optimizer.step()
+        advance()
+    for hook in hooks:
+        hook.remove()
+    return samples
+
+
+def _apply_like_executor(blocks: list[KFACBlock], results: dict, *, lr: float,
+                         kl_clip: float) -> None:
+    """The KL clip and write-back that DPKFAC._apply does after the broadcasts."""
+    products = [(results[b.name] * b.grad_matrix()).sum() for b in blocks]
+    vg_sum = float(torch.stack(products).sum()) * lr ** 2
+    scale = min(1.0, (kl_clip / abs(vg_sum)) ** 0.5) if vg_sum else 1.0
+    for b in blocks:
+        b.set_grad_matrix(results[b.name].mul(scale))
+
+
+class _Clock:
+    """Times a block into a list of seconds (device-synchronised), when asked to keep it."""
+
+    @contextmanager
+    def time(self, into: list[float], keep: bool):
+        synchronize_device()
+        start = time.perf_counter()
+        yield
+        synchronize_device()
+        if keep:
+            into.append(time.perf_counter() - start)
+
+
+def _median_and_spread(values: list[float]) -> tuple[float, float]:
+    quartiles = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return statistics.median(values), quartiles[2] - quartiles[0]
+
+
+def _layer_record(block: KFACBlock, samples: dict[str, list[float]], grad_output) -> dict:
+    stats = {k: _median_and_spread(v) for k, v in samples.items()}
+    record = {"name": block.name, "kind": type(block.module).__name__,
+              "dim_a": block.dim_a, "dim_g": block.dim_g, "grad_numel": block.grad_numel}
+    record.update({f"{k}_s": stats[k][0] for k in LAYER_KERNELS})
+    record.update(state_bytes=block.memory_usage(), rows_a=_rows(block, grad_output),
+                  rows_g=_rows(block, grad_output),
+                  spread_iqr_s={k: stats[k][1] for k in LAYER_KERNELS})
+    return record
+
+
+def _step_record(samples: dict[str, list[float]]) -> dict:
+    stats = {k: _median_and_spread(v) for k, v in samples.items()}
+    return {**{f"{k}_s": stats[k][0] for k in STEP_PHASES},
+            "spread_iqr_s": {k: stats[k][1] for k in STEP_PHASES}}
 
 
 def _rows(block: KFACBlock, grad_output: torch.Tensor) -> int:
@@ -151,19 +242,6 @@ def _rows(block: KFACBlock, grad_output: torch.Tensor) -> int:
     if isinstance(block.module, nn.Conv2d):
         return int(grad_output.numel() // grad_output.shape[1])
     return int(grad_output.numel() // grad_output.shape[-1])
-
-
-def _profile_step(model: nn.Module, x, y, options: ProfileOptions) -> dict:
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9, weight_decay=5e-4)
-
-    def forward_backward() -> None:
-        optimizer.zero_grad(set_to_none=False)
-        F.cross_entropy(model(x), y).backward()
-
-    fb_s, fb_iqr = median_time(forward_backward, warmup=options.warmup, repeats=options.repeats)
-    opt_s, opt_iqr = median_time(optimizer.step, warmup=options.warmup, repeats=options.repeats)
-    return {"forward_backward_s": fb_s, "optimizer_s": opt_s,
-            "spread_iqr_s": {"forward_backward": fb_iqr, "optimizer": opt_iqr}}
 
 
 def _profile_comm(world: WorldInfo, options: ProfileOptions, sizes: tuple[int, ...]) -> dict:

@@ -36,8 +36,8 @@ from .blocks import kfac_layers
 from .checkpoint import (CHECKPOINT_NAME, checkpoint_exists, load_checkpoint,
                          remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state)
 from .data import load_split, test_loader, train_loader
-from .distributed import (WorldInfo, all_finite, allreduce_mean_, broadcast_object,
-                          init_distributed, ring_allreduce_bytes, shutdown_distributed)
+from .distributed import (WorldInfo, average_gradients_, broadcast_object, init_distributed,
+                          ring_allreduce_bytes, shutdown_distributed)
 from .faults import RunFault, RunPosition, fault_message
 from .models import build_model, input_spec
 from .preconditioner import NUMERICS_COUNTERS, PHASES, DPKFAC
@@ -311,8 +311,7 @@ def _train_step(model, optimizer, precond, x, y, world: WorldInfo, clock: StepCl
     position.at("allreduce")
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     loss_buf = loss.detach().reshape(1).clone()
-    grad_bytes = allreduce_mean_(grads + [loss_buf], world.world_size)
-    finite = all_finite(grads + [loss_buf])
+    grad_bytes, finite = average_gradients_(grads + [loss_buf], world.world_size)
     t2 = clock.mark()
     position.at("second_order")
     if precond is not None and finite:

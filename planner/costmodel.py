@@ -102,9 +102,11 @@ def network_of(profile: Profile, network: comm.Network | None = None) -> comm.Ne
 
 def gradient_allreduce_s(profile: Profile, *, workers: int,
                          network: comm.Network | None = None) -> float:
-    """Seconds of the ring all-reduce of the whole model's gradient at `workers` ranks."""
-    return network_of(profile, network).allreduce_s(ranks=workers,
-                                                    nbytes=profile.model_grad_bytes)
+    """Seconds of the executor's gradient all-reduce at `workers` ranks: the local packing of
+    the gradients into one buffer and back (profile.pack_s, paid even at one rank) plus the ring
+    all-reduce of the whole model's gradient."""
+    return profile.pack_s + network_of(profile, network).allreduce_s(
+        ranks=workers, nbytes=profile.model_grad_bytes)
 
 
 def common_memory_bytes(profile: Profile, *, workers: int) -> int:
@@ -196,7 +198,8 @@ def predict(profile: Profile, *, owners: Sequence[int], workers: int, config: Pl
                                        compute_bound_s=compute_bound_s, network=network)
     return Prediction(
         workers=workers,
-        step_time_s=profile.forward_backward_s + allreduce + second_order + profile.optimizer_s,
+        step_time_s=(profile.forward_backward_s + allreduce + second_order + profile.apply_s
+                     + profile.optimizer_s),
         second_order_s=second_order,
         lower_bound_s=min(bound, second_order),
         allreduce_s=allreduce,

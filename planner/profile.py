@@ -69,6 +69,8 @@ class Profile:
     forward_backward_s: float
     optimizer_s: float
     comm: CommCosts
+    pack_s: float = 0.0   # local part of the gradient all-reduce (flatten, average, copy back)
+    apply_s: float = 0.0  # KL clip and writing the preconditioned gradients back, every rank
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -109,6 +111,7 @@ def profile_from_dict(doc: Any, *, source: str = "profile") -> Profile:
         dtype=doc["dtype"], compute_method=doc["compute_method"], measured=doc["measured"],
         layers=layers, forward_backward_s=doc["step"]["forward_backward_s"],
         optimizer_s=doc["step"]["optimizer_s"],
+        pack_s=doc["step"].get("pack_s", 0.0), apply_s=doc["step"].get("apply_s", 0.0),
         comm=CommCosts(backend=comm["backend"], world_size=comm["world_size"],
                        allreduce=AlphaBeta(**_alpha_beta(comm["allreduce"])),
                        broadcast=AlphaBeta(**_alpha_beta(comm["broadcast"]))),
@@ -134,7 +137,8 @@ def profile_to_dict(profile: Profile) -> dict:
         "measured": profile.measured,
         "layers": [asdict(layer) for layer in profile.layers],
         "step": {"forward_backward_s": profile.forward_backward_s,
-                 "optimizer_s": profile.optimizer_s},
+                 "optimizer_s": profile.optimizer_s, "pack_s": profile.pack_s,
+                 "apply_s": profile.apply_s},
         "comm": {"backend": profile.comm.backend, "world_size": profile.comm.world_size,
                  "allreduce": asdict(profile.comm.allreduce),
                  "broadcast": asdict(profile.comm.broadcast)},

@@ -47,7 +47,8 @@ PROFILE_SCHEMA: dict = {
         "step": {
             "type": "object",
             "required": ["forward_backward_s", "optimizer_s"],
-            "properties": {"forward_backward_s": _SECONDS, "optimizer_s": _SECONDS},
+            "properties": {"forward_backward_s": _SECONDS, "optimizer_s": _SECONDS,
+                           "pack_s": _SECONDS, "apply_s": _SECONDS},
         },
         "model_grad_numel": _POS_INT,
         "comm": {

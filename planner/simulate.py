@@ -78,7 +78,7 @@ class StepResult:
 
 # The executor's measured phases (metrics.jsonl keys without "_s"), in step order.
 PHASES = ("forward_backward", "allreduce", "factors", "decompose", "precondition", "broadcast",
-          "optimizer")
+          "apply", "optimizer")
 
 
 @dataclass(frozen=True)
@@ -171,10 +171,11 @@ def simulate_step(profile: Profile, *, owners: Sequence[int], workers: int, conf
             net_free = start + sizes[src]
             bcasts.append((src, start, net_free, cause))
     done = np.full(workers, bcasts[-1][2]) if bcasts else finish.copy()
-    end = done + opt
+    apply = np.full(workers, profile.apply_s) / speed
+    end = done + apply + opt
     step_time = float(end.max())
 
-    busy = fb + phase_s.sum(axis=1) + opt
+    busy = fb + phase_s.sum(axis=1) + apply + opt
     comm = allreduce + _covered(bcasts, lo=finish, hi=done)
     idle = step_time - busy - comm
     path = _critical_path(fb=fb, ar_start=ar_start, ar_end=ar_end, phase_s=phase_s, counts=counts,
@@ -186,16 +187,16 @@ def simulate_step(profile: Profile, *, owners: Sequence[int], workers: int, conf
                       busy_s=tuple(busy.tolist()), comm_s=tuple(comm.tolist()),
                       idle_s=tuple(np.maximum(idle, 0.0).tolist()), critical_path=path,
                       phases_s=_phases(fb=fb, ar_end=ar_end, phase_s=phase_s, finish=finish,
-                                       done=done, opt=opt))
+                                       done=done, apply=apply, opt=opt))
 
 
-def _phases(*, fb, ar_end, phase_s, finish, done, opt) -> dict[str, tuple[float, ...]]:
+def _phases(*, fb, ar_end, phase_s, finish, done, apply, opt) -> dict[str, tuple[float, ...]]:
     """Per worker, the seconds each of the executor's phase timers covers in this step."""
     as_tuple = lambda a: tuple(float(v) for v in a)  # noqa: E731
     return {"forward_backward": as_tuple(fb), "allreduce": as_tuple(ar_end - fb),
             "factors": as_tuple(phase_s[:, 0]), "decompose": as_tuple(phase_s[:, 1]),
             "precondition": as_tuple(phase_s[:, 2]), "broadcast": as_tuple(done - finish),
-            "optimizer": as_tuple(opt)}
+            "apply": as_tuple(apply), "optimizer": as_tuple(opt)}
 
 
 def simulate_cycle(profile: Profile, *, owners: Sequence[int], workers: int, config: PlanConfig,

@@ -74,8 +74,14 @@ def predicted_phases(profile: Profile, placement: Mapping) -> dict[str, tuple[fl
 def measured_phases(summary: Mapping) -> dict[str, tuple[float, ...]]:
     """Per phase, per rank: the run's steady-state means (summary.json phase_means_by_rank_s)."""
     by_rank: Sequence[Mapping[str, float]] = summary["phase_means_by_rank_s"]
-    return {phase: tuple(float(rank.get(f"{phase}_s", 0.0)) for rank in by_rank)
-            for phase in (*PHASES, "step_time")}
+    phases = {phase: tuple(float(rank.get(f"{phase}_s", 0.0)) for rank in by_rank)
+              for phase in (*PHASES, "step_time")}
+    if not any("apply_s" in rank for rank in by_rank):
+        # the executor times no separate apply phase: it is what the step has beyond the others
+        timed = [p for p in PHASES if p != "apply"]
+        phases["apply"] = tuple(max(step - sum(phases[p][r] for p in timed), 0.0)
+                                for r, step in enumerate(phases["step_time"]))
+    return phases
 
 
 def compare(predicted: Mapping[str, Sequence[float]],
@@ -94,6 +100,8 @@ def calibrate(profile: Profile, rows: Sequence[PhaseRow]) -> tuple[Profile, dict
     """
     ratio = {row.phase: (row.measured_s / row.predicted_s if row.predicted_s > 0 else 1.0)
              for row in rows}
+    measured = {row.phase: row.measured_s for row in rows}
+    predicted = {row.phase: row.predicted_s for row in rows}
     layers = tuple(replace(layer,
                            factor_a_s=layer.factor_a_s * ratio["factors"],
                            factor_g_s=layer.factor_g_s * ratio["factors"],
@@ -107,8 +115,17 @@ def calibrate(profile: Profile, rows: Sequence[PhaseRow]) -> tuple[Profile, dict
     extra = dict(profile.extra, calibrated={"scales": ratio})
     calibrated = replace(profile, layers=layers, comm=comm, extra=extra,
                          forward_backward_s=profile.forward_backward_s * ratio["forward_backward"],
-                         optimizer_s=profile.optimizer_s * ratio["optimizer"])
+                         optimizer_s=profile.optimizer_s * ratio["optimizer"],
+                         pack_s=_step_cost(profile.pack_s, ratio["allreduce"],
+                                           measured["allreduce"], predicted["allreduce"]),
+                         apply_s=_step_cost(profile.apply_s, ratio["apply"], measured["apply"],
+                                            predicted["apply"]))
     return calibrated, ratio
+
+
+def _step_cost(old_s: float, ratio: float, measured_s: float, predicted_s: float) -> float:
+    """A step-level cost scaled like its phase, or the measured phase when nothing predicted it."""
+    return old_s * ratio if predicted_s > 0 else measured_s
 
 
 def _scaled(cost: AlphaBeta, factor: float) -> AlphaBeta:
