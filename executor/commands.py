@@ -43,7 +43,16 @@ def _register_train(subparsers) -> None:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--algorithm", choices=ALGORITHMS, default="dp-kfac")
+    p.add_argument("--algorithm", choices=ALGORITHMS, default="dp-kfac",
+                   help="dp-kfac (owners build factors from their own batch, precondition and "
+                   "broadcast; default), mpd-kfac (factors built by all and all-reduced, owners "
+                   "precondition and broadcast), kaisa (factors all-reduced; see "
+                   "--grad-worker-fraction), sgd (no K-FAC)")
+    p.add_argument("--grad-worker-fraction", default=None, metavar="F",
+                   help="kaisa only: 1 = COMM-OPT (decompositions broadcast, everyone "
+                   "preconditions; default), 1/P = MEM-OPT (owner preconditions and broadcasts "
+                   "the result); e.g. 1, 0.5, 1/4. HYBRID fractions in between are not "
+                   "implemented and are refused")
     p.add_argument("--model", default=None, help="override the placement's model")
     p.add_argument("--batch-size", type=int, default=None,
                    help="per-worker batch size (default: the placement's)")
@@ -141,6 +150,7 @@ def _run_train(args: argparse.Namespace) -> int:
                                    ("kl_clip", args.kl_clip)) if v is not None}
     cfg = TrainConfig(placement=args.placement, out_dir=args.out, epochs=args.epochs,
                       max_steps=args.max_steps, seed=args.seed, algorithm=args.algorithm,
+                      grad_worker_fraction=args.grad_worker_fraction,
                       model=args.model, batch_size=args.batch_size,
                       checkpoint_every=args.checkpoint_every, resume=args.resume,
                       timeout_s=args.timeout,
@@ -157,9 +167,10 @@ def _print_summary(summary: dict, out: str) -> None:
         return
     loss, step_s = summary["final_loss"], summary["mean_step_time_s"]
     numerics = {k: v for k, v in summary.get("numerics", {}).items() if v}
-    print(f"{summary['algorithm']} on {summary['world_size']} worker(s): {summary['steps']} steps, "
+    print(f"{summary.get('variant', summary['algorithm'])} on {summary['world_size']} worker(s): {summary['steps']} steps, "
           f"final loss {'n/a' if loss is None else f'{loss:.4f}'}, test accuracy "
           f"{100 * summary['test_accuracy']:.2f}%, mean step "
           f"{'n/a' if step_s is None else f'{1e3 * step_s:.2f} ms'}, "
-          f"second-order memory per rank {summary['second_order_memory_bytes']} B"
+          f"second-order memory per rank {summary['second_order_memory_bytes']} B, "
+          f"traffic {summary['comm_bytes_per_step']['total']:,.0f} B/step"
           f"{f', numerical events {numerics}' if numerics else ''}; wrote {out}")

@@ -31,6 +31,7 @@ from torch import nn
 from planner.errors import InputError
 from planner.jsonio import write_atomic, write_json_atomic
 from planner.placement import check_placement_matches, load_placement
+from planner.strategy import STRATEGY_OF, Strategy, kaisa_variant, parse_fraction
 
 from .blocks import kfac_layers
 from .checkpoint import (CHECKPOINT_NAME, checkpoint_exists, load_checkpoint,
@@ -40,17 +41,16 @@ from .distributed import (WorldInfo, average_gradients_, broadcast_object, init_
                           ring_allreduce_bytes, shutdown_distributed)
 from .faults import RunFault, RunPosition, fault_message
 from .models import build_model, input_spec
-from .preconditioner import NUMERICS_COUNTERS, PHASES, DPKFAC
+from .preconditioner import COMM_KINDS, NUMERICS_COUNTERS, PHASES, KFACPreconditioner
 from .timing import synchronize_device
 
 ALGORITHMS = ("dp-kfac", "mpd-kfac", "kaisa", "sgd")
-IMPLEMENTED = ("dp-kfac", "sgd")
 RESUME_MODES = ("never", "always", "auto")
 # Fingerprint fields a resumed run must share with the run that wrote the checkpoint (the rest,
 # e.g. epochs or max_steps, may change between the two).
-TRAJECTORY_KEYS = ("plan_sha256", "model", "layers_sha256", "world_size", "algorithm", "seed",
-                   "batch_size", "lr", "momentum", "weight_decay", "damping", "kl_clip",
-                   "factor_decay")
+TRAJECTORY_KEYS = ("plan_sha256", "model", "layers_sha256", "world_size", "algorithm",
+                   "grad_worker_fraction", "seed", "batch_size", "lr", "momentum", "weight_decay",
+                   "damping", "kl_clip", "factor_decay")
 # Phases in which a RuntimeError means a collective failed (not a bug in local computation).
 COLLECTIVE_PHASES = ("start-up", "resume", "allreduce", "second_order/broadcast", "checkpoint",
                      "summary")
@@ -65,6 +65,7 @@ class TrainConfig:
     max_steps: int | None = None
     seed: int = 0
     algorithm: str = "dp-kfac"
+    grad_worker_fraction: str | None = None  # KAISA only: "1" (COMM-OPT, default) or "1/P"
     model: str | None = None
     batch_size: int | None = None
     lr: float = 0.1
@@ -155,8 +156,10 @@ def resume_mode(cfg: TrainConfig) -> str:
 def _check_config(cfg: TrainConfig) -> None:
     if cfg.algorithm not in ALGORITHMS:
         raise InputError(f"unknown algorithm {cfg.algorithm!r}: expected one of {', '.join(ALGORITHMS)}")
-    if cfg.algorithm not in IMPLEMENTED:
-        raise InputError(f"algorithm {cfg.algorithm!r} is not implemented yet; use dp-kfac or sgd")
+    if cfg.grad_worker_fraction is not None:
+        if cfg.algorithm != "kaisa":
+            raise InputError("--grad-worker-fraction applies to --algorithm kaisa only")
+        parse_fraction(cfg.grad_worker_fraction)
     for flag, value in (("--epochs", cfg.epochs), ("--max-steps", cfg.max_steps),
                         ("--checkpoint-every", cfg.checkpoint_every),
                         ("--batch-size", cfg.batch_size)):
@@ -189,7 +192,9 @@ def run_fingerprint(cfg: TrainConfig, placement: dict, model_name: str,
     return {
         "placement_sha256": _sha256_json(placement), "plan_sha256": _sha256_json(plan),
         "model": model_name, "layers_sha256": _sha256_json(layer_names),
-        "world_size": world.world_size, "algorithm": cfg.algorithm, "seed": cfg.seed,
+        "world_size": world.world_size, "algorithm": cfg.algorithm,
+        "grad_worker_fraction": cfg.grad_worker_fraction if cfg.algorithm == "kaisa" else None,
+        "seed": cfg.seed,
         "batch_size": cfg.batch_size or placement["config"].get("batch_size", 32),
         "lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay,
         "damping": cfg.damping, "kl_clip": cfg.kl_clip, "factor_decay": cfg.factor_decay,
@@ -218,7 +223,21 @@ def _short(value: object) -> str:
     return text[:14] + "...'" if isinstance(value, str) and len(value) == 64 else text
 
 
+def variant_of(cfg: TrainConfig, world_size: int) -> str:
+    """The algorithm as it runs: dp-kfac, mpd-kfac, kaisa-comm-opt, kaisa-mem-opt or sgd
+    (InputError for a KAISA HYBRID grad-worker fraction, which is not implemented)."""
+    if cfg.algorithm != "kaisa":
+        return cfg.algorithm
+    return kaisa_variant(parse_fraction(cfg.grad_worker_fraction or "1"), workers=world_size)
+
+
+def strategy_of(cfg: TrainConfig, world_size: int) -> Strategy | None:
+    """The preconditioner's strategy, None for sgd."""
+    return STRATEGY_OF.get(variant_of(cfg, world_size))
+
+
 def _check_world(placement: dict, world: WorldInfo, cfg: TrainConfig) -> None:
+    variant_of(cfg, world.world_size)  # a HYBRID fraction fails alike on every rank
     if placement["world_size"] != world.world_size:
         raise InputError(f"placement {cfg.placement!r}: field world_size: placement is for "
                          f"{placement['world_size']} workers, this run has {world.world_size} "
@@ -238,10 +257,12 @@ def _train(cfg: TrainConfig, placement: dict, model_name: str, world: WorldInfo,
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     precond = None
-    if cfg.algorithm == "dp-kfac":
-        precond = DPKFAC(model, placement, lr=lambda: optimizer.param_groups[0]["lr"],
-                         damping=cfg.damping, factor_decay=cfg.factor_decay, kl_clip=cfg.kl_clip,
-                         precise_timing=cfg.precise_timing)
+    strategy = strategy_of(cfg, world.world_size)
+    if strategy is not None:
+        precond = KFACPreconditioner(model, placement, strategy=strategy,
+                                     lr=lambda: optimizer.param_groups[0]["lr"],
+                                     damping=cfg.damping, factor_decay=cfg.factor_decay,
+                                     kl_clip=cfg.kl_clip, precise_timing=cfg.precise_timing)
     out = Path(cfg.out_dir)
     position.at("resume")
     start = _start_state(cfg, out, world, model, optimizer, precond, fingerprint)
@@ -339,7 +360,7 @@ def _loss_text(loss: float | None) -> str:
     return "loss skipped (not finite)" if loss is None else f"loss {loss:.3f}"
 
 
-def _numerics(precond: DPKFAC | None, skipped: int) -> dict[str, int]:
+def _numerics(precond: KFACPreconditioner | None, skipped: int) -> dict[str, int]:
     """Cumulative safety-net counters of the whole job (identical on every rank)."""
     counters = precond.numerics if precond is not None else dict.fromkeys(NUMERICS_COUNTERS, 0)
     return {**counters, "skipped_steps": skipped}
@@ -519,20 +540,26 @@ def parameter_digest(model: nn.Module) -> str:
 def _summarise(cfg, world, model, precond, records, steps, grad_bytes, split, skipped) -> dict:
     steady = records[cfg.warmup_steps:] or records
     memory = precond.memory_usage() if precond is not None else 0
-    bcast = (precond.comm_bytes["broadcast"] / max(precond.steps, 1)) if precond is not None else 0
+    kinds = precond.comm_bytes_per_step() if precond is not None else {}
     layer_events = {n: dict(c) for n, c in precond.layer_numerics.items()} if precond else {}
     phases = {k: statistics.fmean(r[k] for r in steady) for k in steady[0]
               if k.endswith("_s")} if steady else {}
     per_rank = _all_gather_object({"memory": memory, "digest": parameter_digest(model),
-                                   "broadcast": bcast, "numerics": layer_events,
+                                   "comm": kinds, "numerics": layer_events,
                                    "phases": phases}, world)
     allreduce = ring_allreduce_bytes(grad_bytes, world.world_size)
     mine = per_rank[world.rank]
+    totals = dict(_numerics(None, skipped))
+    for rank_events in per_rank:  # every owner's own counts: exact for every strategy
+        for counts in rank_events["numerics"].values():
+            for key, value in counts.items():
+                totals[key] = totals.get(key, 0) + int(value)
     losses = [r["loss"] for r in records if r["loss"] is not None]
     return {
-        "world_size": world.world_size, "algorithm": cfg.algorithm, "steps": steps,
+        "world_size": world.world_size, "algorithm": cfg.algorithm,
+        "variant": variant_of(cfg, world.world_size), "steps": steps,
         "final_loss": losses[-1] if losses else None,
-        "numerics": _numerics(precond, skipped),
+        "numerics": totals,
         "numerics_per_layer": {n: c for r in per_rank for n, c in r["numerics"].items() if c},
         "test_accuracy": evaluate(model, split.test, world.device),
         "mean_step_time_s": statistics.fmean(r["step_time_s"] for r in steady) if steady else None,
@@ -540,12 +567,22 @@ def _summarise(cfg, world, model, precond, records, steps, grad_bytes, split, sk
         "phase_means_s": phases,
         "phase_means_by_rank_s": [r["phases"] for r in per_rank],
         "dataset": split.name,
-        "comm_bytes_per_step": {"allreduce": allreduce, "broadcast": int(mine["broadcast"]),
-                                "total": allreduce + int(mine["broadcast"])},
+        "comm_bytes_per_step": comm_breakdown(allreduce, mine["comm"]),
         "second_order_memory_bytes": [r["memory"] for r in per_rank],
         "parameter_sha256": [r["digest"] for r in per_rank],
         "parameters_identical": len({r["digest"] for r in per_rank}) == 1,
     }
+
+
+def comm_breakdown(allreduce: int, kinds: dict[str, float]) -> dict[str, float]:
+    """Bytes this rank sent + received per step by collective kind: 'gradient_allreduce' (and
+    its old name 'allreduce'), the preconditioner's COMM_KINDS, 'broadcast' (every broadcast
+    byte, counters included) and 'total'. Whole numbers stay ints."""
+    tidy = lambda v: int(v) if float(v).is_integer() else v  # noqa: E731
+    out = {"allreduce": allreduce, "gradient_allreduce": allreduce}
+    out.update({kind: tidy(kinds.get(kind, 0)) for kind in (*COMM_KINDS, "broadcast")})
+    out["total"] = tidy(allreduce + kinds.get("factor_allreduce", 0) + kinds.get("broadcast", 0))
+    return out
 
 
 def _all_gather_object(obj: object, world: WorldInfo) -> list:
