@@ -9,28 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-
-def _torchrun(workers: int, *args: str) -> list[str]:
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    return [torchrun, "--standalone", "--nproc_per_node", str(workers), "-m", "dpkfac.cli", *args]
-
-
-def _run(cmd: list[str]) -> float:
-    start = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL,
-                   env=dict(os.environ, OMP_NUM_THREADS="1"))
-    return time.perf_counter() - start
+from common import dpkfac_command, run_timed
 
 
 def main() -> int:
@@ -43,16 +30,16 @@ def main() -> int:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dpkfac-bench-"))
     profile, placement = work / "profile.json", work / "placement.json"
-    _run(_torchrun(args.workers, "profile", "--model", args.model, "--batch-size",
-                   str(args.batch_size), "--out", str(profile)))
-    _run([sys.executable, "-m", "dpkfac.cli", "plan", "--profile", str(profile), "--workers",
-          str(args.workers), "--out", str(placement)])
+    run_timed(dpkfac_command(args.workers, "profile", "--model", args.model, "--batch-size",
+                             str(args.batch_size), "--out", str(profile)))
+    run_timed(dpkfac_command(1, "plan", "--profile", str(profile), "--workers",
+                             str(args.workers), "--out", str(placement)))
     rows = {}
     for algorithm in ("dp-kfac", "sgd"):
         out = work / algorithm
-        wall = _run(_torchrun(args.workers, "train", "--placement", str(placement), "--out",
-                              str(out), "--epochs", str(args.epochs), "--algorithm", algorithm,
-                              "--no-progress"))
+        wall, _ = run_timed(dpkfac_command(args.workers, "train", "--placement", str(placement),
+                                           "--out", str(out), "--epochs", str(args.epochs),
+                                           "--algorithm", algorithm, "--no-progress"))
         rows[algorithm] = (json.loads((out / "summary.json").read_text()), wall)
     table = Table(title=f"{args.model}, {args.workers} gloo workers, {args.epochs} epochs, "
                         f"batch {args.batch_size}/worker")

@@ -12,7 +12,7 @@ Floors (issue 3):
   that names the smallest cap that could work.
 
 Profiles are analytic (planner.synthetic): ResNet-50's 54 layers, a 24-block transformer
-(144 equal-ish layers), random mixes. Usage: python bench/planner.py
+(144 equal-ish layers), random mixes. Usage: python bench/plan_quality.py
 """
 from __future__ import annotations
 
@@ -25,19 +25,16 @@ import tempfile
 import time
 from pathlib import Path
 
-# this file is named planner.py: keep its folder from shadowing the planner package
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+from rich.console import Console
+from rich.table import Table
 
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from planner.cluster import flat_cluster  # noqa: E402
-from planner.costmodel import PlanConfig, layer_state_bytes, layer_works_s  # noqa: E402
-from planner.plan import make_plan  # noqa: E402
-from planner.profile import profile_from_dict  # noqa: E402
-from planner.solvers import (HEURISTICS, auto_time_limit_s, makespan_s, memory_loads,  # noqa: E402
+from planner.cluster import flat_cluster
+from planner.costmodel import PlanConfig, layer_state_bytes, layer_works_s
+from planner.plan import make_plan
+from planner.profile import profile_from_dict
+from planner.solvers import (HEURISTICS, auto_time_limit_s, makespan_s, memory_loads,
                              smallest_cap_bounds, solve, trivial_lower_bound_s)
-from planner.synthetic import (layer_dict, mixed_profile, profile_dict,  # noqa: E402
+from planner.synthetic import (layer_dict, mixed_profile, profile_dict,
                                resnet50_profile, transformer_profile)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -25,7 +25,7 @@ from .blocks import ComputeMethod, KFACBlock, kfac_layers, make_block
 from .data import load_digits_split
 from .distributed import WorldInfo, average_gradients_
 from .models import build_model, input_spec
-from .timing import median_time, synchronize_device
+from .timing import synchronize_device
 
 # Collective costs assumed when profiling a single process (nothing to measure): loopback gloo.
 ASSUMED_COMM = {"alpha_s": 5e-5, "beta_s_per_byte": 1e-9}
@@ -258,33 +258,24 @@ def _profile_comm(world: WorldInfo, options: ProfileOptions, sizes: tuple[int, .
             "message_bytes": list(sizes)}
 
 
-def _time_collective(kind: str, nbytes: int, world: WorldInfo, options: ProfileOptions,
-                     *, back_to_back: int = 8) -> float:
-    """Seconds of one collective of `nbytes` bytes, the slowest rank's view.
-
-    As nccl-tests do, `back_to_back` calls run between two barriers; a barrier's own time is
-    subtracted and the rest divided by the count; the median over `options.repeats` trials.
-    Every rank runs the same fixed number of collectives (min_total_s=0).
-    """
+def _time_collective(kind: str, nbytes: int, world: WorldInfo, options: ProfileOptions) -> float:
+    """Seconds of one isolated collective of `nbytes` bytes, as training issues them: every
+    trial starts from a barrier and times one call on every rank; a trial's time is its slowest
+    rank's (a broadcast's root returns before the last receiver is done); median over
+    3 x repeats trials. Every rank runs the same fixed number of collectives."""
     buf = torch.zeros(max(nbytes // 4, 1), dtype=torch.float32, device=world.device)
     op = (lambda: dist.all_reduce(buf)) if kind == "allreduce" else (lambda: dist.broadcast(buf, 0))
-
-    def burst() -> None:
+    trials = 3 * options.repeats
+    seconds = torch.zeros(options.warmup + trials, dtype=torch.float64)
+    for i in range(len(seconds)):
         dist.barrier()
-        for _ in range(back_to_back):
-            op()
-        dist.barrier()
-
-    def two_barriers() -> None:
-        dist.barrier()
-        dist.barrier()
-
-    trials = max(3, options.repeats // 3)
-    barrier_s, _ = median_time(two_barriers, warmup=1, repeats=trials, min_total_s=0.0)
-    total_s, _ = median_time(burst, warmup=1, repeats=trials, min_total_s=0.0)
-    seconds = torch.tensor([max(total_s - barrier_s, 0.0) / back_to_back], dtype=torch.float64)
-    dist.all_reduce(seconds, op=dist.ReduceOp.MAX)  # every rank agrees on the slowest
-    return float(seconds)
+        synchronize_device()
+        start = time.perf_counter()
+        op()
+        synchronize_device()
+        seconds[i] = time.perf_counter() - start
+    dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+    return float(seconds[options.warmup:].median())
 
 
 def fit_alpha_beta(nbytes, seconds) -> dict:

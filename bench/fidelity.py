@@ -1,0 +1,155 @@
+"""Prediction fidelity: profile -> plan -> train -> validate on this machine, per model and
+worker count; predicted vs measured step time and the error. Also checks that the planner ranks
+two placements as the measurement does.
+
+Each row profiles under the same launch as its training run (torchrun with P processes, one
+thread each), so kernels are measured under the same contention they meet in training. Two
+predictions per row, both against the same measured run:
+* "profile": from the measured profile alone;
+* "calibrated": the loop closed, from the profile calibrated (`dpkfac validate --calibrate-out`)
+  on an earlier, separate training run of the same setting; the placement is re-planned from
+  the calibrated profile and that plan is what the measured run trains.
+Exits 1 when any calibrated row's |error| exceeds --max-error (default 10%), or (with
+--strict) any profile-only row's; the goal is a 5% mean.
+
+    python bench/fidelity.py [--models digits-cnn,digits-mlp] [--workers 1,2,4] [--steps 120]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from common import dpkfac_command, run_timed
+
+RANKING_MODEL, RANKING_WORKERS = "resnet20", 2
+
+
+def profile_and_plan(work: Path, model: str, workers: int, batch_size: int,
+                     solver: str = "best") -> tuple[Path, Path]:
+    """Profile `model` under `workers` processes and plan for them; (profile, placement)."""
+    profile = work / f"{model}-p{workers}.profile.json"
+    if not profile.exists():
+        run_timed(dpkfac_command(workers, "profile", "--model", model, "--batch-size",
+                                 str(batch_size), "--out", str(profile)))
+    placement = work / f"{model}-p{workers}-{solver}.placement.json"
+    run_timed(dpkfac_command(1, "plan", "--profile", str(profile), "--workers", str(workers),
+                             "--solver", solver, "--out", str(placement)))
+    return profile, placement
+
+
+def train(work: Path, placement: Path, workers: int, steps: int, tag: str) -> Path:
+    """Train under the placement; the run folder."""
+    run = work / f"{placement.stem}.{tag}.run"
+    run_timed(dpkfac_command(workers, "train", "--placement", str(placement), "--out", str(run),
+                             "--max-steps", str(steps), "--epochs", "1000", "--no-progress"))
+    return run
+
+
+def validate(placement: Path, run: Path, *, profile: Path | None = None,
+             calibrate_out: Path | None = None) -> dict:
+    """`dpkfac validate`'s rows by phase (and a calibrated profile when asked)."""
+    extra = ["--profile", str(profile)] if profile else []
+    extra += ["--calibrate-out", str(calibrate_out)] if calibrate_out else []
+    _, out = run_timed(dpkfac_command(1, "validate", "--placement", str(placement), "--run",
+                                      str(run), "--format", "json", *extra), capture=True)
+    return {row["phase"]: row for row in json.loads(out)["rows"]}
+
+
+def closed_loop_row(work: Path, model: str, workers: int, args) -> tuple[dict, dict]:
+    """Validate rows of one setting: (profile-only prediction, calibrated prediction), both
+    against the same measured run, which trains the plan made from the calibrated profile."""
+    profile, placement = profile_and_plan(work, model, workers, args.batch_size)
+    calibration_run = train(work, placement, workers, args.steps // 2, "calibration")
+    calibrated = work / f"{model}-p{workers}.calibrated.json"
+    validate(placement, calibration_run, calibrate_out=calibrated)
+    replanned = work / f"{model}-p{workers}.calibrated.placement.json"
+    run_timed(dpkfac_command(1, "plan", "--profile", str(calibrated), "--workers", str(workers),
+                             "--out", str(replanned)))
+    run = train(work, replanned, workers, args.steps, "measured")
+    return validate(replanned, run, profile=profile), validate(replanned, run)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="digits-cnn,digits-mlp")
+    parser.add_argument("--workers", default="1,2,4")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=120, help="training steps per run")
+    parser.add_argument("--max-error", type=float, default=0.10)
+    parser.add_argument("--skip-ranking", action="store_true")
+    parser.add_argument("--strict", action="store_true",
+                        help="hold the profile-only predictions to --max-error too")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="dpkfac-fidelity-"))
+    table = Table(title="Predicted vs measured step time (profile -> plan -> train -> validate)")
+    for col in ("model", "workers", "measured", "profile-only", "error", "calibrated", "error",
+                "worst phase (calibrated)"):
+        table.add_column(col, justify="left" if col in ("model", "worst phase (calibrated)")
+                         else "right")
+    raw_errors, errors = [], []
+    for model in args.models.split(","):
+        for workers in (int(w) for w in args.workers.split(",")):
+            raw_rows, rows = closed_loop_row(work, model, workers, args)
+            raw, step = raw_rows["step_time"], rows["step_time"]
+            raw_errors.append(raw["rel_error"])
+            errors.append(step["rel_error"])
+            table.add_row(model, str(workers), _ms(step["measured_s"]), _ms(raw["predicted_s"]),
+                          f"{100 * raw['rel_error']:+.1f}%", _ms(step["predicted_s"]),
+                          f"{100 * step['rel_error']:+.1f}%", _worst_phase(rows))
+    console = Console(width=120)
+    console.print(table)
+    for name, values in (("profile-only", raw_errors), ("calibrated", errors)):
+        console.print(f"{name}: mean |error| {100 * statistics.fmean(abs(e) for e in values):.1f}%"
+                      f" (goal 5%), worst {100 * max(abs(e) for e in values):.1f}% "
+                      f"(bar {100 * args.max_error:.0f}%)")
+    checked = errors + (raw_errors if args.strict else [])
+    ok = max(abs(e) for e in checked) <= args.max_error
+    if not args.skip_ranking:
+        ok &= ranking_check(work, args, console)
+    shutil.rmtree(work, ignore_errors=True)
+    print("ok" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+def ranking_check(work: Path, args, console: Console) -> bool:
+    """Round-robin vs the planned placement: is the one predicted faster measured faster?"""
+    measured = {}
+    for solver in ("round-robin", "best"):
+        _, placement = profile_and_plan(work, RANKING_MODEL, RANKING_WORKERS, args.batch_size,
+                                        solver=solver)
+        run = train(work, placement, RANKING_WORKERS, max(args.steps // 4, 20), "ranking")
+        measured[solver] = validate(placement, run)["step_time"]
+    table = Table(title=f"Ranking: {RANKING_MODEL} on {RANKING_WORKERS} workers")
+    for col in ("placement", "predicted", "measured"):
+        table.add_column(col, justify="left" if col == "placement" else "right")
+    for solver, row in measured.items():
+        table.add_row(solver, _ms(row["predicted_s"]), _ms(row["measured_s"]))
+    console.print(table)
+    rr, best = measured["round-robin"], measured["best"]
+    predicted_order = rr["predicted_s"] > best["predicted_s"]
+    measured_order = rr["measured_s"] > best["measured_s"]
+    same = predicted_order == measured_order
+    console.print("ranking agrees" if same else "ranking DISAGREES")
+    return same
+
+
+def _worst_phase(rows: dict) -> str:
+    phases = [r for name, r in rows.items() if name != "step_time" and r["measured_s"] > 0]
+    worst = max(phases, key=lambda r: abs(r["predicted_s"] - r["measured_s"]))
+    return f"{worst['phase']} {_ms(worst['predicted_s'])} vs {_ms(worst['measured_s'])}"
+
+
+def _ms(seconds: float) -> str:
+    return f"{1e3 * seconds:.2f} ms"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
