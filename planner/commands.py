@@ -19,11 +19,13 @@ from .jsonio import write_atomic, write_json_atomic
 from .placement import load_placement, placement_document, resolve_cluster
 from .plan import make_plan
 from .profile import load_profile, profile_to_dict
-from .report import compare_table, print_plan_report, print_whatif_table, validation_table
+from .report import (compare_table, print_plan_report, print_whatif_table, setting_title,
+                     validation_table, write_whatif_plot)
 from .solvers import DEFAULT_ILP_MAX_BINARIES, METHODS, auto_time_limit_s
 from .units import parse_bytes, parse_float_list, parse_int_list
 from .validate import calibrate, compare, load_run_summary, measured_phases, predicted_phases
-from .whatif import ROW_KEYS, WHATIF_SCHEMA_ID, whatif_rows
+from .whatif import (ROW_KEYS, WHATIF_SCHEMA_ID, Sweep, Topology, expand_workers,
+                     knees, setting_groups, sweep_rows)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -59,14 +61,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     whatif = subparsers.add_parser(
         "whatif", help="predict step time, traffic and memory per worker count and algorithm",
-        description="Predict, from a profile, the per-step time, communication and memory of "
-                    "SGD, MPD-KFAC, KAISA and DP-KFAC for each worker count.")
+        description="Predict, from one profile, the per-step time, second-order time, traffic "
+                    "and per-worker memory of SGD, MPD-KFAC, KAISA (COMM-OPT, MEM-OPT), DP-KFAC "
+                    "with round-robin owners and DP-KFAC with the planner's placement, for every "
+                    "point of a sweep, with the same cost model and simulator as `plan`; names "
+                    "the scaling knee (where adding workers stops paying).")
     whatif.add_argument("--profile", required=True, metavar="FILE", help="profile JSON file")
     whatif.add_argument("--workers", required=True, metavar="LIST",
-                        help="comma-separated worker counts, e.g. 1,2,4,8,16,32,64")
+                        help="worker counts: 1,2,4,8 or powers-of-two ranges like 1..4096")
     whatif.add_argument("--format", choices=("table", "csv", "json"), default="table",
                         help="output format (default table)")
-    _add_freq_flags(whatif)
+    whatif.add_argument("--factor-update-freq", default="1", metavar="LIST",
+                        help="rebuild K-FAC factors every STEPS steps; a list sweeps (default 1)")
+    whatif.add_argument("--inv-update-freq", default="1", metavar="LIST",
+                        help="recompute decompositions every STEPS steps; a list sweeps "
+                             "(default 1)")
+    whatif.add_argument("--batch-sizes", metavar="LIST",
+                        help="per-worker batch sizes to sweep (default: the profile's); "
+                             "forward/backward and factor construction scale linearly")
+    whatif.add_argument("--bandwidth-scale", default="1", metavar="LIST",
+                        help="multiply every collective's bandwidth, e.g. 0.5,1,4 (default 1)")
+    whatif.add_argument("--cluster", metavar="FILE",
+                        help="cluster file (dpkfac.cluster/1): take its GPUs per node and its "
+                             "intra/inter-node links; each worker count fills nodes in order")
+    whatif.add_argument("--knee-efficiency", type=_fraction, default=0.5, metavar="F",
+                        help="adding workers pays while it brings at least this share of the "
+                             "ideal throughput gain (default 0.5)")
+    whatif.add_argument("--plot", metavar="FILE.png",
+                        help="also draw step time, memory and traffic against workers (log "
+                             "axes, one line per algorithm; the first setting of the sweep)")
     whatif.add_argument("--out", metavar="FILE",
                         help="write csv/json here instead of standard output")
     whatif.set_defaults(func=run_whatif)
@@ -126,23 +149,33 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def run_whatif(args: argparse.Namespace) -> int:
-    """`dpkfac whatif`: predict every algorithm at every worker count; table, csv or json."""
+    """`dpkfac whatif`: predict every algorithm at every sweep point; table, csv or json."""
     out = _checked_output(args.out) if args.out is not None else None
+    plot = _checked_output(args.plot) if args.plot is not None else None
     if out is not None and args.format == "table":
         raise InputError("--out needs --format csv or json (the table goes to the terminal)")
-    workers = parse_int_list(args.workers, what="--workers")
-    config = PlanConfig(factor_update_freq=args.factor_update_freq,
-                        inv_update_freq=args.inv_update_freq)
+    sweep = _whatif_sweep(args)
     profile = load_profile(args.profile)
-    rows = whatif_rows(profile, workers=workers, config=config)
+    rows = sweep_rows(profile, sweep)
+    document = {"schema": WHATIF_SCHEMA_ID, "profile": args.profile,
+                "config": {"factor_update_freq": sweep.factor_update_freqs[0],
+                           "inv_update_freq": sweep.inv_update_freqs[0]},
+                "knees": [{**settings, "efficiency": args.knee_efficiency,
+                           "workers_by_algorithm": knees(members,
+                                                         efficiency=args.knee_efficiency)}
+                          for settings, members in setting_groups(rows)],
+                "rows": rows}
+    if plot is not None:
+        settings, members = setting_groups(rows)[0]
+        write_whatif_plot(members, plot, knees=knees(members, efficiency=args.knee_efficiency),
+                          title=f"{profile.model}: {setting_title(settings)}")
     if args.format == "table":
-        print_whatif_table(rows, console=_console())
+        console = _console()
+        print_whatif_table(rows, console=console, efficiency=args.knee_efficiency)
+        if plot is not None:
+            console.print(f"wrote {plot}")
         return 0
     if args.format == "json":
-        document = {"schema": WHATIF_SCHEMA_ID, "profile": args.profile,
-                    "config": {"factor_update_freq": config.factor_update_freq,
-                               "inv_update_freq": config.inv_update_freq},
-                    "rows": rows}
         if out is not None:
             write_json_atomic(out, document)
         else:
@@ -155,6 +188,23 @@ def run_whatif(args: argparse.Namespace) -> int:
         _write_csv(buffer, rows)
         sys.stdout.write(buffer.getvalue())
     return 0
+
+
+def _whatif_sweep(args: argparse.Namespace) -> Sweep:
+    """The sweep the whatif flags describe (InputError for malformed lists or files)."""
+    topology = None
+    if args.cluster is not None:
+        cluster = load_cluster(args.cluster)
+        topology = Topology(gpus_per_node=cluster.gpus_per_node, intra_node=cluster.intra_node,
+                            inter_node=cluster.inter_node)
+    batches = (parse_int_list(args.batch_sizes, what="--batch-sizes")
+               if args.batch_sizes is not None else None)
+    return Sweep(workers=expand_workers(args.workers), batch_sizes=batches,
+                 bandwidth_scales=parse_float_list(args.bandwidth_scale, what="--bandwidth-scale"),
+                 factor_update_freqs=parse_int_list(args.factor_update_freq,
+                                                    what="--factor-update-freq"),
+                 inv_update_freqs=parse_int_list(args.inv_update_freq, what="--inv-update-freq"),
+                 topology=topology)
 
 
 def run_validate(args: argparse.Namespace) -> int:
@@ -190,7 +240,8 @@ def run_validate(args: argparse.Namespace) -> int:
 
 
 def _write_csv(fh, rows: list[dict]) -> None:
-    writer = csv.DictWriter(fh, fieldnames=list(ROW_KEYS), extrasaction="ignore",
+    extra = [k for k in (rows[0] if rows else {}) if k not in ROW_KEYS]
+    writer = csv.DictWriter(fh, fieldnames=list(ROW_KEYS) + extra, extrasaction="ignore",
                             lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
@@ -221,6 +272,17 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    """argparse type: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
     return value
 
 

@@ -153,12 +153,15 @@ def compare_table(rows: Sequence[dict]) -> Table:
     return table
 
 
-def whatif_table(rows: Sequence[dict]) -> Table:
+def whatif_table(rows: Sequence[dict], *, title: str = "What-if: predicted cost per step") -> Table:
     """What-if rows grouped by worker count; in each group the K-FAC variant with the least step
     time is marked with * (plain SGD, which has no second-order part, is there for reference)."""
-    table = Table(title="What-if: predicted cost per step", box=box.SIMPLE_HEAD, pad_edge=False,
-                  caption="traffic and memory per worker; * fastest K-FAC variant")
-    for name in ("workers", "algorithm", "step time", "2nd order", "traffic", "memory"):
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False,
+                  caption="per worker per step: traffic = bytes sent + received; memory = the "
+                          "busiest worker's gradient + second-order state; compute = its K-FAC "
+                          "compute; * fastest K-FAC variant")
+    for name in ("workers", "algorithm", "step time", "2nd order", "compute", "traffic",
+                 "memory"):
         table.add_column(name, justify="left" if name == "algorithm" else "right", no_wrap=True)
     groups = [list(g) for _, g in groupby(rows, key=lambda r: r["workers"])]
     for index, group in enumerate(groups):
@@ -169,6 +172,7 @@ def whatif_table(rows: Sequence[dict]) -> Table:
             table.add_row(str(row["workers"]), row["algorithm"] + (" *" if best else ""),
                           format_seconds(row["step_time_s"]),
                           format_seconds(row["second_order_s"]),
+                          format_seconds(row.get("second_order_compute_s", 0.0)),
                           format_bytes(row["comm_bytes_per_step"]),
                           format_bytes(row["memory_bytes_per_worker"]),
                           style="bold green" if best else None,
@@ -176,9 +180,90 @@ def whatif_table(rows: Sequence[dict]) -> Table:
     return table
 
 
-def print_whatif_table(rows: Sequence[dict], *, console: Console) -> None:
-    """Print the what-if table to `console`."""
-    console.print(whatif_table(rows))
+def setting_title(settings: dict) -> str:
+    """One line naming a what-if point's settings (batch, bandwidth, frequencies, topology)."""
+    parts = [f"batch {settings['batch_size']}/worker",
+             f"bandwidth x{settings['bandwidth_scale']:g}",
+             f"factor update every {settings['factor_update_freq']}",
+             f"inverse update every {settings['inv_update_freq']}"]
+    if settings.get("gpus_per_node"):
+        parts.append(f"{settings['gpus_per_node']} GPUs per node")
+    return ", ".join(parts)
+
+
+def knee_lines(knees: dict, *, workers: Sequence[int], efficiency: float) -> list[str]:
+    """Sentences naming each algorithm's scaling knee."""
+    top = max(workers)
+    lines = []
+    for name, knee in knees.items():
+        if knee is None:
+            lines.append(f"  {name}: adding workers pays all the way to {top}")
+        else:
+            lines.append(f"  {name}: knee at {knee} workers (beyond, each step adds < "
+                         f"{efficiency:.0%} of the ideal throughput gain)")
+    return lines
+
+
+def print_whatif_table(rows: Sequence[dict], *, console: Console,
+                       efficiency: float = 0.5) -> None:
+    """Print one what-if table per setting, each followed by the scaling knees."""
+    from .whatif import knees, setting_groups
+
+    groups = setting_groups(rows)
+    for settings, members in groups:
+        title = "What-if: predicted cost per step"
+        if settings.get("batch_size") is not None:
+            title += f" ({setting_title(settings)})"
+        console.print(whatif_table(members, title=title))
+        found = knees(members, efficiency=efficiency)
+        console.print("Scaling knee (weak scaling, throughput = workers / step time):",
+                      highlight=False)
+        for line in knee_lines(found, workers=[r["workers"] for r in members],
+                               efficiency=efficiency):
+            console.print(line, highlight=False)
+
+
+LINE_STYLES = ("-", "--", "-.", ":")  # algorithms that coincide stay visible
+PLOT_METRICS = (("step_time_s", "step time (s)"), ("memory_bytes_per_worker",
+                "memory per worker (bytes)"), ("comm_bytes_per_step", "traffic per worker "
+                                                                      "per step (bytes)"))
+
+
+def write_whatif_plot(rows: Sequence[dict], path, *, title: str,
+                      knees: dict | None = None) -> None:
+    """Step time, memory and traffic against worker count (log-log), one line per algorithm,
+    each algorithm's knee as a hollow marker; a PNG written atomically to `path`. Rows of one
+    setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .jsonio import write_atomic
+
+    names = list(dict.fromkeys(r["algorithm"] for r in rows))
+    fig, axes = plt.subplots(1, len(PLOT_METRICS), figsize=(16, 4.8), constrained_layout=True)
+    for ax, (key, label) in zip(axes, PLOT_METRICS):
+        for index, name in enumerate(names):
+            mine = sorted((r for r in rows if r["algorithm"] == name and r[key] > 0),
+                          key=lambda r: r["workers"])  # log axes: zeros (one worker) left out
+            xs = [r["workers"] for r in mine]
+            ys = [r[key] for r in mine]
+            (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=name,
+                              linestyle=LINE_STYLES[index % len(LINE_STYLES)])
+            knee = (knees or {}).get(name)
+            if knee is not None and knee in xs:
+                ax.plot([knee], [ys[xs.index(knee)]], marker="o", markersize=10,
+                        markerfacecolor="none", color=line.get_color())
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("workers")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8, title="hollow circle: knee", title_fontsize=8)
+    fig.suptitle(title)
+    write_atomic(path, lambda fh: fig.savefig(fh, format="png", dpi=110), binary=True)
+    plt.close(fig)
 
 
 def _layers_per_rank(placement: dict) -> dict[int, int]:

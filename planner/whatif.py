@@ -1,53 +1,223 @@
-"""What-if sweep: predicted step time, traffic and memory per worker count and algorithm."""
+"""What-if sweep: predicted step time, traffic and memory per worker count and algorithm.
+
+From one profile, for every point of a sweep (worker count x per-worker batch size x bandwidth
+scale x update frequencies, on a flat network from the profile or on nodes x GPUs per node from a
+cluster file) and every algorithm in planner.algorithms.ALGORITHMS, one row with the CONTRACTS
+keys (ROW_KEYS) and the settings of its point. Scaling assumptions, per point:
+
+* batch size b (per worker) instead of the profile's b0: forward/backward and factor
+  construction scale by b / b0 (both linear in rows); decompositions, preconditioning, state and
+  traffic do not depend on the batch;
+* bandwidth scale s: every collective's seconds per byte divided by s (latency unchanged);
+* cluster: workers sit node-major on nodes of `gpus_per_node` GPUs; the ring's slowest hop sets
+  the collectives' costs (planner.cluster.cluster_network).
+
+The scaling knee (weak scaling, fixed per-worker batch): throughput is workers / step time; going
+from P1 to P2 workers pays when the throughput gain is at least `efficiency` of the ideal gain
+(P2 / P1 - 1). The knee is where the last paying step of the sweep ends: beyond it no step pays.
+"""
 from __future__ import annotations
 
+import dataclasses
+import itertools
+from dataclasses import dataclass
 from typing import Sequence
 
-from .algorithms import (ALGORITHMS, dp_kfac_cost, kaisa_comm_opt_cost, kaisa_mem_opt_cost,
-                         mpd_kfac_cost, sgd_cost)
+from .algorithms import ALGORITHMS, algorithm_cost
+from .cluster import Cluster, Link, cluster_network
+from .comm import Network
 from .costmodel import PlanConfig, layer_works_s
 from .errors import InputError
-from .profile import Profile
+from .profile import AlphaBeta, Profile
 from .solvers import solve
 
 WHATIF_SCHEMA_ID = "dpkfac.whatif/1"
 ROW_KEYS = ("workers", "algorithm", "step_time_s", "second_order_s", "comm_bytes_per_step",
             "memory_bytes_per_worker")
+SETTING_KEYS = ("batch_size", "bandwidth_scale", "factor_update_freq", "inv_update_freq",
+                "gpus_per_node")
+MAX_WORKERS = 1 << 20
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Nodes of `gpus_per_node` GPUs joined by `inter_node` links (from a cluster file)."""
+    gpus_per_node: int
+    intra_node: Link
+    inter_node: Link | None
+
+    def network(self, workers: int) -> Network:
+        """Per-hop collective costs of `workers` GPUs laid out node-major."""
+        per_node = min(self.gpus_per_node, workers)
+        inter = self.inter_node if workers > per_node else None
+        if workers > per_node and inter is None:
+            raise InputError(f"{workers} workers need more than one node of {per_node} GPUs: "
+                             "the cluster file has no inter_node link")
+        cluster = Cluster(workers=workers, gpus_per_node=per_node, speeds=(1.0,) * workers,
+                          memory_bytes=(None,) * workers, intra_node=self.intra_node,
+                          inter_node=inter)
+        return cluster_network(cluster)
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """The axes of a what-if sweep; every combination is one point. batch_sizes None: the
+    profile's batch; topology None: the profile's measured collectives, rescaled."""
+    workers: tuple[int, ...]
+    batch_sizes: tuple[int, ...] | None = None
+    bandwidth_scales: tuple[float, ...] = (1.0,)
+    factor_update_freqs: tuple[int, ...] = (1,)
+    inv_update_freqs: tuple[int, ...] = (1,)
+    topology: Topology | None = None
+    algorithms: tuple[str, ...] = ALGORITHMS
+
+    def __post_init__(self) -> None:
+        for p in self.workers:
+            if not isinstance(p, int) or isinstance(p, bool) or not 1 <= p <= MAX_WORKERS:
+                raise InputError(f"worker counts must be integers in 1..{MAX_WORKERS}, got {p!r}")
+        for s in self.bandwidth_scales:
+            if not 0 < s < float("inf"):
+                raise InputError(f"bandwidth scales must be positive numbers, got {s!r}")
+        unknown = [a for a in self.algorithms if a not in ALGORITHMS]
+        if unknown:
+            raise InputError(f"unknown algorithm {unknown[0]!r}; expected {', '.join(ALGORITHMS)}")
+
+
+def scale_batch(profile: Profile, batch_size: int) -> Profile:
+    """The profile at another per-worker batch: forward/backward and factor construction scale
+    linearly with the batch; everything else stays."""
+    if batch_size == profile.batch_size:
+        return profile
+    ratio = batch_size / profile.batch_size
+    layers = tuple(dataclasses.replace(l, factor_a_s=l.factor_a_s * ratio,
+                                       factor_g_s=l.factor_g_s * ratio) for l in profile.layers)
+    return dataclasses.replace(profile, batch_size=batch_size, layers=layers,
+                               forward_backward_s=profile.forward_backward_s * ratio)
+
+
+def scale_bandwidth(profile: Profile, scale: float) -> Profile:
+    """The profile with every collective `scale` times the bandwidth (seconds per byte / scale)."""
+    if scale == 1.0:
+        return profile
+    faster = lambda ab: AlphaBeta(alpha_s=ab.alpha_s,  # noqa: E731
+                                  beta_s_per_byte=ab.beta_s_per_byte / scale)
+    costs = dataclasses.replace(profile.comm, allreduce=faster(profile.comm.allreduce),
+                                broadcast=faster(profile.comm.broadcast))
+    return dataclasses.replace(profile, comm=costs)
+
+
+def _scaled_network(network: Network, scale: float) -> Network:
+    faster = lambda ab: AlphaBeta(alpha_s=ab.alpha_s,  # noqa: E731
+                                  beta_s_per_byte=ab.beta_s_per_byte / scale)
+    return Network(broadcast_hop=faster(network.broadcast_hop),
+                   allreduce_hop=faster(network.allreduce_hop), source=network.source)
+
+
+def sweep_rows(profile: Profile, sweep: Sweep) -> list[dict]:
+    """One row per (point, algorithm): ROW_KEYS, SETTING_KEYS, and the per-kind breakdown.
+
+    Rows come grouped by settings, then worker count, then algorithm (sweep.algorithms order)."""
+    rows: list[dict] = []
+    batches = sweep.batch_sizes or (profile.batch_size,)
+    for batch, scale, ffreq, ifreq in itertools.product(
+            batches, sweep.bandwidth_scales, sweep.factor_update_freqs, sweep.inv_update_freqs):
+        config = PlanConfig(factor_update_freq=ffreq, inv_update_freq=ifreq)
+        point_profile = scale_bandwidth(scale_batch(profile, batch), scale)
+        settings = {"batch_size": batch, "bandwidth_scale": scale, "factor_update_freq": ffreq,
+                    "inv_update_freq": ifreq,
+                    "gpus_per_node": sweep.topology.gpus_per_node if sweep.topology else None}
+        for p in sweep.workers:
+            network = None
+            if sweep.topology is not None:
+                network = _scaled_network(sweep.topology.network(p), scale)
+            for cost in _point_costs(point_profile, workers=p, config=config, network=network,
+                                     algorithms=sweep.algorithms):
+                rows.append({**cost.as_row(), **settings})
+    return rows
+
+
+def _point_costs(profile: Profile, *, workers: int, config: PlanConfig,
+                 network: Network | None, algorithms: Sequence[str]):
+    """Every algorithm's cost at one point; dp-kfac on the planner's placement."""
+    for name in algorithms:
+        owners = None
+        if name == "dp-kfac":
+            owners = planned_owners(profile, workers=workers, config=config)
+        yield algorithm_cost(profile, algorithm=name, workers=workers, config=config,
+                             owners=owners, network=network)
+
+
+def planned_owners(profile: Profile, *, workers: int, config: PlanConfig,
+                   time_limit_s: float = 0.05) -> tuple[int, ...]:
+    """The planner's placement for a what-if point: the best of the heuristics and local search
+    (the ILP only on small instances), so a 1..4096 sweep stays within seconds. With at least as
+    many workers as layers every layer gets its own worker (the compute makespan then meets
+    its lower bound, the largest layer)."""
+    if workers >= len(profile.layers):
+        return tuple(range(len(profile.layers)))
+    works = layer_works_s(profile, config=config)
+    return solve("best", work=works, workers=workers, time_limit_s=time_limit_s,
+                 ilp_max_binaries=300).owners
 
 
 def whatif_rows(profile: Profile, *, workers: Sequence[int], config: PlanConfig,
-                ilp_time_limit_s: float = 2.0, ilp_budget_s: float = 2.0,
-                ilp_max_binaries: int = 300, target_gap: float = 0.005) -> list[dict]:
-    """One row per (worker count, algorithm in ALGORITHMS), in the order given.
+                **_ignored) -> list[dict]:
+    """One row per (worker count, algorithm in ALGORITHMS), in the order given (the flat
+    profile network, the profile's batch, the given update frequencies)."""
+    sweep = Sweep(workers=tuple(workers), factor_update_freqs=(config.factor_update_freq,),
+                  inv_update_freqs=(config.inv_update_freq,))
+    return sweep_rows(profile, sweep)
 
-    Row keys: ROW_KEYS (seconds per step, bytes per worker). The dp-kfac row uses the best of
-    the heuristics, plus the ILP only for instances with at most `ilp_max_binaries` binary
-    variables, stopping within the relative gap `target_gap` of the lower bound (and skipped when
-    a heuristic is already within it), each run limited to `ilp_time_limit_s` seconds and all
-    runs of the sweep together to `ilp_budget_s` seconds, so a sweep stays fast.
-    """
-    rows: list[dict] = []
-    works = layer_works_s(profile, config=config)
-    budget_left = ilp_budget_s
-    for p in workers:
-        if not isinstance(p, int) or isinstance(p, bool) or p < 1:
-            raise InputError(f"worker counts must be integers >= 1, got {p!r}")
-        round_robin = solve("round-robin", work=works, workers=p).owners
-        limit = min(ilp_time_limit_s, budget_left)
-        plan = solve("best", work=works, workers=p, time_limit_s=max(limit, 0.01),
-                     ilp_max_binaries=ilp_max_binaries if limit >= 0.05 else 0,
-                     target_gap=target_gap)
-        budget_left -= plan.solve_time_s
-        planned = plan.owners
-        costs = {
-            "sgd": sgd_cost(profile, workers=p),
-            "mpd-kfac": mpd_kfac_cost(profile, workers=p, config=config),
-            "kaisa-comm-opt": kaisa_comm_opt_cost(profile, workers=p, config=config),
-            "kaisa-mem-opt": kaisa_mem_opt_cost(profile, workers=p, config=config),
-            "dp-kfac-round-robin": dp_kfac_cost(profile, workers=p, config=config,
-                                                owners=round_robin,
-                                                algorithm="dp-kfac-round-robin"),
-            "dp-kfac": dp_kfac_cost(profile, workers=p, config=config, owners=planned),
-        }
-        rows.extend(costs[name].as_row() for name in ALGORITHMS)
-    return rows
+
+def scaling_knee(rows: Sequence[dict], *, efficiency: float = 0.5) -> int | None:
+    """The worker count after which adding workers stops paying, for rows of ONE algorithm and
+    one setting (weak scaling, see the module docstring): the end of the last step of the sweep
+    that pays, or the smallest count when none does; None when every step pays (or there is
+    only one worker count)."""
+    points = sorted({r["workers"]: r["step_time_s"] for r in rows}.items())
+    pays = [(p2 / t2) / (p1 / t1) - 1 >= efficiency * (p2 / p1 - 1)
+            for (p1, t1), (p2, t2) in zip(points, points[1:])]
+    if all(pays):
+        return None
+    paying = [i for i, ok in enumerate(pays) if ok]
+    return points[paying[-1] + 1][0] if paying else points[0][0]
+
+
+def setting_groups(rows: Sequence[dict]) -> list[tuple[dict, list[dict]]]:
+    """Rows grouped by their SETTING_KEYS values, in order of first appearance."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row.get(k) for k in SETTING_KEYS), []).append(row)
+    return [(dict(zip(SETTING_KEYS, key)), members) for key, members in groups.items()]
+
+
+def knees(rows: Sequence[dict], *, efficiency: float = 0.5) -> dict[str, int | None]:
+    """scaling_knee of every algorithm in `rows` (rows of one setting)."""
+    names = list(dict.fromkeys(r["algorithm"] for r in rows))
+    return {name: scaling_knee([r for r in rows if r["algorithm"] == name],
+                               efficiency=efficiency) for name in names}
+
+
+def expand_workers(text: str) -> tuple[int, ...]:
+    """Worker counts from '1,2,4,8' or powers-of-two ranges 'A..B' ('1..4096' is 1, 2, 4, ...,
+    4096; A need not be a power of two: A, 2A, 4A, ... up to B), mixed freely, in order,
+    duplicates dropped. InputError when malformed."""
+    from .units import parse_int_list
+
+    values: list[int] = []
+    for part in text.split(","):
+        if ".." in part:
+            low_text, _, high_text = part.partition("..")
+            low, high = parse_int_list(low_text, what="--workers")[0], \
+                parse_int_list(high_text, what="--workers")[0]
+            if low > high:
+                raise InputError(f"--workers range {part.strip()!r} runs backwards")
+            value = low
+            while value <= high:
+                values.append(value)
+                value *= 2
+        else:
+            values.extend(parse_int_list(part, what="--workers"))
+    if any(v > MAX_WORKERS for v in values):
+        raise InputError(f"--workers {text!r}: at most {MAX_WORKERS} workers")
+    return tuple(dict.fromkeys(values))
