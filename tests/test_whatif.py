@@ -1,0 +1,201 @@
+"""`dpkfac whatif` sweeps: traffic by kind, monotonic sanity, knees, topology, plot, speed."""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from planner import commands
+from planner.algorithms import ALGORITHMS, TRAFFIC_KINDS, algorithm_cost, traffic_by_kind
+from planner.cluster import Link
+from planner.costmodel import PlanConfig
+from planner.errors import InputError
+from planner.profile import load_profile, profile_from_dict
+from planner.strategy import DP_KFAC, KAISA_COMM_OPT, MPD_KFAC
+from planner.whatif import (Sweep, Topology, expand_workers, knees, scaling_knee, sweep_rows,
+                            whatif_rows)
+
+from planner_fixtures import synthetic_profile_dict, write_profile
+
+ROOT = Path(__file__).resolve().parents[1]
+RESNET50 = ROOT / "profiles" / "resnet50.b32.analytic-16x4-ib100.json"
+
+
+def run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="dpkfac")
+    commands.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+@pytest.fixture
+def profile_path(tmp_path) -> Path:
+    return write_profile(tmp_path, n_layers=10, seed=3)
+
+
+def two_layers() -> dict:
+    """A (dim_a 10, dim_g 20) and B (dim_a 30, dim_g 5) layer; 4-byte floats."""
+    doc = synthetic_profile_dict(2, 0)
+    for layer, (a, g) in zip(doc["layers"], [(10, 20), (30, 5)]):
+        layer.update(dim_a=a, dim_g=g, grad_numel=a * g)
+    return doc
+
+
+def test_traffic_by_kind_hand_counts():
+    profile = profile_from_dict(two_layers())
+    grads = 4 * (200 + 150)                       # both layers' dW
+    factors = 4 * (100 + 400 + 900 + 25)          # A and G of both
+    eigen = 4 * (110 + 420 + 930 + 30)            # Q (d^2) and d (d) of both
+    ring = lambda n: 4 * 3 / 4 * n  # noqa: E731  (4 workers: 4 (p-1)/p n)
+    config = PlanConfig(factor_update_freq=2, inv_update_freq=5)
+    kinds = traffic_by_kind(profile, strategy=None, owners=(), workers=4, config=config)
+    assert kinds["gradient_allreduce"] == ring(grads + 4)  # + the loss in the same buffer
+    dp = traffic_by_kind(profile, strategy=DP_KFAC, owners=(0, 3), workers=4, config=config)
+    assert dp == {**kinds, "preconditioned_gradient_broadcast": grads, "numerics_counters": 32}
+    mpd = traffic_by_kind(profile, strategy=MPD_KFAC, owners=(1, 1), workers=4, config=config)
+    assert mpd == {**dp, "factor_allreduce": ring(factors) / 2, "numerics_counters": 16}
+    comm_opt = traffic_by_kind(profile, strategy=KAISA_COMM_OPT, owners=(0, 1), workers=4,
+                               config=config)
+    assert comm_opt == {**kinds, "factor_allreduce": ring(factors) / 2,
+                        "decomposition_broadcast": eigen / 5, "numerics_counters": 32 / 5}
+    assert set(traffic_by_kind(profile, strategy=DP_KFAC, owners=(0, 0), workers=1,
+                               config=config).values()) == {0}
+
+
+def test_rows_carry_contract_keys_breakdown_and_settings():
+    profile = profile_from_dict(synthetic_profile_dict(8, 1))
+    rows = sweep_rows(profile, Sweep(workers=(1, 4), batch_sizes=(16, 64),
+                                     bandwidth_scales=(1.0, 2.0)))
+    assert len(rows) == 2 * 2 * 2 * len(ALGORITHMS)
+    for row in rows:
+        kinds = sum(row[f"comm_{k}_bytes"] for k in TRAFFIC_KINDS)
+        assert row["comm_bytes_per_step"] == round(kinds)
+        assert row["memory_bytes_per_worker"] >= row["second_order_memory_bytes"]
+    # bigger batch: more factor work, so MPD-KFAC's replicated factors cost more
+    mpd = {(r["batch_size"], r["bandwidth_scale"]): r for r in rows
+           if r["algorithm"] == "mpd-kfac" and r["workers"] == 4}
+    assert mpd[(64, 1.0)]["second_order_s"] > mpd[(16, 1.0)]["second_order_s"]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_more_bandwidth_is_never_slower(seed):
+    profile = profile_from_dict(synthetic_profile_dict(12, seed, world_size=[1, 2, 8][seed]))
+    topology = Topology(gpus_per_node=4, intra_node=Link(1e11, 3e-6), inter_node=Link(1e10, 8e-6))
+    for topo in (None, topology):
+        rows = sweep_rows(profile, Sweep(workers=(1, 2, 3, 8, 32), topology=topo,
+                                         bandwidth_scales=(0.25, 1.0, 4.0, 16.0),
+                                         inv_update_freqs=(1, 3)))
+        by_point: dict = {}
+        for r in rows:
+            by_point.setdefault((r["workers"], r["algorithm"], r["inv_update_freq"]),
+                                []).append(r)
+        for point, series in by_point.items():
+            times = [r["step_time_s"] for r in sorted(series, key=lambda r: r["bandwidth_scale"])]
+            assert all(b <= a * (1 + 1e-12) for a, b in zip(times, times[1:])), point
+
+
+def test_slower_inter_node_links_are_slower_across_nodes():
+    profile = profile_from_dict(synthetic_profile_dict(12, 2))
+    fast = Topology(gpus_per_node=4, intra_node=Link(1e11, 3e-6), inter_node=Link(1e11, 3e-6))
+    slow = Topology(gpus_per_node=4, intra_node=Link(1e11, 3e-6), inter_node=Link(1e9, 3e-5))
+    rows = {name: sweep_rows(profile, Sweep(workers=(4, 16), topology=topo))
+            for name, topo in (("fast", fast), ("slow", slow))}
+    for a, b in zip(rows["fast"], rows["slow"]):
+        if a["workers"] == 4:  # one node: the inter-node link is not used
+            assert a["step_time_s"] == b["step_time_s"]
+        elif a["algorithm"] != "sgd" or a["workers"] > 1:
+            assert b["step_time_s"] > a["step_time_s"], a["algorithm"]
+
+
+def test_whatif_rows_keeps_its_old_form():
+    profile = profile_from_dict(synthetic_profile_dict(6, 2))
+    rows = whatif_rows(profile, workers=[2, 4], config=PlanConfig(inv_update_freq=4))
+    assert [r["algorithm"] for r in rows[:len(ALGORITHMS)]] == list(ALGORITHMS)
+    assert {r["inv_update_freq"] for r in rows} == {4}
+
+
+def test_scaling_knee():
+    rows = [{"workers": p, "step_time_s": t} for p, t in
+            [(1, 1.0), (2, 1.0), (4, 1.1), (8, 2.0), (16, 4.5)]]
+    assert scaling_knee(rows) == 4            # 4 -> 8 gains 10% of an ideal 100%
+    assert scaling_knee(rows[:3]) is None     # every step pays
+    assert scaling_knee([{"workers": 1, "step_time_s": 1.0},
+                         {"workers": 2, "step_time_s": 3.0}]) == 1
+
+
+def test_expand_workers():
+    assert expand_workers("1..4096") == tuple(2 ** k for k in range(13))
+    assert expand_workers("3,6..24,6") == (3, 6, 12, 24)
+    for bad in ("8..2", "0..4", "1..x", ""):
+        with pytest.raises(InputError):
+            expand_workers(bad)
+
+
+def test_sweep_1_to_4096_workers_all_algorithms_is_fast():
+    profile = load_profile(RESNET50)
+    start = time.perf_counter()
+    rows = sweep_rows(profile, Sweep(workers=expand_workers("1..4096")))
+    assert time.perf_counter() - start < 5.0
+    assert len(rows) == 13 * len(ALGORITHMS)
+    at64 = {r["algorithm"]: r for r in rows if r["workers"] == 64}
+    assert at64["mpd-kfac"]["comm_bytes_per_step"] >= 2.79 * at64["dp-kfac"]["comm_bytes_per_step"]
+    assert (at64["mpd-kfac"]["memory_bytes_per_worker"]
+            >= 1.14 * at64["dp-kfac"]["memory_bytes_per_worker"])
+    assert set(knees([r for r in rows if r["bandwidth_scale"] == 1.0])) == set(ALGORITHMS)
+
+
+def test_cli_table_csv_json_and_plot(profile_path, tmp_path, capsys):
+    plot = tmp_path / "whatif.png"
+    assert run(["whatif", "--profile", str(profile_path), "--workers", "1..16",
+                "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out
+    assert "Scaling knee" in out and "dp-kfac" in out
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
+    assert run(["whatif", "--profile", str(profile_path), "--workers", "2,4", "--format", "csv",
+                "--bandwidth-scale", "1,2", "--inv-update-freq", "1,10"]) == 0
+    table = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert len(table) == 2 * 2 * 2 * len(ALGORITHMS)
+    assert {"workers", "algorithm", "step_time_s", "comm_bytes_per_step",
+            "comm_factor_allreduce_bytes", "bandwidth_scale"} <= set(table[0])
+    assert run(["whatif", "--profile", str(profile_path), "--workers", "1,2,8", "--format",
+                "json", "--cluster", str(ROOT / "examples" / "cluster-16x4-ib100.json")]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["schema"] == "dpkfac.whatif/1" and len(doc["rows"]) == 3 * len(ALGORITHMS)
+    assert doc["rows"][0]["gpus_per_node"] == 4
+    assert set(doc["knees"][0]["workers_by_algorithm"]) == set(ALGORITHMS)
+
+
+@pytest.mark.parametrize("argv", [["--workers", "4..2"], ["--workers", "2", "--bandwidth-scale",
+                                                          "0"],
+                                  ["--workers", "2", "--batch-sizes", "0"],
+                                  ["--workers", "2", "--plot", "{dir}/no/w.png"],
+                                  ["--workers", "2", "--cluster", "{dir}/missing.json"]])
+def test_bad_whatif_flags_exit_2(argv, profile_path, tmp_path, capsys):
+    before = set(tmp_path.iterdir())
+    argv = [a.replace("{dir}", str(tmp_path)) for a in argv]
+    assert run(["whatif", "--profile", str(profile_path), *argv]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: ")
+    assert set(tmp_path.iterdir()) == before
+
+
+def test_dp_kfac_prediction_matches_the_planners_simulation():
+    from planner.simulate import simulate_cycle
+
+    doc = copy.deepcopy(synthetic_profile_dict(9, 5))
+    profile = profile_from_dict(doc)
+    owners = [i % 3 for i in range(9)]
+    config = PlanConfig(factor_update_freq=2, inv_update_freq=4)
+    cost = algorithm_cost(profile, algorithm="dp-kfac", workers=3, config=config, owners=owners)
+    cycle = simulate_cycle(profile, owners=owners, workers=3, config=config)
+    assert cost.step_time_s == cycle.mean_step_time_s
