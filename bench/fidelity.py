@@ -67,7 +67,7 @@ def closed_loop_row(work: Path, model: str, workers: int, args) -> tuple[dict, d
     """Validate rows of one setting: (profile-only prediction, calibrated prediction), both
     against the same measured run, which trains the plan made from the calibrated profile."""
     profile, placement = profile_and_plan(work, model, workers, args.batch_size)
-    calibration_run = train(work, placement, workers, args.steps // 2, "calibration")
+    calibration_run = train(work, placement, workers, args.steps, "calibration")
     calibrated = work / f"{model}-p{workers}.calibrated.json"
     validate(placement, calibration_run, calibrate_out=calibrated)
     replanned = work / f"{model}-p{workers}.calibrated.placement.json"
@@ -82,7 +82,7 @@ def main() -> int:
     parser.add_argument("--models", default="digits-cnn,digits-mlp")
     parser.add_argument("--workers", default="1,2,4")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=120, help="training steps per run")
+    parser.add_argument("--steps", type=int, default=300, help="training steps per run")
     parser.add_argument("--max-error", type=float, default=0.10)
     parser.add_argument("--skip-ranking", action="store_true")
     parser.add_argument("--strict", action="store_true",

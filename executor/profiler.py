@@ -78,7 +78,9 @@ def profile_model(model_name: str, batch_size: int, world: WorldInfo, *,
                   for block in blocks]
         step = _step_record(samples["step"])
         grad_bytes = 4 * sum(p.numel() for p in model.parameters() if p.requires_grad)
-        comm = _profile_comm(world, options, message_sizes(grad_bytes))
+        x, y = batches[0]
+        comm = _profile_comm(world, options, message_sizes(grad_bytes),
+                             before=lambda: F.cross_entropy(model(x), y).backward())
         _advance(bar, "collectives")
     return {
         "schema": PROFILE_SCHEMA_ID, "model": model_name, "batch_size": batch_size,
@@ -244,7 +246,8 @@ def _rows(block: KFACBlock, grad_output: torch.Tensor) -> int:
     return int(grad_output.numel() // grad_output.shape[-1])
 
 
-def _profile_comm(world: WorldInfo, options: ProfileOptions, sizes: tuple[int, ...]) -> dict:
+def _profile_comm(world: WorldInfo, options: ProfileOptions, sizes: tuple[int, ...],
+                  before=lambda: None) -> dict:
     backend = world.backend or ("nccl" if world.device.type == "cuda" else "gloo")
     if world.world_size == 1:
         return {"backend": backend, "world_size": 1, "allreduce": dict(ASSUMED_COMM),
@@ -252,23 +255,25 @@ def _profile_comm(world: WorldInfo, options: ProfileOptions, sizes: tuple[int, .
                                                            "measure; run under torchrun to fit)"}
     fits = {}
     for kind in ("allreduce", "broadcast"):
-        seconds = [_time_collective(kind, n, world, options) for n in sizes]
+        seconds = [_time_collective(kind, n, world, options, before) for n in sizes]
         fits[kind] = dict(fit_alpha_beta(sizes, seconds), seconds=seconds)
     return {"backend": backend, "world_size": world.world_size, **fits, "source": "measured",
             "message_bytes": list(sizes)}
 
 
-def _time_collective(kind: str, nbytes: int, world: WorldInfo, options: ProfileOptions) -> float:
-    """Seconds of one isolated collective of `nbytes` bytes, as training issues them: every
-    trial starts from a barrier and times one call on every rank; a trial's time is its slowest
-    rank's (a broadcast's root returns before the last receiver is done); median over
-    3 x repeats trials. Every rank runs the same fixed number of collectives."""
+def _time_collective(kind: str, nbytes: int, world: WorldInfo, options: ProfileOptions,
+                     before) -> float:
+    """Seconds of one collective of `nbytes` bytes as training meets it: right after compute
+    (`before`, one forward/backward of the model, when the communication threads have gone
+    idle), not back to back. Each trial: barrier, compute, then one timed call on every rank;
+    a trial's time is its slowest rank's (a broadcast's root returns before the last receiver
+    is done); median over the trials. Every rank runs the same fixed number of collectives."""
     buf = torch.zeros(max(nbytes // 4, 1), dtype=torch.float32, device=world.device)
     op = (lambda: dist.all_reduce(buf)) if kind == "allreduce" else (lambda: dist.broadcast(buf, 0))
-    trials = 3 * options.repeats
-    seconds = torch.zeros(options.warmup + trials, dtype=torch.float64)
+    seconds = torch.zeros(options.warmup + 2 * options.repeats, dtype=torch.float64)
     for i in range(len(seconds)):
         dist.barrier()
+        before()
         synchronize_device()
         start = time.perf_counter()
         op()
