@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from planner.errors import InputError
+from planner.units import positive_seconds
 
 ALGORITHMS = ("dp-kfac", "mpd-kfac", "kaisa", "sgd")
 
@@ -64,7 +65,7 @@ def _register_train(subparsers) -> None:
                    choices=("always", "auto", "never"), metavar="auto",
                    help="continue exactly from DIR/checkpoint.pt; `--resume auto` only when it "
                    "exists (a torchrun elastic restart resumes as `auto` does)")
-    p.add_argument("--timeout", type=_positive_seconds, default=600.0, metavar="SECONDS",
+    p.add_argument("--timeout", type=positive_seconds, default=600.0, metavar="SECONDS",
                    help="process-group timeout: a collective waiting longer (a dead or stuck "
                    "rank) ends the job with an error naming the step and phase (default 600)")
     p.add_argument("--precise-timing", action="store_true",
@@ -128,15 +129,6 @@ def _print_profile(doc: dict, out: Path) -> None:
     console.print(f"wrote {out}")
 
 
-def _positive_seconds(text: str) -> float:
-    """argparse type: a finite number of seconds > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}")
-    return value
 
 
 def _gbps(beta: float) -> str:

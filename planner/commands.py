@@ -22,7 +22,8 @@ from .profile import load_profile, profile_to_dict
 from .report import (compare_table, print_plan_report, print_whatif_table, setting_title,
                      validation_table, write_whatif_plot)
 from .solvers import DEFAULT_ILP_MAX_BINARIES, METHODS, auto_time_limit_s
-from .units import parse_bytes, parse_float_list, parse_int_list
+from .units import (fraction, parse_bytes, parse_float_list, parse_int_list, positive_float,
+                    positive_int)
 from .validate import calibrate, compare, load_run_summary, measured_phases, predicted_phases
 from .whatif import (ROW_KEYS, WHATIF_SCHEMA_ID, Sweep, Topology, expand_workers,
                      knees, setting_groups, sweep_rows)
@@ -36,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Solve which worker owns each K-FAC layer from a profile, write the "
                     "placement file (dpkfac.placement/1) and print a short report.")
     plan.add_argument("--profile", required=True, metavar="FILE", help="profile JSON file")
-    plan.add_argument("--workers", type=_positive_int, metavar="N",
+    plan.add_argument("--workers", type=positive_int, metavar="N",
                       help="number of workers (ranks) of a flat cluster; required unless "
                            "--cluster is given")
     plan.add_argument("--cluster", metavar="FILE",
@@ -48,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_freq_flags(plan)
     plan.add_argument("--memory-cap", metavar="BYTES",
                       help="second-order state allowed per worker, e.g. 512MiB, 2GB, 1073741824")
-    plan.add_argument("--time-limit", type=_positive_float, default=None, metavar="SECONDS",
+    plan.add_argument("--time-limit", type=positive_float, default=None, metavar="SECONDS",
                       help="time limit of local search and ILP together (default: 0.5 s + "
                            "0.1 ms per layer x worker, at most 3 s)")
     plan.add_argument("--speeds", metavar="LIST",
@@ -84,7 +85,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     whatif.add_argument("--cluster", metavar="FILE",
                         help="cluster file (dpkfac.cluster/1): take its GPUs per node and its "
                              "intra/inter-node links; each worker count fills nodes in order")
-    whatif.add_argument("--knee-efficiency", type=_fraction, default=0.5, metavar="F",
+    whatif.add_argument("--knee-efficiency", type=fraction, default=0.5, metavar="F",
                         help="adding workers pays while it brings at least this share of the "
                              "ideal throughput gain (default 0.5)")
     whatif.add_argument("--plot", metavar="FILE.png",
@@ -248,9 +249,9 @@ def _write_csv(fh, rows: list[dict]) -> None:
 
 
 def _add_freq_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--factor-update-freq", type=_positive_int, default=1, metavar="STEPS",
+    parser.add_argument("--factor-update-freq", type=positive_int, default=1, metavar="STEPS",
                         help="rebuild K-FAC factors every STEPS steps (default 1)")
-    parser.add_argument("--inv-update-freq", type=_positive_int, default=1, metavar="STEPS",
+    parser.add_argument("--inv-update-freq", type=positive_int, default=1, metavar="STEPS",
                         help="recompute decompositions every STEPS steps (default 1)")
 
 
@@ -265,35 +266,10 @@ def _checked_output(path: str) -> Path:
     return out
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
 
 
-def _fraction(text: str) -> float:
-    """argparse type: a number in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
-    return value
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
 
 
 def _console() -> Console:

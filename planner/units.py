@@ -1,7 +1,10 @@
 """Parsing human-written quantities from the command line: byte sizes and integer lists."""
 from __future__ import annotations
 
+import argparse
+import math
 import re
+from typing import Callable
 from decimal import Decimal
 
 from .errors import InputError
@@ -55,3 +58,24 @@ def parse_float_list(text: str, *, what: str = "list") -> tuple[float, ...]:
                              f"numbers (e.g. 1,1,0.5)")
         values.append(value)
     return tuple(values)
+
+
+def argtype(convert: Callable[[str], float], accept: Callable[[float], bool],
+            expected: str) -> Callable[[str], float]:
+    """An argparse `type=`: convert the text and accept the value, else a usage error
+    "expected <expected>, got '<text>'"."""
+    def parse(text: str) -> float:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+    return parse
+
+
+positive_int = argtype(int, lambda v: v >= 1, "an integer >= 1")
+positive_float = argtype(float, lambda v: 0 < v < math.inf, "a positive number")
+positive_seconds = argtype(float, lambda v: 0 < v < math.inf, "seconds > 0")
+fraction = argtype(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
