@@ -122,6 +122,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Any], None], *, binar
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
         os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
@@ -144,3 +145,10 @@ def _check_finite(obj: Any) -> None:
     elif isinstance(obj, (list, tuple)):
         for value in obj:
             _check_finite(value)
+
+
+def _umask() -> int:
+    """The process's file-creation mask (reading it means setting it; it is put back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
