@@ -139,6 +139,12 @@ class KFACBlock(ABC):
             return torch.cat([weight_grad, self.module.bias.grad.reshape(-1, 1)], dim=1)
         return weight_grad
 
+    def grad_or_zeros(self) -> torch.Tensor:
+        """grad_matrix(), or zeros of its shape when the module has no gradient yet."""
+        if self.module.weight.grad is None:
+            return self.module.weight.new_zeros(self.dim_g, self.dim_a)
+        return self.grad_matrix()
+
     def set_grad_matrix(self, matrix: torch.Tensor) -> None:
         """Write a dim_g x dim_a matrix back into the module's weight (and bias) gradients."""
         weight = self.module.weight
@@ -226,6 +232,27 @@ class Conv2dBlock(KFACBlock):
         positions = g.shape[2] * g.shape[3]
         rows = g.permute(0, 2, 3, 1).reshape(-1, g.shape[1]) * (batch * positions)
         return rows.t() @ (rows / rows.shape[0])
+
+
+def kl_clip_scale(blocks, results: dict[str, torch.Tensor], *, lr: float,
+                  kl_clip: float | None) -> float:
+    """nu = min(1, sqrt(kl_clip / |lr^2 sum_l P_l . dW_l|)) over every layer (1 without a clip
+    or with a zero sum)."""
+    if kl_clip is None:
+        return 1.0
+    products = [(results[b.name] * b.grad_or_zeros()).sum() for b in blocks]
+    vg_sum = float(torch.stack(products).sum()) * lr ** 2 if products else 0.0
+    return min(1.0, (kl_clip / abs(vg_sum)) ** 0.5) if vg_sum != 0.0 else 1.0
+
+
+def apply_preconditioned(blocks, results: dict[str, torch.Tensor], *, lr: float,
+                         kl_clip: float | None) -> None:
+    """KL-clip the preconditioned gradients and write them into the modules' gradients."""
+    blocks = list(blocks)
+    scale = kl_clip_scale(blocks, results, lr=lr, kl_clip=kl_clip)
+    for block in blocks:
+        if block.module.weight.grad is not None:
+            block.set_grad_matrix(results[block.name].mul(scale))
 
 
 def make_block(module: nn.Module, name: str) -> KFACBlock | None:

@@ -45,8 +45,9 @@ from torch import nn
 from planner.placement import check_placement_matches, load_placement
 from planner.strategy import (DP_KFAC, NUMERICS_ELEMENTS, FactorMode, SharedResult, Strategy)
 
-from .blocks import ComputeMethod, DecomposeOutcome, KFACBlock, kfac_layers, make_block
-from .distributed import ring_allreduce_bytes, world_rank_and_size
+from .blocks import (ComputeMethod, DecomposeOutcome, KFACBlock, apply_preconditioned, kfac_layers,
+                     make_block)
+from .distributed import allreduce_mean_, ring_allreduce_bytes, world_rank_and_size
 from .timing import PhaseTimer
 
 PHASES = ("factors", "factor_allreduce", "decompose", "precondition", "broadcast")
@@ -235,15 +236,8 @@ class KFACPreconditioner:
         if self.world_size == 1 or not fresh:
             return
         tensors = [t for pair in fresh.values() for t in pair]
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        dist.all_reduce(flat, group=self.process_group)
-        flat.div_(self.world_size)
-        offset = 0
-        for t in tensors:
-            t.copy_(flat[offset:offset + t.numel()].view_as(t))
-            offset += t.numel()
-        self._add_bytes("factor_allreduce", ring_allreduce_bytes(
-            flat.numel() * flat.element_size(), self.world_size))
+        nbytes = allreduce_mean_(tensors, self.world_size, self.process_group)
+        self._add_bytes("factor_allreduce", ring_allreduce_bytes(nbytes, self.world_size))
 
     def _decompose(self) -> None:
         for name in self.owned:
@@ -260,7 +254,7 @@ class KFACPreconditioner:
         """The preconditioned gradient of `name`, or its plain gradient when there is no usable
         decomposition or the result is not finite."""
         block = self.blocks[name]
-        grad = self._grad_or_zeros(block)
+        grad = block.grad_or_zeros()
         if block.module.weight.grad is None:
             return grad
         if block.ready(self.method):
@@ -398,24 +392,8 @@ class KFACPreconditioner:
 
     def _apply(self, results: dict[str, torch.Tensor]) -> None:
         """KL-clip and write the preconditioned gradients into the modules."""
-        scale = 1.0
-        if self.kl_clip is not None:
-            lr = self.lr() if callable(self.lr) else self.lr
-            products = [(results[n] * self._grad_or_zeros(b)).sum() for n, b in self.blocks.items()]
-            vg_sum = float(torch.stack(products).sum()) * lr ** 2
-            if vg_sum != 0.0:
-                scale = min(1.0, (self.kl_clip / abs(vg_sum)) ** 0.5)
-        for name, block in self.blocks.items():
-            if block.module.weight.grad is None:
-                continue
-            block.set_grad_matrix(results[name].mul(scale))
-
-    @staticmethod
-    def _grad_or_zeros(block: KFACBlock) -> torch.Tensor:
-        weight = block.module.weight
-        if weight.grad is None:
-            return weight.new_zeros(block.dim_g, block.dim_a)
-        return block.grad_matrix()
+        lr = self.lr() if callable(self.lr) else self.lr
+        apply_preconditioned(self.blocks.values(), results, lr=lr, kl_clip=self.kl_clip)
 
     # -- introspection and state ----------------------------------------------------------------
     def memory_usage(self) -> int:

@@ -21,7 +21,7 @@ from torch import nn
 from planner.curves import fit_cost_curves, fit_line
 from planner.schemas import PROFILE_SCHEMA_ID
 
-from .blocks import ComputeMethod, KFACBlock, kfac_layers, make_block
+from .blocks import ComputeMethod, KFACBlock, apply_preconditioned, kfac_layers, make_block
 from .data import load_digits_split
 from .distributed import WorldInfo, average_gradients_
 from .models import build_model, input_spec
@@ -184,23 +184,13 @@ def _time_steps(model: nn.Module, blocks: list[KFACBlock], batches, method,
                 bool(torch.isfinite(result).all())
             results[b.name] = result
         with clock.time(samples["step"]["apply"], keep):
-            _apply_like_executor(blocks, results, lr=0.1, kl_clip=0.001)
+            apply_preconditioned(blocks, results, lr=0.1, kl_clip=0.001)
         with clock.time(samples["step"]["optimizer"], keep):
             optimizer.step()
         advance()
     for hook in hooks:
         hook.remove()
     return samples
-
-
-def _apply_like_executor(blocks: list[KFACBlock], results: dict, *, lr: float,
-                         kl_clip: float) -> None:
-    """The KL clip and write-back that DPKFAC._apply does after the broadcasts."""
-    products = [(results[b.name] * b.grad_matrix()).sum() for b in blocks]
-    vg_sum = float(torch.stack(products).sum()) * lr ** 2
-    scale = min(1.0, (kl_clip / abs(vg_sum)) ** 0.5) if vg_sum else 1.0
-    for b in blocks:
-        b.set_grad_matrix(results[b.name].mul(scale))
 
 
 class _Clock:
