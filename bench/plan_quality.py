@@ -16,7 +16,6 @@ Profiles are analytic (planner.synthetic): ResNet-50's 54 layers, a 24-block tra
 """
 from __future__ import annotations
 
-import itertools
 import json
 import random
 import subprocess
@@ -29,11 +28,12 @@ from rich.console import Console
 from rich.table import Table
 
 from planner.cluster import flat_cluster
+from planner.instance import brute_force_makespan_s
 from planner.costmodel import PlanConfig, layer_state_bytes, layer_works_s
 from planner.plan import make_plan
 from planner.profile import profile_from_dict
-from planner.solvers import (HEURISTICS, auto_time_limit_s, makespan_s, memory_loads,
-                             smallest_cap_bounds, solve, trivial_lower_bound_s)
+from planner.solvers import (HEURISTICS, auto_time_limit_s, smallest_cap_bounds, solve,
+                             trivial_lower_bound_s)
 from planner.synthetic import (layer_dict, mixed_profile, profile_dict,
                                resnet50_profile, transformer_profile)
 
@@ -41,15 +41,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DPKFAC = [sys.executable, "-c", "import sys; from dpkfac.cli import main; sys.exit(main())"]
 
 
-def brute_force(work, workers, *, speeds=None, memory=None, cap=None) -> float:
-    """The optimal makespan by trying every assignment, seconds."""
-    best = float("inf")
-    for owners in itertools.product(range(workers), repeat=len(work)):
-        if cap is not None and max(memory_loads(memory=memory, owners=owners,
-                                                workers=workers)) > cap:
-            continue
-        best = min(best, makespan_s(work=work, owners=owners, workers=workers, speeds=speeds))
-    return best
+
+def brute_force(work, workers, **kwargs) -> float:
+    return brute_force_makespan_s(work=work, workers=workers, **kwargs)
 
 
 def small_profile(seed: int) -> dict:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .bounds import pigeonhole_lower_bound_s, trivial_lower_bound_s
+from .bounds import pigeonhole_lower_bound_s
 from .costmodel import layer_work_s
 from .plan import Plan
 from .report import format_bytes, format_seconds

@@ -5,6 +5,8 @@ same work in half the time), caps in bytes of layer state per worker (None: no c
 """
 from __future__ import annotations
 
+import itertools
+
 import math
 import numbers
 from dataclasses import dataclass
@@ -131,3 +133,17 @@ def as_arrays(inst: Instance) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
             else np.asarray(inst.caps, dtype=float))
     return (np.asarray(inst.work, dtype=float), np.asarray(inst.speeds, dtype=float),
             np.asarray(inst.memory, dtype=float), caps)
+
+
+def brute_force_makespan_s(*, work: Sequence[float], workers: int,
+                           speeds: Sequence[float] | None = None,
+                           memory: Sequence[int] | None = None, cap: int | None = None) -> float:
+    """The optimal makespan, seconds, by trying all workers^layers assignments (tiny instances
+    only: the reference the solvers are checked against); inf when no assignment fits `cap`."""
+    best = float("inf")
+    for owners in itertools.product(range(workers), repeat=len(work)):
+        if cap is not None and max(memory_loads(memory=memory, owners=owners,
+                                                workers=workers)) > cap:
+            continue
+        best = min(best, makespan_s(work=work, owners=owners, workers=workers, speeds=speeds))
+    return best

@@ -1,9 +1,14 @@
 """Synthetic profiles (schema dpkfac.profile/1) for the planner tests; no torch needed."""
 from __future__ import annotations
 
+import argparse
 import json
 import random
+import sys
 from pathlib import Path
+
+from planner import commands
+from planner.errors import InputError
 
 
 def synthetic_layer(name: str, *, dim_a: int, dim_g: int, rows: int = 256,
@@ -43,3 +48,15 @@ def write_profile(folder: Path, name: str = "profile.json", **kwargs) -> Path:
     path = Path(folder) / name
     path.write_text(json.dumps(synthetic_profile_dict(**kwargs), indent=2), encoding="utf-8")
     return path
+
+
+def run_planner_cli(argv: list[str]) -> int:
+    """Like dpkfac.cli.main, with only the planner's subcommands registered (no torch)."""
+    parser = argparse.ArgumentParser(prog="dpkfac")
+    commands.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

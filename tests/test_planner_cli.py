@@ -1,7 +1,6 @@
 """The `plan` and `whatif` subcommands, through the real CLI and through their own parser."""
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -11,11 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from planner import commands
-from planner.errors import InputError
 from planner.placement import load_placement
 
-from planner_fixtures import synthetic_profile_dict, write_profile
+from planner_fixtures import run_planner_cli, synthetic_profile_dict, write_profile
 
 try:
     import executor.commands  # noqa: F401  (dpkfac.cli registers it too)
@@ -28,16 +25,7 @@ needs_cli = pytest.mark.skipif(not HAVE_CLI, reason="executor.commands cannot be
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def planner_main(argv: list[str]) -> int:
-    """Like dpkfac.cli.main, with only the planner's subcommands registered."""
-    parser = argparse.ArgumentParser(prog="dpkfac")
-    commands.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+planner_main = run_planner_cli
 
 
 RUNNERS = [pytest.param(planner_main, id="planner-parser"),

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from planner.errors import InputError
+from planner.instance import brute_force_makespan_s
 from planner.solvers import (HEURISTICS, METHODS, OPTIMALITY_GAP, makespan_lower_bound_s,
                              makespan_s, memory_loads, smallest_cap_bounds, solve)
 
@@ -21,14 +22,9 @@ def random_instance(seed: int, *, layers: int, workers: int, memory: bool = Fals
     return work, mem
 
 
-def brute_force(work, workers, *, speeds=None, memory=None, cap=None) -> float:
-    best = float("inf")
-    for owners in itertools.product(range(workers), repeat=len(work)):
-        if cap is not None and max(memory_loads(memory=memory, owners=owners,
-                                                workers=workers)) > cap:
-            continue
-        best = min(best, makespan_s(work=work, owners=owners, workers=workers, speeds=speeds))
-    return best
+
+def brute_force(work, workers, **kwargs) -> float:
+    return brute_force_makespan_s(work=work, workers=workers, **kwargs)
 
 
 def close(a: float, b: float) -> bool:

@@ -1,18 +1,15 @@
 """`dpkfac whatif` sweeps: traffic by kind, monotonic sanity, knees, topology, plot, speed."""
 from __future__ import annotations
 
-import argparse
 import copy
 import csv
 import io
 import json
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from planner import commands
 from planner.algorithms import ALGORITHMS, TRAFFIC_KINDS, algorithm_cost, traffic_by_kind
 from planner.cluster import Link
 from planner.costmodel import PlanConfig
@@ -22,21 +19,13 @@ from planner.strategy import DP_KFAC, KAISA_COMM_OPT, MPD_KFAC
 from planner.whatif import (Sweep, Topology, expand_workers, knees, scaling_knee, sweep_rows,
                             whatif_rows)
 
-from planner_fixtures import synthetic_profile_dict, write_profile
+from planner_fixtures import run_planner_cli, synthetic_profile_dict, write_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 RESNET50 = ROOT / "profiles" / "resnet50.b32.analytic-16x4-ib100.json"
 
 
-def run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="dpkfac")
-    commands.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+run = run_planner_cli
 
 
 @pytest.fixture
