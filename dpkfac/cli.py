@@ -1,4 +1,4 @@
-"""The `dpkfac` console command: profile, plan, train, whatif, validate nothing else.
+"""The `dpkfac` console command: profile, plan, train, whatif and validate.
 
 Bad input raises planner.errors.InputError anywhere below; it becomes one `error:` line and
 exit status 2. A fault of the running job (executor.faults.RunFault: a rank died or hung) is one
