@@ -46,6 +46,33 @@ def _refit_clamped(xs, ts, weights, through_origin: bool) -> tuple[float, float]
     return max(float(np.sum(ts * weights ** 2) / np.sum(weights ** 2)), 0.0), 0.0
 
 
+@dataclass(frozen=True)
+class PowerFit:
+    """seconds = coef * x ** exponent, fitted in log-log space, with its mean relative error."""
+    coef: float
+    exponent: float
+    mean_rel_error: float
+
+    def predict(self, x: float) -> float:
+        """Seconds at work size `x`."""
+        return self.coef * float(x) ** self.exponent
+
+
+def fit_power(x: Sequence[float], seconds: Sequence[float]) -> PowerFit:
+    """Least-squares line through (log x, log seconds) over the positive points: the power law
+    that small kernels (overhead-bound) and large ones (d^3-bound) both sit near."""
+    xs = np.asarray(x, dtype=float)
+    ts = np.asarray(seconds, dtype=float)
+    keep = (xs > 0) & (ts > 0)
+    if keep.sum() < 2:
+        return PowerFit(0.0, 0.0, 0.0)
+    exponent, log_coef = np.polyfit(np.log(xs[keep]), np.log(ts[keep]), 1)
+    fit = PowerFit(float(np.exp(log_coef)), float(exponent), 0.0)
+    predicted = fit.coef * xs[keep] ** fit.exponent
+    error = float(np.mean(np.abs(predicted - ts[keep]) / ts[keep]))
+    return PowerFit(fit.coef, fit.exponent, error)
+
+
 def decomposition_work(dim: int) -> float:
     """Work units of one decomposition of a dim x dim factor: d^3."""
     return float(dim) ** 3
@@ -63,13 +90,15 @@ def precondition_work(dim_a: int, dim_g: int) -> float:
 
 def fit_cost_curves(layers: Sequence[Mapping]) -> dict[str, dict]:
     """Fit the three curves to a profile's layer records (dicts with dim_a, dim_g, rows_a,
-    rows_g and the measured seconds). Returns {curve: LineFit as a dict}."""
+    rows_g and the measured seconds), each as a line (`<curve>`: LineFit) and as a power law of
+    the work size (`<curve>_power`: PowerFit). Returns plain dicts."""
     dec_x = [decomposition_work(l[k]) for l in layers for k in ("dim_a", "dim_g")]
     dec_t = [l[k] for l in layers for k in ("decompose_a_s", "decompose_g_s")]
     fac_x = [factor_work(l[r], l[d]) for l in layers for r, d in (("rows_a", "dim_a"), ("rows_g", "dim_g"))]
     fac_t = [l[k] for l in layers for k in ("factor_a_s", "factor_g_s")]
     pre_x = [precondition_work(l["dim_a"], l["dim_g"]) for l in layers]
     pre_t = [l["precondition_s"] for l in layers]
-    return {"decompose": asdict(fit_line(dec_x, dec_t)),
-            "factor": asdict(fit_line(fac_x, fac_t)),
-            "precondition": asdict(fit_line(pre_x, pre_t))}
+    curves = {"decompose": (dec_x, dec_t), "factor": (fac_x, fac_t), "precondition": (pre_x, pre_t)}
+    fits: dict[str, dict] = {name: asdict(fit_line(x, t)) for name, (x, t) in curves.items()}
+    fits.update({f"{name}_power": asdict(fit_power(x, t)) for name, (x, t) in curves.items()})
+    return fits

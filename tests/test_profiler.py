@@ -1,0 +1,61 @@
+"""Profiler pieces: timing helpers, the alpha-beta fit, and a real (small) profile run."""
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+
+from executor.distributed import WorldInfo
+from executor.profiler import ProfileOptions, fit_alpha_beta, message_sizes, profile_model
+from executor.timing import PhaseTimer, median_time
+from planner.profile import profile_from_dict
+
+
+def test_median_time_takes_the_median_of_the_repeats(monkeypatch):
+    durations = iter([9.0, 9.0] + [3.0, 1.0, 2.0, 5.0, 4.0])  # 2 warm-up runs, then 5 timed
+    spent = {"t": 0.0}
+
+    def run() -> None:
+        spent["t"] += next(durations)
+
+    monkeypatch.setattr("executor.timing.time.perf_counter", lambda: spent["t"])
+    median, spread = median_time(run, warmup=2, repeats=5, min_total_s=0.0)
+    assert median == 3.0  # the warm-up runs (9 s) are not counted
+    quartiles = statistics.quantiles([1.0, 2.0, 3.0, 4.0, 5.0], n=4)
+    assert spread == pytest.approx(quartiles[2] - quartiles[0])
+
+
+def test_phase_timer_accumulates_per_phase():
+    timer = PhaseTimer(("a", "b"))
+    with timer.phase("a"):
+        pass
+    with timer.phase("a"):
+        pass
+    assert set(timer.times()) == {"a", "b"} and timer.times()["b"] == 0.0
+    timer.reset()
+    assert timer.times() == {"a": 0.0, "b": 0.0}
+
+
+def test_alpha_beta_fit_recovers_known_parameters():
+    sizes = message_sizes(1 << 20)
+    assert sizes[0] == 1024 and sizes[-1] == 4 << 20  # at least up to 4 MiB
+    seconds = [5e-5 + n * 2e-10 for n in sizes]
+    fit = fit_alpha_beta(sizes, seconds)
+    assert fit["alpha_s"] == pytest.approx(5e-5, rel=1e-6)
+    assert fit["beta_s_per_byte"] == pytest.approx(2e-10, rel=1e-6)
+    assert message_sizes(1 << 40)[-1] == 64 << 20  # never beyond 64 MiB
+
+
+def test_profile_of_a_real_model_is_a_valid_profile():
+    world = WorldInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None)
+    doc = profile_model("digits-mlp", 16, world,
+                        options=ProfileOptions(warmup=1, repeats=3, factor_batches=4))
+    profile = profile_from_dict(doc)
+    assert [layer.name for layer in profile.layers] == ["1", "3", "5"]
+    assert all(layer.decompose_a_s > 0 and layer.factor_g_s > 0 for layer in profile.layers)
+    assert profile.layers[0].state_bytes == 4 * (2 * 65 ** 2 + 65 + 2 * 128 ** 2 + 128)
+    assert profile.pack_s > 0 and profile.apply_s > 0
+    assert doc["comm"]["world_size"] == 1 and doc["comm"]["source"].startswith("assumed")
+    assert doc["layers"][0]["rows_a"] == 16
+    assert set(doc["fits"]) >= {"decompose", "factor", "precondition", "decompose_power"}
