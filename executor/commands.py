@@ -70,6 +70,9 @@ def _register_train(subparsers) -> None:
                    "rank) ends the job with an error naming the step and phase (default 600)")
     p.add_argument("--precise-timing", action="store_true",
                    help="synchronise the device around each phase (exact phase times, slower)")
+    p.add_argument("--stagger-decompositions", action="store_true",
+                   help="follow the placement's staggered decomposition schedule (plan with "
+                   "--inv-update-freq K > 1): a lower peak step, not a lower mean")
     p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     p.set_defaults(func=_run_train)
 
@@ -147,6 +150,7 @@ def _run_train(args: argparse.Namespace) -> int:
                       checkpoint_every=args.checkpoint_every, resume=args.resume,
                       timeout_s=args.timeout,
                       precise_timing=args.precise_timing,
+                      stagger_decompositions=args.stagger_decompositions,
                       progress=False if args.no_progress else None, **overrides)
     _print_summary(run_training(cfg), args.out)
     return 0

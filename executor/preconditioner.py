@@ -85,6 +85,8 @@ class KFACPreconditioner:
         compute_method: "eigen" or "inverse"; default: the placement's config, else eigen.
         process_group: the group to communicate in (default group when None).
         precise_timing: synchronise the device around each phase so phase times are exact.
+        stagger_decompositions: follow the placement's `decomposition_step` schedule (spread
+            each owner's decompositions over the inv_update_freq steps of a cycle).
     """
 
     def __init__(
@@ -102,6 +104,7 @@ class KFACPreconditioner:
         compute_method: str | ComputeMethod | None = None,
         process_group: Any = None,
         precise_timing: bool = False,
+        stagger_decompositions: bool = False,
     ) -> None:
         module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         self.placement = load_placement(placement)
@@ -120,6 +123,7 @@ class KFACPreconditioner:
         self.method = ComputeMethod(compute_method or config.get("compute_method", "eigen"))
         self.process_group = process_group
         self.steps = 0
+        self.stagger_decompositions = stagger_decompositions
         self.calls = 0  # step() calls in this process (comm_bytes counts since construction)
         self.timer = PhaseTimer(PHASES, synchronize=precise_timing)
         self.comm_bytes: dict[str, int] = dict.fromkeys(("broadcast", *COMM_KINDS), 0)
@@ -136,6 +140,16 @@ class KFACPreconditioner:
         self._captured_a: dict[str, torch.Tensor] = {}
         self._captured_g: dict[str, torch.Tensor] = {}
         self._hooks = [h for name in self.factor_layers for h in self._register_hooks(name)]
+        # With stagger_decompositions, the planner's staggered schedule: layer -> slot k in
+        # 0..inv_update_freq-1, decomposed on steps where step % inv_update_freq == k (every layer
+        # on step 0, to start). It lowers the peak step, not the mean (synchronous steps already
+        # overlap every worker's decompositions in step 0), so it is opt-in. Strategies that
+        # broadcast decompositions keep them all on slot 0 (one fused exchange per cycle).
+        stagger = (stagger_decompositions
+                   and self.strategy.shared is not SharedResult.DECOMPOSITION)
+        self.decomposition_slot: dict[str, int] = {
+            name: int(self.placement.get("decomposition_step", {}).get(name, 0)) if stagger else 0
+            for name, _ in layers}
 
     # -- what this rank does under the strategy --------------------------------------------------
     @property
@@ -194,12 +208,13 @@ class KFACPreconditioner:
         with self.timer.phase("factors"):
             self._fold_factors(fresh)
         shares_decomposition = self.strategy.shared is SharedResult.DECOMPOSITION
-        if self.steps % self.inv_update_freq == 0:
+        due = self._due_decompositions()
+        if due:
             with self.timer.phase("decompose"):
-                self._decompose()
-            if shares_decomposition:
-                with self.timer.phase("broadcast"):
-                    self._exchange_decompositions()
+                self._decompose(due)
+        if shares_decomposition and self.steps % self.inv_update_freq == 0:
+            with self.timer.phase("broadcast"):
+                self._exchange_decompositions()
         with self.timer.phase("precondition"):
             mine = {name: self._precondition(name) for name in self.preconditioned_layers}
         if shares_decomposition:
@@ -239,8 +254,14 @@ class KFACPreconditioner:
         nbytes = allreduce_mean_(tensors, self.world_size, self.process_group)
         self._add_bytes("factor_allreduce", ring_allreduce_bytes(nbytes, self.world_size))
 
-    def _decompose(self) -> None:
-        for name in self.owned:
+    def _due_decompositions(self) -> list[str]:
+        """Owned layers whose decomposition falls on this step (all of them on step 0)."""
+        slot = self.steps % self.inv_update_freq
+        return [name for name in self.owned
+                if self.steps == 0 or self.decomposition_slot[name] % self.inv_update_freq == slot]
+
+    def _decompose(self, names: list[str]) -> None:
+        for name in names:
             block = self.blocks[name]
             outcomes = []
             if block.factor_a is not None:

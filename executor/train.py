@@ -79,6 +79,7 @@ class TrainConfig:
     timeout_s: float = 600.0    # process-group timeout: a collective waits at most this long
     warmup_steps: int = 5
     precise_timing: bool = False
+    stagger_decompositions: bool = False
     progress: bool | None = None
 
 
@@ -262,7 +263,8 @@ def _train(cfg: TrainConfig, placement: dict, model_name: str, world: WorldInfo,
         precond = KFACPreconditioner(model, placement, strategy=strategy,
                                      lr=lambda: optimizer.param_groups[0]["lr"],
                                      damping=cfg.damping, factor_decay=cfg.factor_decay,
-                                     kl_clip=cfg.kl_clip, precise_timing=cfg.precise_timing)
+                                     kl_clip=cfg.kl_clip, precise_timing=cfg.precise_timing,
+                                     stagger_decompositions=cfg.stagger_decompositions)
     out = Path(cfg.out_dir)
     position.at("resume")
     start = _start_state(cfg, out, world, model, optimizer, precond, fingerprint)
@@ -567,6 +569,7 @@ def _summarise(cfg, world, model, precond, records, steps, grad_bytes, split, sk
         "phase_means_s": phases,
         "phase_means_by_rank_s": [r["phases"] for r in per_rank],
         "dataset": split.name,
+        "staggered_decompositions": bool(precond is not None and precond.stagger_decompositions),
         "comm_bytes_per_step": comm_breakdown(allreduce, mine["comm"]),
         "second_order_memory_bytes": [r["memory"] for r in per_rank],
         "parameter_sha256": [r["digest"] for r in per_rank],

@@ -218,7 +218,9 @@ def run_validate(args: argparse.Namespace) -> int:
     if summary["world_size"] != placement["world_size"]:
         raise InputError(f"run {args.run!r} has world_size {summary['world_size']}, placement "
                          f"{args.placement!r} is for {placement['world_size']}")
-    rows = compare(predicted_phases(profile, placement), measured_phases(summary))
+    staggered = bool(summary.get("staggered_decompositions", False))
+    rows = compare(predicted_phases(profile, placement, staggered=staggered),
+                   measured_phases(summary))
     scales = None
     if out is not None:
         calibrated, scales = calibrate(profile, rows)

@@ -105,10 +105,10 @@ def _step_lines(plan: Plan) -> list[str]:
            f"Critical path of the slowest step: {path}."]
     if plan.staggered is not None:
         st = plan.staggered
-        out.append(f"Decompositions: the executor runs them all in step 0 of each cycle "
+        out.append(f"Decompositions: by default the executor runs them all in step 0 of each cycle "
                    f"(busiest worker {format_seconds(max(st.executor_per_step_makespan_s))}); "
-                   f"the staggered schedule in the placement ('decomposition_step', not yet "
-                   f"honoured by the executor) would cap it at "
-                   f"{format_seconds(max(st.per_step_makespan_s))} and give a mean step of "
+                   f"the staggered schedule in the placement ('decomposition_step', followed "
+                   f"with `dpkfac train --stagger-decompositions`) caps it at "
+                   f"{format_seconds(max(st.per_step_makespan_s))} for a mean step of "
                    f"{format_seconds(st.cycle.mean_step_time_s)}.")
     return out

@@ -117,7 +117,7 @@ def placement_document(plan: Plan, *, profile_path: str | os.PathLike,
         st = plan.staggered
         doc["decomposition_step"] = {layer.name: k for layer, k in zip(profile.layers, st.slots)}
         doc["predicted"]["staggered"] = {
-            "honoured_by_executor": False,
+            "honoured_by_executor": "with dpkfac train --stagger-decompositions",
             "step_time_s": st.cycle.mean_step_time_s,
             "second_order_s": st.cycle.mean_second_order_s,
             "per_step_makespan_s": list(st.per_step_makespan_s),

@@ -59,13 +59,18 @@ def placement_owners(placement: Mapping, profile: Profile) -> tuple[int, ...]:
     return tuple(int(assignment[layer.name]) for layer in profile.layers)
 
 
-def predicted_phases(profile: Profile, placement: Mapping) -> dict[str, tuple[float, ...]]:
-    """Per phase, per rank: the simulated mean over a cycle, as the executor's timers see it."""
+def predicted_phases(profile: Profile, placement: Mapping, *,
+                     staggered: bool = False) -> dict[str, tuple[float, ...]]:
+    """Per phase, per rank: the simulated mean over a cycle, as the executor's timers see it
+    (following the placement's decomposition_step schedule when the run was `staggered`)."""
     config = placement["config"]
+    slots = placement.get("decomposition_step") if staggered else None
     cycle = simulate_cycle(profile, owners=placement_owners(placement, profile),
                            workers=placement["world_size"],
                            config=PlanConfig(factor_update_freq=config["factor_update_freq"],
-                                             inv_update_freq=config["inv_update_freq"]))
+                                             inv_update_freq=config["inv_update_freq"]),
+                           decomposition_step=None if slots is None else
+                           [int(slots.get(layer.name, 0)) for layer in profile.layers])
     phases = cycle.mean_phases()
     phases["step_time"] = (cycle.mean_step_time_s,) * placement["world_size"]
     return phases
