@@ -19,12 +19,11 @@ import torch.distributed as dist
 
 from planner.errors import InputError
 from planner.jsonio import StrictValidator, validate, write_atomic
+from planner.schemas import NONNEGATIVE_INTEGER, POSITIVE_INTEGER
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = "dpkfac.checkpoint/2"
 
-_NONNEG_INT = {"type": "integer", "minimum": 0}
-_POS_INT = {"type": "integer", "minimum": 1}
 _TENSOR_MAP = {"type": "object", "additionalProperties": {"type": "tensor"}}
 
 CHECKPOINT_SCHEMA: dict = {
@@ -33,9 +32,10 @@ CHECKPOINT_SCHEMA: dict = {
                  "fingerprint", "ranks"],
     "properties": {
         "format": {"const": CHECKPOINT_FORMAT},
-        "world_size": _POS_INT,
-        "step": _NONNEG_INT, "epoch": _NONNEG_INT, "batch_in_epoch": _NONNEG_INT,
-        "threads": _POS_INT,
+        "world_size": POSITIVE_INTEGER,
+        "step": NONNEGATIVE_INTEGER, "epoch": NONNEGATIVE_INTEGER,
+        "batch_in_epoch": NONNEGATIVE_INTEGER,
+        "threads": POSITIVE_INTEGER,
         "model": _TENSOR_MAP,
         "optimizer": {"type": "object", "required": ["state", "param_groups"],
                       "properties": {"state": {"type": "object"},
@@ -50,7 +50,7 @@ CHECKPOINT_SCHEMA: dict = {
                     "preconditioner": {
                         "type": ["null", "object"],
                         "required": ["steps", "blocks"],
-                        "properties": {"steps": _NONNEG_INT,
+                        "properties": {"steps": NONNEGATIVE_INTEGER,
                                        "blocks": {"type": "object",
                                                   "additionalProperties": _TENSOR_MAP},
                                        "numerics": {"type": "object"}},

@@ -5,8 +5,8 @@ PROFILE_SCHEMA_ID = "dpkfac.profile/1"
 PLACEMENT_SCHEMA_ID = "dpkfac.placement/1"
 
 _SECONDS = {"type": "number", "minimum": 0}
-_POS_INT = {"type": "integer", "minimum": 1}
-_NONNEG_INT = {"type": "integer", "minimum": 0}
+POSITIVE_INTEGER = {"type": "integer", "minimum": 1}
+NONNEGATIVE_INTEGER = {"type": "integer", "minimum": 0}
 _NAME = {"type": "string", "minLength": 1}
 
 _ALPHA_BETA = {
@@ -22,7 +22,7 @@ PROFILE_SCHEMA: dict = {
     "properties": {
         "schema": {"const": PROFILE_SCHEMA_ID},
         "model": _NAME,
-        "batch_size": _POS_INT,
+        "batch_size": POSITIVE_INTEGER,
         "device": _NAME,
         "dtype": {"enum": ["float32", "float64", "float16", "bfloat16"]},
         "compute_method": {"enum": ["eigen", "inverse"]},
@@ -37,10 +37,11 @@ PROFILE_SCHEMA: dict = {
                              "state_bytes"],
                 "properties": {
                     "name": _NAME, "kind": _NAME,
-                    "dim_a": _POS_INT, "dim_g": _POS_INT, "grad_numel": _POS_INT,
+                    "dim_a": POSITIVE_INTEGER, "dim_g": POSITIVE_INTEGER,
+                    "grad_numel": POSITIVE_INTEGER,
                     "factor_a_s": _SECONDS, "factor_g_s": _SECONDS,
                     "decompose_a_s": _SECONDS, "decompose_g_s": _SECONDS,
-                    "precondition_s": _SECONDS, "state_bytes": _NONNEG_INT,
+                    "precondition_s": _SECONDS, "state_bytes": NONNEGATIVE_INTEGER,
                 },
             },
         },
@@ -50,14 +51,14 @@ PROFILE_SCHEMA: dict = {
             "properties": {"forward_backward_s": _SECONDS, "optimizer_s": _SECONDS,
                            "pack_s": _SECONDS, "apply_s": _SECONDS},
         },
-        "model_grad_numel": _POS_INT,
+        "model_grad_numel": POSITIVE_INTEGER,
         "comm": {
             "type": "object",
             "required": ["backend", "world_size", "allreduce", "broadcast"],
             "properties": {
                 "source": {"type": "string"},
                 "backend": {"enum": ["gloo", "nccl", "mpi"]},
-                "world_size": _POS_INT,
+                "world_size": POSITIVE_INTEGER,
                 "allreduce": _ALPHA_BETA,
                 "broadcast": _ALPHA_BETA,
             },
@@ -72,7 +73,7 @@ PLACEMENT_SCHEMA: dict = {
     "properties": {
         "schema": {"const": PLACEMENT_SCHEMA_ID},
         "model": _NAME,
-        "world_size": _POS_INT,
+        "world_size": POSITIVE_INTEGER,
         "profile": {
             "type": "object",
             "required": ["path", "sha256"],
@@ -84,16 +85,16 @@ PLACEMENT_SCHEMA: dict = {
             "type": "object",
             "required": ["factor_update_freq", "inv_update_freq"],
             "properties": {
-                "factor_update_freq": _POS_INT,
-                "inv_update_freq": _POS_INT,
-                "batch_size": _POS_INT,
+                "factor_update_freq": POSITIVE_INTEGER,
+                "inv_update_freq": POSITIVE_INTEGER,
+                "batch_size": POSITIVE_INTEGER,
                 "compute_method": {"enum": ["eigen", "inverse"]},
             },
         },
         "assignment": {
             "type": "object",
             "minProperties": 1,
-            "additionalProperties": _NONNEG_INT,
+            "additionalProperties": NONNEGATIVE_INTEGER,
         },
         "predicted": {
             "type": "object",
@@ -107,8 +108,8 @@ PLACEMENT_SCHEMA: dict = {
                     "items": {
                         "type": "object",
                         "required": ["rank", "compute_s", "memory_bytes"],
-                        "properties": {"rank": _NONNEG_INT, "compute_s": _SECONDS,
-                                       "memory_bytes": _NONNEG_INT},
+                        "properties": {"rank": NONNEGATIVE_INTEGER, "compute_s": _SECONDS,
+                                       "memory_bytes": NONNEGATIVE_INTEGER},
                     },
                 },
             },

@@ -1,7 +1,11 @@
 """Placements and tiny models for executor tests, built without the planner's solvers."""
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import nn
+
+from executor.distributed import allreduce_mean_
 
 from planner.schemas import PLACEMENT_SCHEMA_ID
 
@@ -34,3 +38,22 @@ def small_cnn() -> nn.Module:
 
 
 SMALL_CNN_LAYERS = ["0", "2", "5", "8"]
+
+
+def random_batches(seed: int, count: int,
+                   batch: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`count` seeded batches of 1x8x8 inputs and labels in 0..9."""
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 1, 8, 8, generator=gen),
+             torch.randint(0, 10, (batch,), generator=gen)) for _ in range(count)]
+
+
+def train_steps(model: nn.Module, precond, batches, *, world_size: int, lr: float = 0.05) -> None:
+    """SGD steps with gradients averaged across ranks, preconditioned before each update."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    for x, y in batches:
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        allreduce_mean_([p.grad for p in model.parameters()], world_size)
+        precond.step()
+        optimizer.step()

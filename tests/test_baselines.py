@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from dpkfac.cli import main as cli_main
 from executor import DPKFAC
-from executor.distributed import WorldInfo, allreduce_mean_
+from executor.distributed import WorldInfo
 from executor.preconditioner import KFACPreconditioner
 from executor.train import StepClock, _train_step
 from executor.faults import RunPosition
@@ -26,7 +26,8 @@ from planner.strategy import (DP_KFAC, KAISA_COMM_OPT, KAISA_MEM_OPT, MPD_KFAC, 
 from planner.errors import InputError
 
 from distributed_helpers import run_distributed
-from executor_fixtures import SMALL_CNN_LAYERS, placement_dict, small_cnn
+from executor_fixtures import (SMALL_CNN_LAYERS, placement_dict, random_batches, small_cnn,
+                               train_steps)
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
@@ -42,25 +43,17 @@ EIGEN_BYTES = 4 * (110 + 20 + 1332 + 42 + 110 + 30 + 992 + 110)   # 10984: Q and
 COUNTER_BYTES = 2 * 16                                        # 2 owners x 4 float32 counters
 
 
-def _batches(seed: int, batch: int = 8):
-    gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch, 1, 8, 8, generator=gen),
-             torch.randint(0, 10, (batch,), generator=gen)) for _ in range(STEPS)]
+def _batches(seed: int):
+    return random_batches(seed, STEPS)
 
 
 def _train(strategy, *, world_size: int, assignment: dict, data_seed: int, **hyper) -> tuple:
     """A few K-FAC steps of small_cnn; (model, preconditioner)."""
     torch.manual_seed(0)
     model = small_cnn()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     precond = KFACPreconditioner(model, placement_dict("tests:small_cnn", assignment, world_size),
                                  strategy=strategy, lr=0.05, damping=0.01, **hyper)
-    for x, y in _batches(data_seed):
-        optimizer.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        allreduce_mean_([p.grad for p in model.parameters()], world_size)
-        precond.step()
-        optimizer.step()
+    train_steps(model, precond, _batches(data_seed), world_size=world_size)
     return model, precond
 
 

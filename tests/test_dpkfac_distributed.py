@@ -2,21 +2,14 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from executor import DPKFAC
-from executor.distributed import allreduce_mean_
 
 from distributed_helpers import run_distributed
-from executor_fixtures import SMALL_CNN_LAYERS, placement_dict, small_cnn
+from executor_fixtures import (SMALL_CNN_LAYERS, placement_dict, random_batches, small_cnn,
+                               train_steps)
 
 STEPS = 6
-
-
-def _batches(seed: int, count: int = STEPS, batch: int = 8):
-    gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch, 1, 8, 8, generator=gen), torch.randint(0, 10, (batch,), generator=gen))
-            for _ in range(count)]
 
 
 def _train(rank: int, world_size: int, assignment: dict, data_seed: int,
@@ -26,14 +19,8 @@ def _train(rank: int, world_size: int, assignment: dict, data_seed: int,
     model = small_cnn()
     placement = placement_dict("tests:small_cnn", assignment, world_size,
                                inv_update_freq=inv_update_freq)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     precond = DPKFAC(model, placement, lr=0.05, damping=0.01)
-    for x, y in _batches(data_seed):
-        optimizer.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        allreduce_mean_([p.grad for p in model.parameters()], world_size)
-        precond.step()
-        optimizer.step()
+    train_steps(model, precond, random_batches(data_seed, STEPS), world_size=world_size)
     held = {name: sorted(block.state_tensors()) for name, block in precond.blocks.items()}
     return {"params": [p.detach().clone() for p in model.parameters()],
             "memory": precond.memory_usage(), "held": held, "owned": list(precond.owned)}
