@@ -30,6 +30,9 @@ def _register_profile(subparsers) -> None:
     p.add_argument("--repeats", type=int, default=15, help="timed runs per kernel (median)")
     p.add_argument("--warmup", type=int, default=3, help="untimed runs before timing")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--keep-denormals", action="store_true",
+                   help="do not flush subnormal floats to zero on CPU (they can make K-FAC "
+                   "steps several times slower; flushing is the default)")
     p.set_defaults(func=_run_profile)
 
 
@@ -73,6 +76,9 @@ def _register_train(subparsers) -> None:
     p.add_argument("--stagger-decompositions", action="store_true",
                    help="follow the placement's staggered decomposition schedule (plan with "
                    "--inv-update-freq K > 1): a lower peak step, not a lower mean")
+    p.add_argument("--keep-denormals", action="store_true",
+                   help="do not flush subnormal floats to zero on CPU (they can make K-FAC "
+                   "steps several times slower; flushing is the default)")
     p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     p.set_defaults(func=_run_train)
 
@@ -96,7 +102,7 @@ def _run_profile(args: argparse.Namespace) -> int:
     world = init_distributed(device=args.device)
     try:
         options = ProfileOptions(compute_method=args.compute_method, warmup=args.warmup,
-                                 repeats=args.repeats)
+                                 repeats=args.repeats, flush_denormal=not args.keep_denormals)
         doc = profile_model(args.model, args.batch_size, world, options=options,
                             progress=world.rank == 0 and sys.stderr.isatty())
     finally:
@@ -151,6 +157,7 @@ def _run_train(args: argparse.Namespace) -> int:
                       timeout_s=args.timeout,
                       precise_timing=args.precise_timing,
                       stagger_decompositions=args.stagger_decompositions,
+                      flush_denormal=not args.keep_denormals,
                       progress=False if args.no_progress else None, **overrides)
     _print_summary(run_training(cfg), args.out)
     return 0

@@ -22,6 +22,7 @@ from planner.curves import fit_cost_curves, fit_line
 from planner.schemas import PROFILE_SCHEMA_ID
 
 from .blocks import ComputeMethod, KFACBlock, apply_preconditioned, kfac_layers, make_block
+from .cpu_numerics import flushed_denormals
 from .data import load_digits_split
 from .distributed import WorldInfo, average_gradients_
 from .models import build_model, input_spec
@@ -53,6 +54,7 @@ class ProfileOptions:
     repeats: int = 15
     factor_batches: int = 16  # distinct batches folded into the factors before timing
     factor_decay: float = 0.95
+    flush_denormal: bool = True  # as `train` does by default (cpu_numerics)
 
 
 def profile_model(model_name: str, batch_size: int, world: WorldInfo, *,
@@ -66,6 +68,12 @@ def profile_model(model_name: str, batch_size: int, world: WorldInfo, *,
     and an optimizer step with learning rate 0 (weights stay put), in the executor's order, so
     each kernel is timed with the caches as training leaves them. Medians over the repeats.
     """
+    with flushed_denormals(options.flush_denormal) as flushing:
+        return _profile_model(model_name, batch_size, world, options, progress, flushing)
+
+
+def _profile_model(model_name: str, batch_size: int, world: WorldInfo, options: ProfileOptions,
+                   progress: bool, flushing: bool) -> dict:
     torch.manual_seed(0)
     model = build_model(model_name).to(world.device)
     batches = _batches(model_name, batch_size, options.factor_batches, world.device)
@@ -89,7 +97,7 @@ def profile_model(model_name: str, batch_size: int, world: WorldInfo, *,
         "comm": comm,
         "fits": fit_cost_curves(layers),
         "model_grad_numel": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "environment": _environment(world, options),
+        "environment": dict(_environment(world, options), flush_denormal=flushing),
     }
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .profile import AlphaBeta, CommCosts
+from .profile import AlphaBeta, CommCosts, MeasuredPoints
 
 
 def _check_ranks(ranks: int) -> None:
@@ -81,29 +81,78 @@ class Network:
     broadcast_hop / allreduce_hop: alpha' seconds and beta' seconds per byte of one hop of a
     pipelined broadcast / ring all-reduce (see the forms above). `source` says where they came
     from ("profile" rescaled from the measured world size, or "cluster" from topology).
+
+    With measured points (a profile measured at `measured_ranks` > 1 ranks), a collective of n
+    bytes at p ranks costs the measured time at n scaled by model(p, n) / model(measured_ranks,
+    n): exactly the measurement at the measured rank count, the per-hop forms elsewhere.
     """
     broadcast_hop: AlphaBeta
     allreduce_hop: AlphaBeta
     source: str = "profile"
+    measured_ranks: int = 1
+    broadcast_points: MeasuredPoints | None = None
+    allreduce_points: MeasuredPoints | None = None
 
     def broadcast_s(self, *, ranks: int, nbytes: float) -> float:
         """Seconds for one broadcast of `nbytes` bytes among `ranks` ranks (0 at one rank)."""
         _check_ranks(ranks)
         if ranks == 1:
             return 0.0
-        return (ranks - 1) * self.broadcast_hop.alpha_s + nbytes * self.broadcast_hop.beta_s_per_byte
+        return self._shaped(self.broadcast_points, self._broadcast_model, ranks, nbytes)
 
     def allreduce_s(self, *, ranks: int, nbytes: float) -> float:
         """Seconds for one ring all-reduce of `nbytes` bytes among `ranks` ranks (0 at one rank)."""
         _check_ranks(ranks)
         if ranks == 1:
             return 0.0
+        return self._shaped(self.allreduce_points, self._allreduce_model, ranks, nbytes)
+
+    def broadcasts_floor_s(self, *, ranks: int, total_bytes: float) -> float:
+        """A proven lower bound on the seconds of one or more broadcasts among `ranks` ranks
+        that together move `total_bytes` bytes. Model only: one broadcast of everything (k
+        broadcasts cost k (p-1) alpha' + N beta'). With measured points, whose curve need not be
+        additive: the least time of any single broadcast of at most `total_bytes` bytes (the
+        least measured-curve time up to there times the least model ratio, which sits at one of
+        the size range's ends)."""
+        _check_ranks(ranks)
+        if ranks == 1:
+            return 0.0
+        model = self._broadcast_model
+        if self.broadcast_points is None:
+            return model(ranks, total_bytes)
+        ratio = min(_ratio(model(ranks, n), model(self.measured_ranks, n))
+                    for n in (0.0, total_bytes))
+        return self.broadcast_points.floor_s(total_bytes) * ratio
+
+    def _broadcast_model(self, ranks: int, nbytes: float) -> float:
+        hop = self.broadcast_hop
+        return (ranks - 1) * hop.alpha_s + nbytes * hop.beta_s_per_byte
+
+    def _allreduce_model(self, ranks: int, nbytes: float) -> float:
         hop = self.allreduce_hop
         return 2 * (ranks - 1) * hop.alpha_s + 2 * (ranks - 1) / ranks * nbytes * hop.beta_s_per_byte
 
+    def _shaped(self, points: MeasuredPoints | None, model, ranks: int, nbytes: float) -> float:
+        """The model's time, or the measured time rescaled by the model to `ranks` ranks."""
+        if points is None:
+            return model(ranks, nbytes)
+        p0 = self.measured_ranks
+        beyond = model(p0, nbytes + 1.0) - model(p0, nbytes)  # the fit's seconds per byte
+        measured = points.time(nbytes, beyond_s_per_byte=beyond)
+        return measured if ranks == p0 else measured * _ratio(model(ranks, nbytes),
+                                                              model(p0, nbytes))
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator > 0 else 1.0
+
 
 def network_from_profile(costs: CommCosts) -> Network:
-    """The per-hop network implied by a profile's measured collectives (rescaled as above)."""
+    """The per-hop network implied by a profile's measured collectives (rescaled as above),
+    with the measured points when the profile has them."""
+    measured = costs.world_size > 1
     return Network(broadcast_hop=broadcast_per_hop(costs.broadcast, measured_ranks=costs.world_size),
                    allreduce_hop=allreduce_per_hop(costs.allreduce, measured_ranks=costs.world_size),
-                   source="profile")
+                   source="profile", measured_ranks=costs.world_size,
+                   broadcast_points=costs.broadcast_points if measured else None,
+                   allreduce_points=costs.allreduce_points if measured else None)

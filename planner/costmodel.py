@@ -139,9 +139,11 @@ def broadcast_lower_bound_s(profile: Profile, *, workers: int,
 
     Any placement makes k >= 1 fused broadcasts whose bytes add up to all layers' gradient bytes
     N, costing k (p-1) alpha' + N beta' >= (p-1) alpha' + N beta': the cost of one broadcast of
-    everything. It holds because the per-byte term is additive and alpha' >= 0.
+    everything. It holds because the per-byte term is additive and alpha' >= 0. With measured
+    points the bound is weaker (comm.Network.broadcasts_floor_s).
     """
-    return network_of(profile, network).broadcast_s(ranks=workers, nbytes=profile.grad_bytes)
+    return network_of(profile, network).broadcasts_floor_s(ranks=workers,
+                                                           total_bytes=profile.grad_bytes)
 
 
 def second_order_lower_bound_s(profile: Profile, *, workers: int, config: PlanConfig,

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
+
+import numpy as np
 
 from .errors import InputError
 from .jsonio import read_json, validate
@@ -46,14 +48,63 @@ class AlphaBeta:
         """Seconds to move `nbytes` bytes in one call."""
         return self.alpha_s + nbytes * self.beta_s_per_byte
 
+    def scaled(self, factor: float) -> "AlphaBeta":
+        """Both terms times `factor`."""
+        return AlphaBeta(alpha_s=self.alpha_s * factor,
+                         beta_s_per_byte=self.beta_s_per_byte * factor)
+
+
+@dataclass(frozen=True)
+class MeasuredPoints:
+    """Measured seconds of one collective call at ascending message sizes (bytes).
+
+    Real collectives are not one straight line over 1 KiB..64 MiB (gloo switches algorithms
+    with the size, so a least-squares alpha-beta line can be off by 30% or more at the sizes a
+    model sends); the measured points keep the curve's shape.
+    """
+    message_bytes: tuple[int, ...]
+    seconds: tuple[float, ...]
+
+    def time(self, nbytes: float, *, beyond_s_per_byte: float) -> float:
+        """Seconds for `nbytes` bytes: linear between measured sizes, the smallest size's time
+        below them, and beyond the largest `beyond_s_per_byte` per extra byte."""
+        sizes, times = self.message_bytes, self.seconds
+        if nbytes > sizes[-1]:
+            return times[-1] + (nbytes - sizes[-1]) * beyond_s_per_byte
+        return float(np.interp(nbytes, sizes, times))
+
+    def floor_s(self, nbytes: float) -> float:
+        """The least time of any call of at most `nbytes` bytes (a proven lower bound on each:
+        the interpolation is piecewise linear, so its minimum sits at a measured size or at
+        `nbytes`)."""
+        inside = [t for b, t in zip(self.message_bytes, self.seconds) if b <= nbytes]
+        return min([float(np.interp(nbytes, self.message_bytes, self.seconds)), *inside])
+
+    def scaled(self, factor: float) -> "MeasuredPoints":
+        """Every time multiplied by `factor`."""
+        return MeasuredPoints(self.message_bytes, tuple(t * factor for t in self.seconds))
+
 
 @dataclass(frozen=True)
 class CommCosts:
-    """Collective costs measured (or assumed) at `world_size` ranks."""
+    """Collective costs measured (or assumed) at `world_size` ranks: an alpha-beta fit of each
+    collective and, when measured, the points it was fitted to. `notes`: the file's other comm
+    fields (source, fit errors), kept as they are."""
     backend: str
     world_size: int
     allreduce: AlphaBeta
     broadcast: AlphaBeta
+    allreduce_points: MeasuredPoints | None = None
+    broadcast_points: MeasuredPoints | None = None
+    notes: dict = field(default_factory=dict, compare=False)
+
+    def scaled(self, *, allreduce: float, broadcast: float) -> "CommCosts":
+        """Every all-reduce time times `allreduce`, every broadcast time times `broadcast`."""
+        scale = lambda points, f: None if points is None else points.scaled(f)  # noqa: E731
+        return replace(self, allreduce=self.allreduce.scaled(allreduce),
+                       broadcast=self.broadcast.scaled(broadcast),
+                       allreduce_points=scale(self.allreduce_points, allreduce),
+                       broadcast_points=scale(self.broadcast_points, broadcast))
 
 
 @dataclass(frozen=True)
@@ -105,18 +156,44 @@ def profile_from_dict(doc: Any, *, source: str = "profile") -> Profile:
         raise InputError(f"{source}: field layers: duplicate layer name {dupes[0]!r}")
     layers = tuple(LayerCost(**{k: layer[k] for k in LayerCost.__dataclass_fields__})
                    for layer in doc["layers"])
-    comm = doc["comm"]
     return Profile(
         model=doc["model"], batch_size=doc["batch_size"], device=doc["device"],
         dtype=doc["dtype"], compute_method=doc["compute_method"], measured=doc["measured"],
         layers=layers, forward_backward_s=doc["step"]["forward_backward_s"],
         optimizer_s=doc["step"]["optimizer_s"],
         pack_s=doc["step"].get("pack_s", 0.0), apply_s=doc["step"].get("apply_s", 0.0),
-        comm=CommCosts(backend=comm["backend"], world_size=comm["world_size"],
-                       allreduce=AlphaBeta(**_alpha_beta(comm["allreduce"])),
-                       broadcast=AlphaBeta(**_alpha_beta(comm["broadcast"]))),
+        comm=_comm_costs(doc["comm"], source=source),
         extra={k: v for k, v in doc.items() if k not in _KNOWN_KEYS},
     )
+
+
+_COMM_KEYS = {"backend", "world_size", "allreduce", "broadcast", "message_bytes"}
+_COLLECTIVE_KEYS = {"alpha_s", "beta_s_per_byte", "seconds"}
+
+
+def _comm_costs(comm: dict, *, source: str) -> CommCosts:
+    """The comm section: the alpha-beta fits and, with message_bytes, the measured points."""
+    points = {}
+    for kind in ("allreduce", "broadcast"):
+        seconds = comm[kind].get("seconds")
+        if seconds is None or "message_bytes" not in comm:
+            points[kind] = None
+            continue
+        sizes = comm["message_bytes"]
+        if len(seconds) != len(sizes) or any(b >= a for a, b in zip(sizes[1:], sizes)):
+            raise InputError(f"{source}: field comm.{kind}.seconds: expected one time per "
+                             f"comm.message_bytes entry ({len(sizes)}, ascending sizes), "
+                             f"got {len(seconds)}")
+        points[kind] = MeasuredPoints(tuple(sizes), tuple(float(t) for t in seconds))
+    notes = {k: v for k, v in comm.items() if k not in _COMM_KEYS}
+    notes.update({f"{kind}_fit": {k: v for k, v in comm[kind].items()
+                                  if k not in _COLLECTIVE_KEYS}
+                  for kind in ("allreduce", "broadcast")})
+    return CommCosts(backend=comm["backend"], world_size=comm["world_size"],
+                     allreduce=AlphaBeta(**_alpha_beta(comm["allreduce"])),
+                     broadcast=AlphaBeta(**_alpha_beta(comm["broadcast"])),
+                     allreduce_points=points["allreduce"], broadcast_points=points["broadcast"],
+                     notes=notes)
 
 
 def _alpha_beta(d: dict) -> dict:
@@ -139,9 +216,21 @@ def profile_to_dict(profile: Profile) -> dict:
         "step": {"forward_backward_s": profile.forward_backward_s,
                  "optimizer_s": profile.optimizer_s, "pack_s": profile.pack_s,
                  "apply_s": profile.apply_s},
-        "comm": {"backend": profile.comm.backend, "world_size": profile.comm.world_size,
-                 "allreduce": asdict(profile.comm.allreduce),
-                 "broadcast": asdict(profile.comm.broadcast)},
+        "comm": _comm_to_dict(profile.comm),
     }
     doc.update(profile.extra)
+    return doc
+
+
+def _comm_to_dict(costs: CommCosts) -> dict:
+    """The file form of the comm section (alpha-beta fits, measured points, notes)."""
+    notes = dict(costs.notes)
+    doc = {k: v for k, v in notes.items() if not k.endswith("_fit")}
+    doc.update(backend=costs.backend, world_size=costs.world_size)
+    for kind, fit, points in (("allreduce", costs.allreduce, costs.allreduce_points),
+                              ("broadcast", costs.broadcast, costs.broadcast_points)):
+        doc[kind] = dict(notes.get(f"{kind}_fit", {}), **asdict(fit))
+        if points is not None:
+            doc[kind]["seconds"] = list(points.seconds)
+            doc["message_bytes"] = list(points.message_bytes)
     return doc

@@ -12,7 +12,8 @@ _NAME = {"type": "string", "minLength": 1}
 _ALPHA_BETA = {
     "type": "object",
     "required": ["alpha_s", "beta_s_per_byte"],
-    "properties": {"alpha_s": _SECONDS, "beta_s_per_byte": _SECONDS},
+    "properties": {"alpha_s": _SECONDS, "beta_s_per_byte": _SECONDS,
+                   "seconds": {"type": "array", "minItems": 1, "items": _SECONDS}},
 }
 
 PROFILE_SCHEMA: dict = {
@@ -59,6 +60,7 @@ PROFILE_SCHEMA: dict = {
                 "source": {"type": "string"},
                 "backend": {"enum": ["gloo", "nccl", "mpi"]},
                 "world_size": POSITIVE_INTEGER,
+                "message_bytes": {"type": "array", "minItems": 1, "items": POSITIVE_INTEGER},
                 "allreduce": _ALPHA_BETA,
                 "broadcast": _ALPHA_BETA,
             },

@@ -12,7 +12,7 @@ import numpy as np
 from .costmodel import PlanConfig
 from .errors import InputError
 from .jsonio import read_json
-from .profile import AlphaBeta, CommCosts, Profile
+from .profile import Profile
 from .simulate import PHASES, simulate_cycle
 
 SUMMARY_FIELDS = ("world_size", "mean_step_time_s", "phase_means_by_rank_s")
@@ -114,9 +114,7 @@ def calibrate(profile: Profile, rows: Sequence[PhaseRow]) -> tuple[Profile, dict
                            decompose_g_s=layer.decompose_g_s * ratio["decompose"],
                            precondition_s=layer.precondition_s * ratio["precondition"])
                    for layer in profile.layers)
-    comm = CommCosts(backend=profile.comm.backend, world_size=profile.comm.world_size,
-                     allreduce=_scaled(profile.comm.allreduce, ratio["allreduce"]),
-                     broadcast=_scaled(profile.comm.broadcast, ratio["broadcast"]))
+    comm = profile.comm.scaled(allreduce=ratio["allreduce"], broadcast=ratio["broadcast"])
     extra = dict(profile.extra, calibrated={"scales": ratio})
     calibrated = replace(profile, layers=layers, comm=comm, extra=extra,
                          forward_backward_s=profile.forward_backward_s * ratio["forward_backward"],
@@ -131,7 +129,3 @@ def calibrate(profile: Profile, rows: Sequence[PhaseRow]) -> tuple[Profile, dict
 def _step_cost(old_s: float, ratio: float, measured_s: float, predicted_s: float) -> float:
     """A step-level cost scaled like its phase, or the measured phase when nothing predicted it."""
     return old_s * ratio if predicted_s > 0 else measured_s
-
-
-def _scaled(cost: AlphaBeta, factor: float) -> AlphaBeta:
-    return AlphaBeta(alpha_s=cost.alpha_s * factor, beta_s_per_byte=cost.beta_s_per_byte * factor)

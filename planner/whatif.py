@@ -102,7 +102,8 @@ def scale_bandwidth(profile: Profile, scale: float) -> Profile:
     faster = lambda ab: AlphaBeta(alpha_s=ab.alpha_s,  # noqa: E731
                                   beta_s_per_byte=ab.beta_s_per_byte / scale)
     costs = dataclasses.replace(profile.comm, allreduce=faster(profile.comm.allreduce),
-                                broadcast=faster(profile.comm.broadcast))
+                                broadcast=faster(profile.comm.broadcast),
+                                allreduce_points=None, broadcast_points=None)
     return dataclasses.replace(profile, comm=costs)
 
 

@@ -203,3 +203,77 @@ def test_whatif_sweep_is_fast():
     start = time.perf_counter()
     whatif_rows(profile, workers=[1, 2, 4, 8, 16, 32, 64], config=FREQ1)
     assert time.perf_counter() - start < 6.0
+
+
+def with_measured_points(doc: dict, sizes: list[int], allreduce: list[float],
+                         broadcast: list[float]) -> dict:
+    doc = copy.deepcopy(doc)
+    doc["comm"]["message_bytes"] = sizes
+    doc["comm"]["allreduce"]["seconds"] = allreduce
+    doc["comm"]["broadcast"]["seconds"] = broadcast
+    return doc
+
+
+# a gloo-like curve: flat up to 4 KiB, a step at 16 KiB, then bandwidth-bound
+SIZES = [1024, 4096, 16384, 65536, 262144]
+STEPPED = [5e-4, 5e-4, 2e-3, 2.1e-3, 2.4e-3]
+
+
+def test_measured_points_are_used_at_the_measured_rank_count():
+    doc = with_measured_points(two_layer_profile(world_size=2, alpha=1e-3, beta=1e-9), SIZES,
+                               STEPPED, STEPPED)
+    net = comm.network_from_profile(profile_from_dict(doc).comm)
+    assert net.allreduce_s(ranks=2, nbytes=16384) == pytest.approx(2e-3)
+    assert net.broadcast_s(ranks=2, nbytes=40960) == pytest.approx(2.05e-3)  # halfway
+    assert net.broadcast_s(ranks=2, nbytes=10) == pytest.approx(5e-4)  # below: smallest size
+    # beyond the largest size: the fit's seconds per byte (at 2 ranks the measured line)
+    assert net.broadcast_s(ranks=2, nbytes=262144 + 1e6) == pytest.approx(2.4e-3 + 1e6 * 1e-9)
+    assert net.allreduce_s(ranks=1, nbytes=16384) == 0.0
+
+
+def test_measured_points_are_rescaled_to_other_rank_counts():
+    doc = with_measured_points(two_layer_profile(world_size=2, alpha=1e-3, beta=1e-9), SIZES,
+                               STEPPED, STEPPED)
+    shaped = comm.network_from_profile(profile_from_dict(doc).comm)
+    plain = comm.network_from_profile(profile_from_dict(two_layer_profile(
+        world_size=2, alpha=1e-3, beta=1e-9)).comm)
+    for ranks in (3, 8, 64):
+        for n in (4096, 65536):
+            ratio = plain.broadcast_s(ranks=ranks, nbytes=n) / plain.broadcast_s(ranks=2, nbytes=n)
+            assert shaped.broadcast_s(ranks=ranks, nbytes=n) == pytest.approx(
+                shaped.broadcast_s(ranks=2, nbytes=n) * ratio)
+
+
+def test_measured_points_keep_the_broadcast_bound_valid():
+    """The stepped curve is not additive (two 8 KiB broadcasts cost less than one of 16 KiB):
+    the bound must stay below every placement's broadcasts."""
+    doc = two_layer_profile(world_size=2, alpha=1e-3, beta=1e-9)
+    for layer in doc["layers"]:
+        layer["grad_numel"] = 2048  # 8 KiB each
+    steep = [5e-4, 5e-4, 4e-3, 4.1e-3, 4.4e-3]
+    doc = with_measured_points(doc, SIZES, steep, steep)
+    profile = profile_from_dict(doc)
+    split = predict(profile, owners=(0, 1), workers=2, config=FREQ1).broadcast_s
+    together = predict(profile, owners=(0, 0), workers=2, config=FREQ1).broadcast_s
+    assert split < together  # the curve really is not additive here
+    for workers in (2, 5):
+        bound = broadcast_lower_bound_s(profile, workers=workers)
+        for owners in ((0, 0), (0, 1), (1, workers - 1)):
+            assert bound <= predict(profile, owners=owners, workers=workers,
+                                    config=FREQ1).broadcast_s * (1 + 1e-12)
+
+
+def test_measured_points_round_trip_and_mismatch_is_an_input_error():
+    from planner.profile import profile_to_dict
+
+    doc = with_measured_points(two_layer_profile(), SIZES, STEPPED, STEPPED)
+    doc["comm"]["source"] = "measured"
+    doc["comm"]["allreduce"]["fit_mean_rel_error"] = 0.37
+    again = profile_to_dict(profile_from_dict(doc))
+    assert again["comm"] == doc["comm"]
+    bad = with_measured_points(two_layer_profile(), SIZES, STEPPED[:-1], STEPPED)
+    with pytest.raises(InputError, match="comm.allreduce.seconds"):
+        profile_from_dict(bad)
+    unsorted = with_measured_points(two_layer_profile(), SIZES[::-1], STEPPED, STEPPED)
+    with pytest.raises(InputError, match="ascending"):
+        profile_from_dict(unsorted)

@@ -59,3 +59,19 @@ def test_profile_of_a_real_model_is_a_valid_profile():
     assert doc["comm"]["world_size"] == 1 and doc["comm"]["source"].startswith("assumed")
     assert doc["layers"][0]["rows_a"] == 16
     assert set(doc["fits"]) >= {"decompose", "factor", "precondition", "decompose_power"}
+    assert doc["environment"]["flush_denormal"] is True  # timed as `train` runs by default
+
+
+def test_flushing_denormals_zeroes_subnormal_floats_inside_the_block():
+    from executor.cpu_numerics import flush_denormal_enabled, flushed_denormals
+
+    tiny = torch.tensor([1], dtype=torch.int32).view(torch.float32)  # smallest subnormal
+    assert not flush_denormal_enabled()  # torch's default, and every block restores it
+    with flushed_denormals(True) as flushing:
+        if not flushing:
+            pytest.skip("this CPU cannot flush subnormals")
+        assert (tiny * 1.0).item() == 0.0
+        with flushed_denormals(False) as inner:
+            assert inner is False and (tiny * 1.0).item() > 0.0
+        assert flush_denormal_enabled()
+    assert (tiny * 1.0).item() > 0.0
