@@ -62,8 +62,8 @@ def profile_model(model_name: str, batch_size: int, world: WorldInfo, *,
     """Measure `model_name` at `batch_size` per worker; the profile document (dpkfac.profile/1).
 
     After folding `factor_batches` batches into the factors (so decompositions see full-rank
-    factors, as in training), it runs warm-up + repeats training-like steps: forward/backward
-    with the capture hooks, the gradient packing of the all-reduce, every layer's factor
+    factors, as in training), rank 0 alone (the others wait) runs warm-up + repeats
+    training-like steps: forward/backward with the capture hooks, the gradient packing of the all-reduce, every layer's factor
     updates, then every decomposition, then every preconditioning, the KL clip and write-back,
     and an optimizer step with learning rate 0 (weights stay put), in the executor's order, so
     each kernel is timed with the caches as training leaves them. Medians over the repeats.
@@ -80,15 +80,17 @@ def _profile_model(model_name: str, batch_size: int, world: WorldInfo, options: 
     blocks, captured = _accumulate_factors(model, batches, options.factor_decay)
     method = ComputeMethod(options.compute_method)
     with _progress_bar(progress, options.warmup + options.repeats + 1) as bar:
-        samples = _time_steps(model, blocks, batches, method, options,
-                              advance=lambda: _advance(bar, "steps"))
+        samples = _on_rank_zero_alone(world, lambda: _time_steps(
+            model, blocks, batches, method, options, advance=lambda: _advance(bar, "steps")))
         layers = [_layer_record(block, samples[block.name], captured[block.name][1])
                   for block in blocks]
         step = _step_record(samples["step"])
         grad_bytes = 4 * sum(p.numel() for p in model.parameters() if p.requires_grad)
         x, y = batches[0]
+        kfac_bytes = 4 * sum(block.grad_numel for block in blocks)
         comm = _profile_comm(world, options, message_sizes(grad_bytes),
-                             before=lambda: F.cross_entropy(model(x), y).backward())
+                             before=lambda: F.cross_entropy(model(x), y).backward(),
+                             owner_bytes=kfac_bytes // world.world_size)
         _advance(bar, "collectives")
     return {
         "schema": PROFILE_SCHEMA_ID, "model": model_name, "batch_size": batch_size,
@@ -99,6 +101,19 @@ def _profile_model(model_name: str, batch_size: int, world: WorldInfo, options: 
         "model_grad_numel": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "environment": dict(_environment(world, options), flush_denormal=flushing),
     }
+
+
+def _on_rank_zero_alone(world: WorldInfo, measure):
+    """`measure()` run on rank 0 while the other ranks wait at a barrier; its result on every
+    rank. Kernels are timed uncontended, as an owner meets them in training (the others wait in
+    the broadcast): on a host with fewer cores than ranks, timing all ranks at once would
+    charge every kernel for the other ranks' work."""
+    if world.world_size == 1:
+        return measure()
+    result = [measure() if world.rank == 0 else None]
+    dist.barrier()
+    dist.broadcast_object_list(result, src=0)
+    return result[0]
 
 
 def _batches(model_name: str, batch_size: int, count: int,
@@ -245,7 +260,7 @@ def _rows(block: KFACBlock, grad_output: torch.Tensor) -> int:
 
 
 def _profile_comm(world: WorldInfo, options: ProfileOptions, sizes: tuple[int, ...],
-                  before=lambda: None) -> dict:
+                  before=lambda: None, owner_bytes: int = 1 << 10) -> dict:
     backend = world.backend or ("nccl" if world.device.type == "cuda" else "gloo")
     if world.world_size == 1:
         return {"backend": backend, "world_size": 1, "allreduce": dict(ASSUMED_COMM),
@@ -253,21 +268,47 @@ def _profile_comm(world: WorldInfo, options: ProfileOptions, sizes: tuple[int, .
                                                            "measure; run under torchrun to fit)"}
     fits = {}
     for kind in ("allreduce", "broadcast"):
-        seconds = [_time_collective(kind, n, world, options, before) for n in sizes]
+        seconds = [_time_collective(_collective(kind, n, world), world, options, before)
+                   for n in sizes]
         fits[kind] = dict(fit_alpha_beta(sizes, seconds), seconds=seconds)
     return {"backend": backend, "world_size": world.world_size, **fits, "source": "measured",
-            "message_bytes": list(sizes)}
+            "statistic": "mean over trials of the slowest rank's time",
+            "message_bytes": list(sizes),
+            **_broadcast_overlap(world, options, max(owner_bytes, 1 << 10), before)}
 
 
-def _time_collective(kind: str, nbytes: int, world: WorldInfo, options: ProfileOptions,
-                     before) -> float:
-    """Seconds of one collective of `nbytes` bytes as training meets it: right after compute
-    (`before`, one forward/backward of the model, when the communication threads have gone
-    idle), not back to back. Each trial: barrier, compute, then one timed call on every rank;
-    a trial's time is its slowest rank's (a broadcast's root returns before the last receiver
-    is done); median over the trials. Every rank runs the same fixed number of collectives."""
+def _collective(kind: str, nbytes: int, world: WorldInfo):
+    """One blocking all-reduce or broadcast (from rank 0) of `nbytes` bytes, as a callable."""
     buf = torch.zeros(max(nbytes // 4, 1), dtype=torch.float32, device=world.device)
-    op = (lambda: dist.all_reduce(buf)) if kind == "allreduce" else (lambda: dist.broadcast(buf, 0))
+    return (lambda: dist.all_reduce(buf)) if kind == "allreduce" else (lambda: dist.broadcast(buf, 0))
+
+
+def _broadcast_overlap(world: WorldInfo, options: ProfileOptions, nbytes: int, before) -> dict:
+    """How many broadcasts posted together progress at once, as the executor posts them: one
+    asynchronous broadcast of `nbytes` bytes from every rank, then wait for all; overlap =
+    world_size x (one broadcast's time) / (the group's time), between 1 and world_size."""
+    bufs = [torch.zeros(max(nbytes // 4, 1), device=world.device)
+            for _ in range(world.world_size)]
+
+    def group():
+        for work in [dist.broadcast(buf, src, async_op=True) for src, buf in enumerate(bufs)]:
+            work.wait()
+
+    single_s = _time_collective(lambda: dist.broadcast(bufs[0], 0), world, options, before)
+    group_s = _time_collective(group, world, options, before)
+    overlap = min(max(world.world_size * single_s / group_s, 1.0), float(world.world_size))
+    return {"broadcast_overlap": overlap,
+            "broadcast_overlap_measured": {"message_bytes": nbytes, "one_s": single_s,
+                                           "all_ranks_s": group_s}}
+
+
+def _time_collective(op, world: WorldInfo, options: ProfileOptions, before) -> float:
+    """Seconds of one collective call `op` as training meets it: right after compute (`before`,
+    one forward/backward of the model, when the communication threads have gone idle), not back
+    to back. Each trial: barrier, compute, then one timed call on every rank; a trial's time is
+    its slowest rank's (a broadcast's root returns before the last receiver is done). The mean
+    over the trials, not the median: collectives on shared hosts have long tails, and the
+    planner predicts mean step times. Every rank runs the same fixed number of collectives."""
     seconds = torch.zeros(options.warmup + 2 * options.repeats, dtype=torch.float64)
     for i in range(len(seconds)):
         dist.barrier()
@@ -278,7 +319,7 @@ def _time_collective(kind: str, nbytes: int, world: WorldInfo, options: ProfileO
         synchronize_device()
         seconds[i] = time.perf_counter() - start
     dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
-    return float(seconds[options.warmup:].median())
+    return float(seconds[options.warmup:].mean())
 
 
 def fit_alpha_beta(nbytes, seconds) -> dict:

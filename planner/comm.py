@@ -14,6 +14,7 @@ per-hop values. With p == 1 every collective costs 0 seconds and moves 0 bytes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 from .profile import AlphaBeta, CommCosts, MeasuredPoints
 
@@ -85,6 +86,10 @@ class Network:
     With measured points (a profile measured at `measured_ranks` > 1 ranks), a collective of n
     bytes at p ranks costs the measured time at n scaled by model(p, n) / model(measured_ranks,
     n): exactly the measurement at the measured rank count, the per-hop forms elsewhere.
+
+    broadcast_overlap: how many of a step's broadcasts, posted together, progress at once (1:
+    one after another, as on one NCCL stream; gloo runs asynchronous collectives on 2 threads,
+    and the profiler measures it).
     """
     broadcast_hop: AlphaBeta
     allreduce_hop: AlphaBeta
@@ -92,6 +97,12 @@ class Network:
     measured_ranks: int = 1
     broadcast_points: MeasuredPoints | None = None
     allreduce_points: MeasuredPoints | None = None
+    broadcast_overlap: float = 1.0
+
+    def broadcast_group_s(self, seconds: Sequence[float]) -> float:
+        """Seconds for broadcasts taking `seconds` each alone, posted together: their sum spread
+        over `broadcast_overlap` lanes, never less than the longest."""
+        return max(max(seconds, default=0.0), sum(seconds) / self.broadcast_overlap)
 
     def broadcast_s(self, *, ranks: int, nbytes: float) -> float:
         """Seconds for one broadcast of `nbytes` bytes among `ranks` ranks (0 at one rank)."""
@@ -110,7 +121,8 @@ class Network:
     def broadcasts_floor_s(self, *, ranks: int, total_bytes: float) -> float:
         """A proven lower bound on the seconds of one or more broadcasts among `ranks` ranks
         that together move `total_bytes` bytes. Model only: one broadcast of everything (k
-        broadcasts cost k (p-1) alpha' + N beta'). With measured points, whose curve need not be
+        broadcasts cost k (p-1) alpha' + N beta', spread over broadcast_overlap lanes, and at
+        least the latency of one). With measured points, whose curve need not be
         additive: the least time of any single broadcast of at most `total_bytes` bytes (the
         least measured-curve time up to there times the least model ratio, which sits at one of
         the size range's ends)."""
@@ -119,7 +131,7 @@ class Network:
             return 0.0
         model = self._broadcast_model
         if self.broadcast_points is None:
-            return model(ranks, total_bytes)
+            return max(model(ranks, total_bytes) / self.broadcast_overlap, model(ranks, 0.0))
         ratio = min(_ratio(model(ranks, n), model(self.measured_ranks, n))
                     for n in (0.0, total_bytes))
         return self.broadcast_points.floor_s(total_bytes) * ratio
@@ -155,4 +167,5 @@ def network_from_profile(costs: CommCosts) -> Network:
                    allreduce_hop=allreduce_per_hop(costs.allreduce, measured_ranks=costs.world_size),
                    source="profile", measured_ranks=costs.world_size,
                    broadcast_points=costs.broadcast_points if measured else None,
-                   allreduce_points=costs.allreduce_points if measured else None)
+                   allreduce_points=costs.allreduce_points if measured else None,
+                   broadcast_overlap=costs.broadcast_overlap)

@@ -219,11 +219,11 @@ def run_validate(args: argparse.Namespace) -> int:
         raise InputError(f"run {args.run!r} has world_size {summary['world_size']}, placement "
                          f"{args.placement!r} is for {placement['world_size']}")
     staggered = bool(summary.get("staggered_decompositions", False))
-    rows = compare(predicted_phases(profile, placement, staggered=staggered),
-                   measured_phases(summary))
+    measured = measured_phases(summary)
+    rows = compare(predicted_phases(profile, placement, staggered=staggered), measured)
     scales = None
     if out is not None:
-        calibrated, scales = calibrate(profile, rows)
+        calibrated, scales = calibrate(profile, placement, measured, staggered=staggered)
         write_json_atomic(out, profile_to_dict(calibrated))
     if args.format == "json":
         document = {"schema": "dpkfac.validation/1", "placement": args.placement,

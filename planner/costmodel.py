@@ -129,8 +129,10 @@ def owner_broadcasts_s(profile: Profile, *, owners: Sequence[int], workers: int,
 
 def broadcast_total_s(profile: Profile, *, owners: Sequence[int], workers: int,
                       network: comm.Network | None = None) -> float:
-    """Seconds of all broadcasts of one step: one fused broadcast per owner with >= 1 layer."""
-    return sum(owner_broadcasts_s(profile, owners=owners, workers=workers, network=network))
+    """Seconds of all broadcasts of one step: one fused broadcast per owner with >= 1 layer,
+    posted together (comm.Network.broadcast_group_s)."""
+    return network_of(profile, network).broadcast_group_s(
+        owner_broadcasts_s(profile, owners=owners, workers=workers, network=network))
 
 
 def broadcast_lower_bound_s(profile: Profile, *, workers: int,

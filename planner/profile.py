@@ -96,6 +96,7 @@ class CommCosts:
     broadcast: AlphaBeta
     allreduce_points: MeasuredPoints | None = None
     broadcast_points: MeasuredPoints | None = None
+    broadcast_overlap: float = 1.0  # broadcasts posted together that progress at once
     notes: dict = field(default_factory=dict, compare=False)
 
     def scaled(self, *, allreduce: float, broadcast: float) -> "CommCosts":
@@ -167,7 +168,8 @@ def profile_from_dict(doc: Any, *, source: str = "profile") -> Profile:
     )
 
 
-_COMM_KEYS = {"backend", "world_size", "allreduce", "broadcast", "message_bytes"}
+_COMM_KEYS = {"backend", "world_size", "allreduce", "broadcast", "message_bytes",
+              "broadcast_overlap"}
 _COLLECTIVE_KEYS = {"alpha_s", "beta_s_per_byte", "seconds"}
 
 
@@ -193,7 +195,7 @@ def _comm_costs(comm: dict, *, source: str) -> CommCosts:
                      allreduce=AlphaBeta(**_alpha_beta(comm["allreduce"])),
                      broadcast=AlphaBeta(**_alpha_beta(comm["broadcast"])),
                      allreduce_points=points["allreduce"], broadcast_points=points["broadcast"],
-                     notes=notes)
+                     broadcast_overlap=comm.get("broadcast_overlap", 1.0), notes=notes)
 
 
 def _alpha_beta(d: dict) -> dict:
@@ -227,6 +229,8 @@ def _comm_to_dict(costs: CommCosts) -> dict:
     notes = dict(costs.notes)
     doc = {k: v for k, v in notes.items() if not k.endswith("_fit")}
     doc.update(backend=costs.backend, world_size=costs.world_size)
+    if costs.broadcast_overlap != 1.0:
+        doc["broadcast_overlap"] = costs.broadcast_overlap
     for kind, fit, points in (("allreduce", costs.allreduce, costs.allreduce_points),
                               ("broadcast", costs.broadcast, costs.broadcast_points)):
         doc[kind] = dict(notes.get(f"{kind}_fit", {}), **asdict(fit))

@@ -61,6 +61,7 @@ PROFILE_SCHEMA: dict = {
                 "backend": {"enum": ["gloo", "nccl", "mpi"]},
                 "world_size": POSITIVE_INTEGER,
                 "message_bytes": {"type": "array", "minItems": 1, "items": POSITIVE_INTEGER},
+                "broadcast_overlap": {"type": "number", "minimum": 1},
                 "allreduce": _ALPHA_BETA,
                 "broadcast": _ALPHA_BETA,
             },

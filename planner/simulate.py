@@ -14,8 +14,10 @@ One step, on every worker w (times divided by w's speed; seconds):
    one shared network (they serialise in rank order) and cannot start before its owner has
    finished step 3. In "collective" mode (the executor today) a broadcast also needs every rank
    to have posted it, and a rank posts all its broadcasts only once its own step 3 is done, so
-   the broadcasts start when the slowest rank is done; in "owner" mode (an executor that posts
-   receives early) each starts as soon as its owner is done and the network is free;
+   the broadcasts start when the slowest rank is done, all posted together, and take
+   Network.broadcast_group_s of their times (spread over the backend's measured overlap); in
+   "owner" mode (an executor that posts receives early) each starts as soon as its owner is
+   done and the network is free;
 5. every rank waits for all broadcasts, then runs the optimizer.
 
 The step ends when the last worker finishes its optimizer. A cycle is lcm(factor_update_freq,
@@ -32,7 +34,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from .comm import Network
-from .costmodel import PlanConfig, gradient_allreduce_s, owner_broadcasts_s
+from .costmodel import PlanConfig, gradient_allreduce_s, network_of, owner_broadcasts_s
 from .instance import check_speeds
 from .profile import Profile
 
@@ -154,8 +156,11 @@ def simulate_step(profile: Profile, *, owners: Sequence[int], workers: int, conf
     ar_end = ar_start + allreduce
     finish = ar_end + phase_s.sum(axis=1)
 
-    # broadcasts, in rank order, on one network
+    # broadcasts, in rank order, on one network; posted together they share its lanes
     sizes = owner_broadcasts_s(profile, owners=owners, workers=workers, network=network)
+    if broadcast_mode == "collective" and sum(sizes) > 0:
+        stretch = network_of(profile, network).broadcast_group_s(sizes) / sum(sizes)
+        sizes = tuple(t * stretch for t in sizes)
     has_layers = np.bincount(np.asarray(owners, dtype=int), minlength=workers) > 0
     posted = float(finish.max())
     bcasts: list[tuple[int, float, float, str]] = []  # (src, start, end, cause)

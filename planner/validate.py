@@ -96,36 +96,83 @@ def compare(predicted: Mapping[str, Sequence[float]],
             for phase in (*PHASES, "step_time")]
 
 
-def calibrate(profile: Profile, rows: Sequence[PhaseRow]) -> tuple[Profile, dict[str, float]]:
-    """A profile whose costs are scaled so the same placement would predict the measured phases.
+COMPUTE_PHASES = ("forward_backward", "factors", "decompose", "precondition", "apply",
+                  "optimizer")
+COMM_PHASES = ("allreduce", "broadcast")
 
-    Each compute phase (forward/backward, factors, decompositions, preconditioning, optimizer)
-    is scaled by measured / predicted; the collectives' alpha and beta by the same ratio of the
-    all-reduce and broadcast phases. Returns the calibrated profile and the scale factors.
+
+def calibrate(profile: Profile, placement: Mapping, measured: Mapping[str, Sequence[float]], *,
+              staggered: bool = False, max_rounds: int = 30,
+              tolerance: float = 1e-4) -> tuple[Profile, dict[str, float]]:
+    """A profile scaled so that the same placement predicts the measured phases.
+
+    Compute phases (forward/backward, factors, decompositions, preconditioning, apply,
+    optimizer) have no waiting in them: each is scaled by measured / predicted (means over
+    ranks). The all-reduce and broadcast phases also hold waiting for the slowest rank, which
+    the compute scales already set; each collective's scale is then solved for (secant steps:
+    the phase grows linearly with it while the critical path stays) until its phase agrees
+    within `tolerance` (never below 1e-3: a phase measured shorter than the waiting the
+    simulation puts in it cannot be matched). Returns the profile and the scale factors.
     """
-    ratio = {row.phase: (row.measured_s / row.predicted_s if row.predicted_s > 0 else 1.0)
-             for row in rows}
-    measured = {row.phase: row.measured_s for row in rows}
-    predicted = {row.phase: row.predicted_s for row in rows}
+    want = _phase_means(measured)
+    have = _phase_means(predicted_phases(profile, placement, staggered=staggered))
+    scales = {phase: _ratio(want[phase], have[phase]) for phase in COMPUTE_PHASES}
+    scales.update(dict.fromkeys(COMM_PHASES, 1.0))
+
+    def phase_at(phase: str, scale: float) -> float:
+        trial = _scaled_profile(profile, dict(scales, **{phase: scale}), want, have)
+        return _phase_means(predicted_phases(trial, placement, staggered=staggered))[phase]
+
+    for phase in COMM_PHASES:
+        scales[phase] = _solve_increasing(lambda s, p=phase: phase_at(p, s), want[phase],
+                                          rounds=max_rounds, tolerance=tolerance)
+    calibrated = _scaled_profile(profile, scales, want, have)
+    extra = dict(profile.extra, calibrated={"scales": scales})
+    return replace(calibrated, extra=extra), scales
+
+
+def _phase_means(phases: Mapping[str, Sequence[float]]) -> dict[str, float]:
+    return {phase: float(np.mean(phases[phase])) for phase in (*PHASES, "step_time")}
+
+
+def _solve_increasing(f, target: float, *, rounds: int, tolerance: float,
+                      floor: float = 1e-3) -> float:
+    """x >= floor with f(x) == target for a nondecreasing, piecewise-linear f, by secant steps
+    from x = 1 (the best x found when it cannot be met)."""
+    x0, y0 = 1.0, f(1.0)
+    x1 = max(x0 * _ratio(target, y0), floor)
+    y1 = f(x1)
+    for _ in range(rounds):
+        if abs(y1 - target) <= tolerance * max(target, 1e-12) or x1 == x0:
+            break
+        slope = (y1 - y0) / (x1 - x0)
+        if slope <= 0:
+            break
+        x0, y0 = x1, y1
+        x1 = max(x1 + (target - y1) / slope, floor)
+        y1 = f(x1)
+    return x1
+
+
+def _ratio(measured_s: float, predicted_s: float) -> float:
+    return measured_s / predicted_s if predicted_s > 0 else 1.0
+
+
+def _scaled_profile(profile: Profile, scales: Mapping[str, float], measured: Mapping[str, float],
+                    predicted: Mapping[str, float]) -> Profile:
+    """`profile` with each phase's costs times its scale."""
     layers = tuple(replace(layer,
-                           factor_a_s=layer.factor_a_s * ratio["factors"],
-                           factor_g_s=layer.factor_g_s * ratio["factors"],
-                           decompose_a_s=layer.decompose_a_s * ratio["decompose"],
-                           decompose_g_s=layer.decompose_g_s * ratio["decompose"],
-                           precondition_s=layer.precondition_s * ratio["precondition"])
+                           factor_a_s=layer.factor_a_s * scales["factors"],
+                           factor_g_s=layer.factor_g_s * scales["factors"],
+                           decompose_a_s=layer.decompose_a_s * scales["decompose"],
+                           decompose_g_s=layer.decompose_g_s * scales["decompose"],
+                           precondition_s=layer.precondition_s * scales["precondition"])
                    for layer in profile.layers)
-    comm = profile.comm.scaled(allreduce=ratio["allreduce"], broadcast=ratio["broadcast"])
-    extra = dict(profile.extra, calibrated={"scales": ratio})
-    calibrated = replace(profile, layers=layers, comm=comm, extra=extra,
-                         forward_backward_s=profile.forward_backward_s * ratio["forward_backward"],
-                         optimizer_s=profile.optimizer_s * ratio["optimizer"],
-                         pack_s=_step_cost(profile.pack_s, ratio["allreduce"],
-                                           measured["allreduce"], predicted["allreduce"]),
-                         apply_s=_step_cost(profile.apply_s, ratio["apply"], measured["apply"],
-                                            predicted["apply"]))
-    return calibrated, ratio
-
-
-def _step_cost(old_s: float, ratio: float, measured_s: float, predicted_s: float) -> float:
-    """A step-level cost scaled like its phase, or the measured phase when nothing predicted it."""
-    return old_s * ratio if predicted_s > 0 else measured_s
+    apply_s = (profile.apply_s * scales["apply"] if profile.apply_s > 0
+               else measured["apply"])  # nothing predicted it: take the measurement
+    return replace(profile, layers=layers,
+                   comm=profile.comm.scaled(allreduce=scales["allreduce"],
+                                            broadcast=scales["broadcast"]),
+                   forward_backward_s=profile.forward_backward_s * scales["forward_backward"],
+                   optimizer_s=profile.optimizer_s * scales["optimizer"],
+                   pack_s=profile.pack_s, apply_s=apply_s)

@@ -110,8 +110,9 @@ def scale_bandwidth(profile: Profile, scale: float) -> Profile:
 def _scaled_network(network: Network, scale: float) -> Network:
     faster = lambda ab: AlphaBeta(alpha_s=ab.alpha_s,  # noqa: E731
                                   beta_s_per_byte=ab.beta_s_per_byte / scale)
-    return Network(broadcast_hop=faster(network.broadcast_hop),
-                   allreduce_hop=faster(network.allreduce_hop), source=network.source)
+    return dataclasses.replace(network, broadcast_hop=faster(network.broadcast_hop),
+                               allreduce_hop=faster(network.allreduce_hop),
+                               broadcast_points=None, allreduce_points=None)
 
 
 def sweep_rows(profile: Profile, sweep: Sweep) -> list[dict]:

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from planner import commands
 from planner.costmodel import PlanConfig
 from planner.placement import make_placement
-from planner.profile import load_profile
+from planner.profile import load_profile, profile_from_dict, profile_to_dict
 from planner.simulate import PHASES
 from planner.validate import (PhaseRow, calibrate, compare, measured_phases, predicted_phases)
 
@@ -41,11 +43,12 @@ def test_phases_add_up_to_the_step_on_every_rank(tmp_path):
 def test_relative_error_and_calibration_arithmetic(tmp_path):
     _, profile, placement = _placement(tmp_path)
     predicted = predicted_phases(profile, placement)
-    rows = compare(predicted, measured_phases(_summary_scaled(predicted, 1.25, 2)))
+    measured = measured_phases(_summary_scaled(predicted, 1.25, 2))
+    rows = compare(predicted, measured)
     for row in rows:
         if row.measured_s > 0:
             assert row.rel_error == pytest.approx(1 / 1.25 - 1)
-    calibrated, scales = calibrate(profile, rows)
+    calibrated, scales = calibrate(profile, placement, measured)
     for phase in ("factors", "decompose", "precondition", "forward_backward", "optimizer"):
         assert scales[phase] == pytest.approx(1.25)
     assert calibrated.layers[0].decompose_a_s == pytest.approx(1.25 * profile.layers[0].decompose_a_s)
@@ -53,7 +56,23 @@ def test_relative_error_and_calibration_arithmetic(tmp_path):
         scales["broadcast"] * profile.comm.broadcast.alpha_s)
     # the calibrated profile now predicts the measured step (every cost scaled alike)
     again = predicted_phases(calibrated, placement)
-    assert again["step_time"][0] == pytest.approx(1.25 * predicted["step_time"][0], rel=1e-6)
+    assert again["step_time"][0] == pytest.approx(1.25 * predicted["step_time"][0], rel=1e-3)
+
+
+def test_calibration_separates_waiting_from_communication(tmp_path):
+    """Measured: compute as predicted, collectives 3x slower. The phases that hold waiting must
+    come back exactly, so the collectives' scale is 3, not the phase ratio."""
+    _, profile, placement = _placement(tmp_path, workers=3)
+    slow = profile_from_dict(profile_to_dict(replace(
+        profile, comm=profile.comm.scaled(allreduce=3.0, broadcast=3.0))))
+    measured = predicted_phases(slow, placement)
+    calibrated, scales = calibrate(profile, placement, measured)
+    assert scales["allreduce"] == pytest.approx(3.0, rel=1e-3)
+    assert scales["broadcast"] == pytest.approx(3.0, rel=1e-3)
+    again = predicted_phases(calibrated, placement)
+    for phase in (*PHASES, "step_time"):
+        assert np.mean(again[phase]) == pytest.approx(np.mean(measured[phase]), rel=1e-3,
+                                                      abs=1e-12)
 
 
 def test_phase_row_error_signs():
