@@ -33,6 +33,9 @@ def _register_profile(subparsers) -> None:
     p.add_argument("--keep-denormals", action="store_true",
                    help="do not flush subnormal floats to zero on CPU (they can make K-FAC "
                    "steps several times slower; flushing is the default)")
+    p.add_argument("--release-freed-memory", action="store_true",
+                   help="let glibc's malloc return freed memory to the kernel (default: keep it "
+                   "for reuse, so large temporaries are not page-faulted in every step)")
     p.set_defaults(func=_run_profile)
 
 
@@ -79,6 +82,9 @@ def _register_train(subparsers) -> None:
     p.add_argument("--keep-denormals", action="store_true",
                    help="do not flush subnormal floats to zero on CPU (they can make K-FAC "
                    "steps several times slower; flushing is the default)")
+    p.add_argument("--release-freed-memory", action="store_true",
+                   help="let glibc's malloc return freed memory to the kernel (default: keep it "
+                   "for reuse, so large temporaries are not page-faulted in every step)")
     p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     p.set_defaults(func=_run_train)
 
@@ -102,7 +108,8 @@ def _run_profile(args: argparse.Namespace) -> int:
     world = init_distributed(device=args.device)
     try:
         options = ProfileOptions(compute_method=args.compute_method, warmup=args.warmup,
-                                 repeats=args.repeats, flush_denormal=not args.keep_denormals)
+                                 repeats=args.repeats, flush_denormal=not args.keep_denormals,
+                                 keep_freed_memory=not args.release_freed_memory)
         doc = profile_model(args.model, args.batch_size, world, options=options,
                             progress=world.rank == 0 and sys.stderr.isatty())
     finally:
@@ -158,6 +165,7 @@ def _run_train(args: argparse.Namespace) -> int:
                       precise_timing=args.precise_timing,
                       stagger_decompositions=args.stagger_decompositions,
                       flush_denormal=not args.keep_denormals,
+                      keep_freed_memory=not args.release_freed_memory,
                       progress=False if args.no_progress else None, **overrides)
     _print_summary(run_training(cfg), args.out)
     return 0

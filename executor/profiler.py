@@ -22,7 +22,7 @@ from planner.curves import fit_cost_curves, fit_line
 from planner.schemas import PROFILE_SCHEMA_ID
 
 from .blocks import ComputeMethod, KFACBlock, apply_preconditioned, kfac_layers, make_block
-from .cpu_numerics import flushed_denormals
+from .cpu_runtime import flushed_denormals, keep_freed_memory
 from .data import load_digits_split
 from .distributed import WorldInfo, average_gradients_
 from .models import build_model, input_spec
@@ -54,7 +54,8 @@ class ProfileOptions:
     repeats: int = 15
     factor_batches: int = 16  # distinct batches folded into the factors before timing
     factor_decay: float = 0.95
-    flush_denormal: bool = True  # as `train` does by default (cpu_numerics)
+    flush_denormal: bool = True  # as `train` does by default (cpu_runtime)
+    keep_freed_memory: bool = True  # as `train` does by default (cpu_runtime)
 
 
 def profile_model(model_name: str, batch_size: int, world: WorldInfo, *,
@@ -68,8 +69,11 @@ def profile_model(model_name: str, batch_size: int, world: WorldInfo, *,
     and an optimizer step with learning rate 0 (weights stay put), in the executor's order, so
     each kernel is timed with the caches as training leaves them. Medians over the repeats.
     """
+    malloc = keep_freed_memory() if options.keep_freed_memory else {}
     with flushed_denormals(options.flush_denormal) as flushing:
-        return _profile_model(model_name, batch_size, world, options, progress, flushing)
+        doc = _profile_model(model_name, batch_size, world, options, progress, flushing)
+    doc["environment"]["malloc"] = malloc
+    return doc
 
 
 def _profile_model(model_name: str, batch_size: int, world: WorldInfo, options: ProfileOptions,

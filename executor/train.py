@@ -36,7 +36,7 @@ from planner.strategy import STRATEGY_OF, Strategy, kaisa_variant, parse_fractio
 from .blocks import kfac_layers
 from .checkpoint import (CHECKPOINT_NAME, checkpoint_exists, load_checkpoint,
                          remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state)
-from .cpu_numerics import flushed_denormals
+from .cpu_runtime import flushed_denormals, keep_freed_memory
 from .data import load_split, test_loader, train_loader
 from .distributed import (WorldInfo, average_gradients_, broadcast_object, init_distributed,
                           ring_allreduce_bytes, shutdown_distributed)
@@ -79,7 +79,8 @@ class TrainConfig:
     resume: bool | str = False  # False/"never", True/"always" (needs DIR/checkpoint.pt), "auto"
     timeout_s: float = 600.0    # process-group timeout: a collective waits at most this long
     warmup_steps: int = 5
-    flush_denormal: bool = True  # flush subnormal floats to zero on CPU (see cpu_numerics)
+    flush_denormal: bool = True  # flush subnormal floats to zero on CPU (see cpu_runtime)
+    keep_freed_memory: bool = True  # malloc keeps freed memory: no page faults (cpu_runtime)
     precise_timing: bool = False
     stagger_decompositions: bool = False
     progress: bool | None = None
@@ -115,8 +116,10 @@ def run_training(cfg: TrainConfig) -> dict:
         _check_world(placement, world, cfg)
         fingerprint = run_fingerprint(cfg, placement, model_name, layer_names, world)
         _agree_on_fingerprint(fingerprint, world)
+        malloc = keep_freed_memory() if cfg.keep_freed_memory else {}
         with flushed_denormals(cfg.flush_denormal) as flushing:
-            return _train(cfg, placement, model_name, world, position, fingerprint, flushing)
+            return _train(cfg, placement, model_name, world, position, fingerprint,
+                          dict(flush_denormal=flushing, malloc=malloc))
     except RuntimeError as exc:
         if world.world_size > 1 and _is_collective_failure(exc, position):
             raise RunFault(fault_message(rank=world.rank, world_size=world.world_size,
@@ -251,7 +254,7 @@ def _check_world(placement: dict, world: WorldInfo, cfg: TrainConfig) -> None:
 
 
 def _train(cfg: TrainConfig, placement: dict, model_name: str, world: WorldInfo,
-           position: RunPosition, fingerprint: dict, flushing: bool) -> dict:
+           position: RunPosition, fingerprint: dict, cpu_runtime: dict) -> dict:
     torch.manual_seed(cfg.seed)
     model = build_model_checked(model_name).to(world.device)  # built after seeding: same init
     _broadcast_parameters(model, world)
@@ -317,7 +320,7 @@ def _train(cfg: TrainConfig, placement: dict, model_name: str, world: WorldInfo,
         _checkpoint(out, world, model, optimizer, precond, step, here, fingerprint, skipped)
     position.at("summary")
     summary = _summarise(cfg, world, model, precond, records, step, grad_bytes, split, skipped)
-    summary["flush_denormal"] = flushing
+    summary["cpu_runtime"] = cpu_runtime
     if world.rank == 0:
         write_json_atomic(out / "summary.json", summary)
     return summary

@@ -60,10 +60,11 @@ def test_profile_of_a_real_model_is_a_valid_profile():
     assert doc["layers"][0]["rows_a"] == 16
     assert set(doc["fits"]) >= {"decompose", "factor", "precondition", "decompose_power"}
     assert doc["environment"]["flush_denormal"] is True  # timed as `train` runs by default
+    assert doc["environment"]["malloc"]["malloc_trim_threshold"] > 0
 
 
 def test_flushing_denormals_zeroes_subnormal_floats_inside_the_block():
-    from executor.cpu_numerics import flush_denormal_enabled, flushed_denormals
+    from executor.cpu_runtime import flush_denormal_enabled, flushed_denormals
 
     tiny = torch.tensor([1], dtype=torch.int32).view(torch.float32)  # smallest subnormal
     assert not flush_denormal_enabled()  # torch's default, and every block restores it
