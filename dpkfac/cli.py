@@ -7,6 +7,7 @@ exit status 2. A fault of the running job (executor.faults.RunFault: a rank died
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from executor.faults import RunFault
@@ -44,10 +45,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except RunFault as exc:  # a dead or stuck rank: not bad input, and worth a restart
         print(f"error: {exc}", file=sys.stderr)
+        _exit_now_if_broken(1)
         return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+
+
+def _exit_now_if_broken(status: int) -> None:
+    """End the process at once when a process group is still up after a fault: its
+    communication threads are stuck on a dead peer, and the interpreter's teardown of the group
+    would abort the process (SIGABRT, 'terminate called without an active exception') after the
+    `error:` line, turning exit status 1 into -6."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
 
 if __name__ == "__main__":

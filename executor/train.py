@@ -112,6 +112,7 @@ def run_training(cfg: TrainConfig) -> dict:
                             world_size=None, source=f"placement {cfg.placement!r}")
     world = init_distributed(timeout_s=cfg.timeout_s)
     position = RunPosition()
+    broken = False  # a failed collective leaves the process group unusable
     try:
         _check_world(placement, world, cfg)
         fingerprint = run_fingerprint(cfg, placement, model_name, layer_names, world)
@@ -122,12 +123,14 @@ def run_training(cfg: TrainConfig) -> dict:
                           dict(flush_denormal=flushing, malloc=malloc))
     except RuntimeError as exc:
         if world.world_size > 1 and _is_collective_failure(exc, position):
+            broken = True
             raise RunFault(fault_message(rank=world.rank, world_size=world.world_size,
                                          position=position, timeout_s=cfg.timeout_s,
                                          cause=exc)) from None
         raise
     finally:
-        shutdown_distributed()
+        if not broken:  # tearing down a broken gloo group can abort the process (its threads
+            shutdown_distributed()  # are left joinable): the fault path exits without it
 
 
 def build_model_checked(name: str) -> nn.Module:

@@ -73,6 +73,8 @@ def test_plan_train_whatif_round_trip(profile_path, workdir):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 12
     assert summary["parameters_identical"] is True
+    assert summary["cpu_runtime"]["flush_denormal"] is True  # the CPU speed settings, recorded
+    assert summary["cpu_runtime"]["malloc"]["malloc_trim_threshold"] > 0
     owners = set(doc["assignment"].values())
     for rank, memory in enumerate(summary["second_order_memory_bytes"]):
         assert (memory > 0) == (rank in owners)
