@@ -9,8 +9,11 @@ predictions per row, both against the same measured run:
 * "calibrated": the loop closed, from the profile calibrated (`dpkfac validate --calibrate-out`)
   on an earlier, separate training run of the same setting; the placement is re-planned from
   the calibrated profile and that plan is what the measured run trains.
-Exits 1 when any calibrated row's |error| exceeds --max-error (default 10%), or (with
---strict) any profile-only row's; the goal is a 5% mean.
+Exits 1 when any calibrated row's |error| exceeds --max-error (default 10%; the goal is a 5%
+mean) or any profile-only row's exceeds --max-profile-error (default 20%: a guard against
+regressions of the model itself; on this shared 2-core machine the profile-only rows run 0-13%
+under, because collectives in training have longer tails than when profiled alone).
+The ranking check must agree too.
 
     python bench/fidelity.py [--models digits-cnn,digits-mlp] [--workers 1,2,4] [--steps 120]
 """
@@ -85,8 +88,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=300, help="training steps per run")
     parser.add_argument("--max-error", type=float, default=0.10)
     parser.add_argument("--skip-ranking", action="store_true")
-    parser.add_argument("--strict", action="store_true",
-                        help="hold the profile-only predictions to --max-error too")
+    parser.add_argument("--max-profile-error", type=float, default=0.20,
+                        help="bar for the profile-only predictions")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dpkfac-fidelity-"))
     table = Table(title="Predicted vs measured step time (profile -> plan -> train -> validate)")
@@ -106,12 +109,13 @@ def main() -> int:
                           f"{100 * step['rel_error']:+.1f}%", _worst_phase(rows))
     console = Console(width=120)
     console.print(table)
-    for name, values in (("profile-only", raw_errors), ("calibrated", errors)):
+    for name, values, bar in (("profile-only", raw_errors, args.max_profile_error),
+                              ("calibrated", errors, args.max_error)):
         console.print(f"{name}: mean |error| {100 * statistics.fmean(abs(e) for e in values):.1f}%"
                       f" (goal 5%), worst {100 * max(abs(e) for e in values):.1f}% "
-                      f"(bar {100 * args.max_error:.0f}%)")
-    checked = errors + (raw_errors if args.strict else [])
-    ok = max(abs(e) for e in checked) <= args.max_error
+                      f"(bar {100 * bar:.0f}%)")
+    ok = (max(abs(e) for e in errors) <= args.max_error
+          and max(abs(e) for e in raw_errors) <= args.max_profile_error)
     if not args.skip_ranking:
         ok &= ranking_check(work, args, console)
     shutil.rmtree(work, ignore_errors=True)
