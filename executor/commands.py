@@ -30,12 +30,7 @@ def _register_profile(subparsers) -> None:
     p.add_argument("--repeats", type=int, default=15, help="timed runs per kernel (median)")
     p.add_argument("--warmup", type=int, default=3, help="untimed runs before timing")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--keep-denormals", action="store_true",
-                   help="do not flush subnormal floats to zero on CPU (they can make K-FAC "
-                   "steps several times slower; flushing is the default)")
-    p.add_argument("--release-freed-memory", action="store_true",
-                   help="let glibc's malloc return freed memory to the kernel (default: keep it "
-                   "for reuse, so large temporaries are not page-faulted in every step)")
+    _add_cpu_runtime_flags(p)
     p.set_defaults(func=_run_profile)
 
 
@@ -79,14 +74,19 @@ def _register_train(subparsers) -> None:
     p.add_argument("--stagger-decompositions", action="store_true",
                    help="follow the placement's staggered decomposition schedule (plan with "
                    "--inv-update-freq K > 1): a lower peak step, not a lower mean")
+    _add_cpu_runtime_flags(p)
+    p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    p.set_defaults(func=_run_train)
+
+
+def _add_cpu_runtime_flags(p: argparse.ArgumentParser) -> None:
+    """The CPU speed settings `train` and `profile` share (executor/cpu_runtime.py)."""
     p.add_argument("--keep-denormals", action="store_true",
                    help="do not flush subnormal floats to zero on CPU (they can make K-FAC "
                    "steps several times slower; flushing is the default)")
     p.add_argument("--release-freed-memory", action="store_true",
                    help="let glibc's malloc return freed memory to the kernel (default: keep it "
                    "for reuse, so large temporaries are not page-faulted in every step)")
-    p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
-    p.set_defaults(func=_run_train)
 
 
 def _run_profile(args: argparse.Namespace) -> int:
