@@ -59,10 +59,29 @@ def _exit_now_if_broken(status: int) -> None:
     `error:` line, turning exit status 1 into -6."""
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
+        _exit_without_finalizing(status)
+
+
+def console_main() -> int:
+    """The installed `dpkfac` command (and `python -m dpkfac.cli`): main(), then, in a process
+    launched by torchrun that imported torch.distributed, the process ends without the
+    interpreter's finalisation. torch 2.13's gloo worker thread may still be releasing the last
+    collective's tensors (it needs the GIL to do so) while the interpreter finalises; the thread
+    is then killed and the process aborts with SIGABRT after a complete, successful run. Every
+    file is written and closed before main() returns, so nothing is lost."""
+    status = main()
+    if "torch.distributed" in sys.modules:  # plan and whatif never import torch
+        from executor.distributed import launched_by_torchrun
+        if launched_by_torchrun():
+            _exit_without_finalizing(status)
+    return status
+
+
+def _exit_without_finalizing(status: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())
