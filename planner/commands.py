@@ -17,6 +17,7 @@ from .errors import InputError
 from .explain import explain_lines
 from .jsonio import write_atomic, write_json_atomic
 from .placement import load_placement, placement_document, resolve_cluster
+from .owners import OWNER_MODES
 from .plan import make_plan
 from .profile import load_profile, profile_to_dict
 from .report import (compare_table, print_plan_report, print_whatif_table, setting_title,
@@ -54,6 +55,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                            "0.1 ms per layer x worker, at most 3 s)")
     plan.add_argument("--speeds", metavar="LIST",
                       help="relative worker speeds, one per rank, e.g. 1,1,1,0.5 (default all 1)")
+    plan.add_argument("--owners", choices=OWNER_MODES, default="auto",
+                      help="auto (default): with --solver best, also place the layers on fewer "
+                      "owners (halving the count) and keep the shortest predicted step, since "
+                      "every owner pays a broadcast; all: the solver's placement as is")
     plan.add_argument("--explain", action="store_true",
                       help="also explain why the bottleneck worker is the bottleneck")
     plan.add_argument("--compare", action="store_true",
@@ -130,7 +135,7 @@ def run_plan(args: argparse.Namespace) -> int:
     limit = args.time_limit if args.time_limit is not None else auto_time_limit_s(
         layers=len(profile.layers), workers=cluster.workers)
     plan = make_plan(profile=profile, cluster=cluster, config=config, method=args.solver,
-                     memory_cap=cap, time_limit_s=limit)
+                     memory_cap=cap, time_limit_s=limit, owners=args.owners)
     placement = placement_document(plan, profile_path=args.profile, memory_cap=cap)
     console = _console()
     rows = None

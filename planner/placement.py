@@ -19,19 +19,20 @@ def make_placement(*, profile: Profile, profile_path: str | os.PathLike, workers
                    time_limit_s: float = 10.0, speeds: Sequence[float] | None = None,
                    cluster: Cluster | None = None,
                    ilp_max_binaries: int | None = DEFAULT_ILP_MAX_BINARIES,
-                   broadcast_mode: str = "collective") -> dict:
+                   broadcast_mode: str = "collective", owners: str = "auto") -> dict:
     """Solve the placement of `profile` on `workers` ranks (or on `cluster`) and return the
     placement document.
 
     memory_cap: bytes of second-order state allowed per worker (None: no cap).
     time_limit_s: seconds the solvers may run. speeds: relative worker speeds (default all 1.0;
     with a cluster, the cluster's). Predicted times are seconds per step, memory in bytes
-    (CONTRACTS.md).
+    (CONTRACTS.md). owners: "auto" (also try fewer owners, planner.owners) or "all".
     """
     cluster = resolve_cluster(workers=workers, speeds=speeds, cluster=cluster)
     plan = make_plan(profile=profile, cluster=cluster, config=config, method=method,
                      memory_cap=memory_cap, time_limit_s=time_limit_s,
-                     ilp_max_binaries=ilp_max_binaries, broadcast_mode=broadcast_mode)
+                     ilp_max_binaries=ilp_max_binaries, broadcast_mode=broadcast_mode,
+                     owners=owners)
     return placement_document(plan, profile_path=profile_path, memory_cap=memory_cap)
 
 
@@ -111,6 +112,9 @@ def placement_document(plan: Plan, *, profile_path: str | os.PathLike,
             "speeds": list(plan.cluster.speeds),
             "network": plan.network.source if plan.network is not None else "profile",
             "cluster": plan.cluster.source,
+            "owners": len(set(solution.owners)),
+            "owner_search": [{"owners": t.owners, "step_time_s": t.step_time_s}
+                             for t in plan.owner_trials],
         },
     }
     if plan.staggered is not None:

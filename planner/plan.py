@@ -7,12 +7,13 @@ staggered decomposition schedule with its own simulation.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .cluster import Cluster, cluster_network, state_caps
 from .comm import Network
 from .costmodel import (PlanConfig, Prediction, common_memory_bytes, layer_state_bytes,
                         layer_works_s, predict)
+from .owners import OwnerTrial, search_owners
 from .profile import Profile
 from .simulate import CycleResult, simulate_cycle
 from .solvers import DEFAULT_ILP_MAX_BINARIES, Solution, solve
@@ -46,25 +47,40 @@ class Plan:
     staggered: Staggered | None
     time_limit_s: float
     method: str
+    owner_trials: tuple[OwnerTrial, ...] = ()  # the owner search's counts ("auto" only)
 
 
 def make_plan(*, profile: Profile, cluster: Cluster, config: PlanConfig, method: str = "best",
               memory_cap: int | None = None, time_limit_s: float = 10.0,
               ilp_max_binaries: int | None = DEFAULT_ILP_MAX_BINARIES,
-              broadcast_mode: str = "collective") -> Plan:
+              broadcast_mode: str = "collective", owners: str = "auto") -> Plan:
     """Solve and simulate. memory_cap: bytes of second-order state per worker (on top of the
-    cluster's per-worker memory, if any). time_limit_s: solver budget, seconds."""
+    cluster's per-worker memory, if any). time_limit_s: solver budget, seconds. owners: "auto"
+    (with the best solver, also try fewer owners and keep the shortest predicted step;
+    planner.owners) or "all" (the solvers' placement as is)."""
     workers = cluster.workers
     network = cluster_network(cluster)
     common = common_memory_bytes(profile, workers=workers)
     caps = state_caps(cluster, common_bytes=common, memory_cap=memory_cap)
     speeds = cluster.speeds
-    solution = solve(method, work=layer_works_s(profile, config=config), workers=workers,
-                     speeds=speeds, memory=layer_state_bytes(profile), memory_cap=caps,
-                     time_limit_s=time_limit_s, ilp_max_binaries=ilp_max_binaries)
-    return evaluate(profile=profile, cluster=cluster, config=config, solution=solution,
+    work, memory = layer_works_s(profile, config=config), layer_state_bytes(profile)
+    solution = solve(method, work=work, workers=workers, speeds=speeds, memory=memory,
+                     memory_cap=caps, time_limit_s=time_limit_s,
+                     ilp_max_binaries=ilp_max_binaries)
+    trials: tuple[OwnerTrial, ...] = ()
+    if owners == "auto" and method == "best" and workers > 1:
+        def step_time_of(candidate) -> float:
+            return simulate_cycle(profile, owners=candidate, workers=workers, config=config,
+                                  speeds=speeds, network=network,
+                                  broadcast_mode=broadcast_mode).mean_step_time_s
+
+        solution, trials = search_owners(solution, step_time_of=step_time_of, work=work,
+                                         speeds=speeds, memory=memory, caps=caps,
+                                         time_limit_s=min(time_limit_s, 1.0))
+    plan = evaluate(profile=profile, cluster=cluster, config=config, solution=solution,
                     network=network, caps=caps, common_bytes=common, time_limit_s=time_limit_s,
                     method=method, broadcast_mode=broadcast_mode)
+    return replace(plan, owner_trials=trials)
 
 
 def evaluate(*, profile: Profile, cluster: Cluster, config: PlanConfig, solution: Solution,

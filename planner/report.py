@@ -94,6 +94,12 @@ def summary_table(placement: dict) -> Table:
         solver = f"{solver} (via {planner['requested_solver']})"
     table.add_row("solver", solver)
     table.add_row("status", placement["status"])
+    trials = planner.get("owner_search") or []
+    if trials:
+        tried = ", ".join(f"{t['owners']}: " + ("over the cap" if t["step_time_s"] is None
+                                                else format_seconds(t["step_time_s"]))
+                          for t in trials)
+        table.add_row("owners (step by owner count)", f"{planner['owners']} ({tried})")
     if "ilp" in planner:
         table.add_row("ILP", planner["ilp"])
     if "solve_time_s" in planner:
