@@ -270,10 +270,12 @@ def _profile_comm(world: WorldInfo, options: ProfileOptions, sizes: tuple[int, .
         return {"backend": backend, "world_size": 1, "allreduce": dict(ASSUMED_COMM),
                 "broadcast": dict(ASSUMED_COMM), "source": "assumed (single process: nothing to "
                                                            "measure; run under torchrun to fit)"}
+    kinds = ("allreduce", "broadcast")
+    means = _time_collectives([_collective(kind, n, world) for kind in kinds for n in sizes],
+                              world, options, before)
     fits = {}
-    for kind in ("allreduce", "broadcast"):
-        seconds = [_time_collective(_collective(kind, n, world), world, options, before)
-                   for n in sizes]
+    for k, kind in enumerate(kinds):
+        seconds = means[k * len(sizes):(k + 1) * len(sizes)]
         fits[kind] = dict(fit_alpha_beta(sizes, seconds), seconds=seconds)
     return {"backend": backend, "world_size": world.world_size, **fits, "source": "measured",
             "statistic": "mean over trials of the slowest rank's time",
@@ -298,32 +300,36 @@ def _broadcast_overlap(world: WorldInfo, options: ProfileOptions, nbytes: int, b
         for work in [dist.broadcast(buf, src, async_op=True) for src, buf in enumerate(bufs)]:
             work.wait()
 
-    single_s = _time_collective(lambda: dist.broadcast(bufs[0], 0), world, options, before)
-    group_s = _time_collective(group, world, options, before)
+    single_s, group_s = _time_collectives([lambda: dist.broadcast(bufs[0], 0), group], world,
+                                          options, before)
     overlap = min(max(world.world_size * single_s / group_s, 1.0), float(world.world_size))
     return {"broadcast_overlap": overlap,
             "broadcast_overlap_measured": {"message_bytes": nbytes, "one_s": single_s,
                                            "all_ranks_s": group_s}}
 
 
-def _time_collective(op, world: WorldInfo, options: ProfileOptions, before) -> float:
-    """Seconds of one collective call `op` as training meets it: right after compute (`before`,
-    one forward/backward of the model, when the communication threads have gone idle), not back
-    to back. Each trial: barrier, compute, then one timed call on every rank; a trial's time is
-    its slowest rank's (a broadcast's root returns before the last receiver is done). The mean
-    over the trials, not the median: collectives on shared hosts have long tails, and the
-    planner predicts mean step times. Every rank runs the same fixed number of collectives."""
-    seconds = torch.zeros(options.warmup + 2 * options.repeats, dtype=torch.float64)
-    for i in range(len(seconds)):
-        dist.barrier()
-        before()
-        synchronize_device()
-        start = time.perf_counter()
-        op()
-        synchronize_device()
-        seconds[i] = time.perf_counter() - start
+def _time_collectives(ops, world: WorldInfo, options: ProfileOptions, before) -> list[float]:
+    """Seconds of each collective call in `ops` as training meets it: right after compute
+    (`before`, one forward/backward of the model, when the communication threads have gone
+    idle), not back to back. Each trial: barrier, compute, then one timed call on every rank; a
+    trial's time is its slowest rank's (a broadcast's root returns before the last receiver is
+    done). Trials are interleaved (trial i of every op, then trial i + 1), so a drift of a shared
+    host's load over the minutes of profiling shifts every message size alike instead of bending
+    the size-to-time curve. The mean over the trials, not the median: collectives on shared hosts
+    have long tails, and the planner predicts mean step times. Every rank runs the same fixed
+    number of collectives."""
+    seconds = torch.zeros(len(ops), options.warmup + 2 * options.repeats, dtype=torch.float64)
+    for trial in range(seconds.shape[1]):
+        for j, op in enumerate(ops):
+            dist.barrier()
+            before()
+            synchronize_device()
+            start = time.perf_counter()
+            op()
+            synchronize_device()
+            seconds[j, trial] = time.perf_counter() - start
     dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
-    return float(seconds[options.warmup:].mean())
+    return seconds[:, options.warmup:].mean(dim=1).tolist()
 
 
 def fit_alpha_beta(nbytes, seconds) -> dict:
