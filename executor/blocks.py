@@ -131,6 +131,12 @@ class KFACBlock(ABC):
             return d["q_g"] @ v @ d["q_a"].t()
         return d["inv_g"] @ grad @ d["inv_a"]
 
+    def precondition_if_finite(self, grad: torch.Tensor, method: ComputeMethod,
+                               damping: float) -> torch.Tensor | None:
+        """precondition(), or None when the result holds NaN or inf (one device sync)."""
+        result = self.precondition(grad, method, damping)
+        return result if bool(torch.isfinite(result).all()) else None
+
     # -- gradients of the module --------------------------------------------------------------
     def grad_matrix(self) -> torch.Tensor:
         """The module's gradient as one dim_g x dim_a matrix (bias as the last column)."""

@@ -279,8 +279,8 @@ class KFACPreconditioner:
         if block.module.weight.grad is None:
             return grad
         if block.ready(self.method):
-            result = block.precondition(grad, self.method, self.damping)
-            if bool(torch.isfinite(result).all()):
+            result = block.precondition_if_finite(grad, self.method, self.damping)
+            if result is not None:
                 return result
         self._count(name, "plain_gradient", 1)
         return grad

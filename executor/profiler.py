@@ -174,9 +174,9 @@ def _time_steps(model: nn.Module, blocks: list[KFACBlock], batches, method,
                 options: ProfileOptions, advance) -> dict[str, dict[str, list[float]]]:
     """Seconds of every kernel in each timed step: {layer name or "step": {kernel: [s, ...]}}.
 
-    The per-layer kernels mirror what DPKFAC.step runs for an owned layer: factor update of A,
-    factor update of G with the non-finite check, each decomposition, and preconditioning of
-    the layer's gradient matrix with the finiteness check of the result.
+    The per-layer kernels are the block methods DPKFAC.step runs for an owned layer: factor
+    update of A, factor update of G with the non-finite check, each decomposition, and
+    precondition_if_finite of the layer's gradient matrix.
     """
     samples = {b.name: {k: [] for k in LAYER_KERNELS} for b in blocks}
     samples["step"] = {k: [] for k in STEP_PHASES}
@@ -207,9 +207,8 @@ def _time_steps(model: nn.Module, blocks: list[KFACBlock], batches, method,
         results = {}
         for b in blocks:
             with clock.time(samples[b.name]["precondition"], keep):
-                result = b.precondition(b.grad_matrix(), method, options.damping)
-                bool(torch.isfinite(result).all())
-            results[b.name] = result
+                result = b.precondition_if_finite(b.grad_matrix(), method, options.damping)
+            results[b.name] = b.grad_matrix() if result is None else result
         with clock.time(samples["step"]["apply"], keep):
             apply_preconditioned(blocks, results, lr=0.1, kl_clip=0.001)
         with clock.time(samples["step"]["optimizer"], keep):
