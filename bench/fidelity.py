@@ -16,12 +16,17 @@ regressions of the model itself; on this shared 2-core machine the profile-only 
 longer tails than when profiled alone and 4 ranks share 2 cores).
 The ranking check must agree too.
 
-    python bench/fidelity.py [--models digits-cnn,digits-mlp] [--workers 1,2,4] [--steps 120]
+Each training run lasts at least --min-run-seconds (default 8 s, by the plan's predicted step
+time) and at least --steps steps: digits-mlp steps take 3-13 ms, and 300 of them (1-4 s) gave
+means that moved by up to 13% between two runs of the same plan.
+
+    python bench/fidelity.py [--models digits-cnn,digits-mlp] [--workers 1,2,4] [--steps 300]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import statistics
 import sys
@@ -49,8 +54,13 @@ def profile_and_plan(work: Path, model: str, workers: int, batch_size: int,
     return profile, placement
 
 
-def train(work: Path, placement: Path, workers: int, steps: int, tag: str) -> Path:
-    """Train under the placement; the run folder."""
+def train(work: Path, placement: Path, workers: int, steps: int, tag: str,
+          min_seconds: float = 0.0) -> Path:
+    """Train under the placement for `steps` steps, or more when the placement's predicted step
+    time says they would take less than `min_seconds` (a mean of heavy-tailed step times needs
+    seconds of samples, not a count); the run folder."""
+    predicted_s = json.loads(placement.read_text())["predicted"]["step_time_s"]
+    steps = max(steps, math.ceil(min_seconds / predicted_s)) if predicted_s > 0 else steps
     run = work / f"{placement.stem}.{tag}.run"
     run_timed(dpkfac_command(workers, "train", "--placement", str(placement), "--out", str(run),
                              "--max-steps", str(steps), "--epochs", "1000", "--no-progress"))
@@ -71,13 +81,14 @@ def closed_loop_row(work: Path, model: str, workers: int, args) -> tuple[dict, d
     """Validate rows of one setting: (profile-only prediction, calibrated prediction), both
     against the same measured run, which trains the plan made from the calibrated profile."""
     profile, placement = profile_and_plan(work, model, workers, args.batch_size)
-    calibration_run = train(work, placement, workers, args.steps, "calibration")
+    calibration_run = train(work, placement, workers, args.steps, "calibration",
+                            args.min_run_seconds)
     calibrated = work / f"{model}-p{workers}.calibrated.json"
     validate(placement, calibration_run, calibrate_out=calibrated)
     replanned = work / f"{model}-p{workers}.calibrated.placement.json"
     run_timed(dpkfac_command(1, "plan", "--profile", str(calibrated), "--workers", str(workers),
                              "--out", str(replanned)))
-    run = train(work, replanned, workers, args.steps, "measured")
+    run = train(work, replanned, workers, args.steps, "measured", args.min_run_seconds)
     return validate(replanned, run, profile=profile), validate(replanned, run)
 
 
@@ -87,6 +98,8 @@ def main() -> int:
     parser.add_argument("--workers", default="1,2,4")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=300, help="training steps per run")
+    parser.add_argument("--min-run-seconds", type=float, default=8.0,
+                        help="more steps than --steps when a run would be shorter than this")
     parser.add_argument("--max-error", type=float, default=0.10)
     parser.add_argument("--skip-ranking", action="store_true")
     parser.add_argument("--max-profile-error", type=float, default=0.25,
