@@ -11,9 +11,9 @@ predictions per row, both against the same measured run:
   the calibrated profile and that plan is what the measured run trains.
 Exits 1 when any calibrated row's |error| exceeds --max-error (default 10%; the goal is a 5%
 mean) or any profile-only row's exceeds --max-profile-error (default 25%: a guard against
-regressions of the model itself; on this shared 2-core machine the profile-only rows run from
-+2% to -21%, varying by up to 10 points run to run, because collectives in training have
-longer tails than when profiled alone and 4 ranks share 2 cores).
+regressions of the model itself; on this shared 2-core machine the profile-only rows ran
+from +4% to -26% in four runs, moving by up to 15 points run to run, because collectives in
+training have longer tails than when profiled alone and 4 ranks share 2 cores).
 The ranking check must agree too.
 
 Each training run lasts at least --min-run-seconds (default 8 s, by the plan's predicted step
