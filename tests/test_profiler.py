@@ -76,3 +76,36 @@ def test_flushing_denormals_zeroes_subnormal_floats_inside_the_block():
             assert inner is False and (tiny * 1.0).item() > 0.0
         assert flush_denormal_enabled()
     assert (tiny * 1.0).item() > 0.0
+
+
+def _interleaved_trials(rank: int, world_size: int) -> dict:
+    import time
+
+    from executor import profiler
+
+    calls: list[str] = []
+    options = ProfileOptions(warmup=1, repeats=2)
+
+    def op(name: str, sleep_s: float):
+        def call() -> None:
+            calls.append(name)
+            time.sleep(sleep_s if rank == 1 else 0.0)  # rank 1 is the slow one
+        return call
+
+    world = WorldInfo(rank=rank, world_size=world_size, local_rank=rank,
+                      device=torch.device("cpu"), backend="gloo")
+    means = profiler._time_collectives([op("a", 0.002), op("b", 0.02)], world, options,
+                                       before=lambda: None)
+    return {"calls": calls, "means": means}
+
+
+def test_collective_trials_interleave_and_take_the_slowest_rank():
+    from distributed_helpers import run_distributed
+
+    results = run_distributed(_interleaved_trials, 2)
+    trials = 1 + 2 * 2  # warm-up + 2 x repeats
+    for result in results:
+        assert result["calls"] == ["a", "b"] * trials  # trial i of every op, then i + 1
+        a_s, b_s = result["means"]
+        assert 0.002 <= a_s < 0.02 <= b_s  # rank 1's sleeps: the slowest rank's time counts
+    assert results[0]["means"] == results[1]["means"]
