@@ -52,7 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="second-order state allowed per worker, e.g. 512MiB, 2GB, 1073741824")
     plan.add_argument("--time-limit", type=positive_float, default=None, metavar="SECONDS",
                       help="time limit of local search and ILP together (default: 0.5 s + "
-                           "0.1 ms per layer x worker, at most 3 s)")
+                           "0.1 ms per layer x worker, at most 3 s); --owners auto adds its "
+                           "search, up to min(limit, 1 s) more")
     plan.add_argument("--speeds", metavar="LIST",
                       help="relative worker speeds, one per rank, e.g. 1,1,1,0.5 (default all 1)")
     plan.add_argument("--owners", choices=OWNER_MODES, default="auto",
@@ -141,7 +142,8 @@ def run_plan(args: argparse.Namespace) -> int:
     rows = None
     if args.compare:
         rows = compare_rows(profile=profile, cluster=cluster, config=config, memory_cap=cap,
-                            time_limit_s=limit, ilp_max_binaries=DEFAULT_ILP_MAX_BINARIES)
+                            time_limit_s=limit, ilp_max_binaries=DEFAULT_ILP_MAX_BINARIES,
+                            owners=args.owners)
     write_json_atomic(out, placement)
     print_plan_report(placement, console=console)
     if args.explain:

@@ -51,7 +51,14 @@ def _bound_lines(plan: Plan, *, works, span, b, mine) -> list[str]:
     out = [f"Lower bound {format_seconds(bound)} (gap {gap:.2%}, status {plan.solution.status}): "
            f"largest layer {format_seconds(largest)}, total work / total speed "
            f"{format_seconds(share)}, pigeonhole {format_seconds(pigeon)}."]
-    if span <= largest * (1 + 1e-6) and len(mine) == 1:
+    chosen, all_owners = len(set(plan.solution.owners)), _full_owner_trial(plan)
+    if all_owners is not None and chosen < all_owners.owners:
+        out.append(f"Why: the owner search placed the layers on {chosen} of "
+                   f"{all_owners.owners} owners on purpose: a longer compute makespan, but one "
+                   f"broadcast per owner fewer, so a shorter predicted step "
+                   f"({format_seconds(plan.cycle.mean_step_time_s)} vs "
+                   f"{format_seconds(all_owners.step_time_s)}); --owners all keeps every owner.")
+    elif span <= largest * (1 + 1e-6) and len(mine) == 1:
         out.append("Why: rank {} holds only the largest layer, which must run whole on some "
                    "worker; no placement can beat it. Split work differently (a smaller "
                    "inv_update_freq period for it is the only lever) or accept it.".format(b))
@@ -112,3 +119,8 @@ def _step_lines(plan: Plan) -> list[str]:
                    f"{format_seconds(max(st.per_step_makespan_s))} for a mean step of "
                    f"{format_seconds(st.cycle.mean_step_time_s)}.")
     return out
+
+
+def _full_owner_trial(plan: Plan):
+    """The owner search's trial of the solvers' own placement (None without a search)."""
+    return plan.owner_trials[0] if plan.owner_trials else None

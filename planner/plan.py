@@ -13,7 +13,7 @@ from .cluster import Cluster, cluster_network, state_caps
 from .comm import Network
 from .costmodel import (PlanConfig, Prediction, common_memory_bytes, layer_state_bytes,
                         layer_works_s, predict)
-from .owners import OwnerTrial, search_owners
+from .owners import OWNER_MODES, OwnerTrial, search_owners
 from .profile import Profile
 from .simulate import CycleResult, simulate_cycle
 from .solvers import DEFAULT_ILP_MAX_BINARIES, Solution, solve
@@ -58,6 +58,8 @@ def make_plan(*, profile: Profile, cluster: Cluster, config: PlanConfig, method:
     cluster's per-worker memory, if any). time_limit_s: solver budget, seconds. owners: "auto"
     (with the best solver, also try fewer owners and keep the shortest predicted step;
     planner.owners) or "all" (the solvers' placement as is)."""
+    if owners not in OWNER_MODES:
+        raise ValueError(f"owners must be one of {OWNER_MODES}, got {owners!r}")
     workers = cluster.workers
     network = cluster_network(cluster)
     common = common_memory_bytes(profile, workers=workers)

@@ -96,7 +96,7 @@ def summary_table(placement: dict) -> Table:
     table.add_row("status", placement["status"])
     trials = planner.get("owner_search") or []
     if trials:
-        tried = ", ".join(f"{t['owners']}: " + ("over the cap" if t["step_time_s"] is None
+        tried = ", ".join(f"{t['owners']}: " + ("no plan within the caps" if t["step_time_s"] is None
                                                 else format_seconds(t["step_time_s"]))
                           for t in trials)
         table.add_row("owners (step by owner count)", f"{planner['owners']} ({tried})")

@@ -102,3 +102,25 @@ def test_whatif_planned_dp_kfac_is_never_slower_than_round_robin_at_scale():
         assert by[(workers, "dp-kfac")] <= by[(workers, "dp-kfac-round-robin")] * (1 + 1e-9)
     # at 1024 ranks one broadcast per layer costs more than the layers' compute spread
     assert by[(1024, "dp-kfac")] < 0.9 * by[(1024, "dp-kfac-round-robin")]
+
+
+def test_explain_and_compare_follow_the_owner_search():
+    from planner.cluster import flat_cluster
+    from planner.compare import compare_rows
+    from planner.explain import explain_lines
+    from planner.plan import make_plan
+
+    profile = profile_from_dict(synthetic_profile_dict(12, 3, world_size=2, alpha_s=0.02))
+    cluster = flat_cluster(workers=16, speeds=None)
+    plan = make_plan(profile=profile, cluster=cluster, config=FREQ1, time_limit_s=2.0)
+    chosen = len(set(plan.solution.owners))
+    assert chosen < 12 and plan.owner_trials[0].owners == 12
+    assert any(line.startswith(f"Why: the owner search placed the layers on {chosen} of 12")
+               for line in explain_lines(plan))
+    rows = {mode: {r["solver"]: r for r in compare_rows(
+        profile=profile, cluster=cluster, config=FREQ1, memory_cap=None, time_limit_s=2.0,
+        ilp_max_binaries=None, owners=mode)} for mode in ("auto", "all")}
+    assert rows["auto"]["best"]["step_time_s"] == pytest.approx(plan.cycle.mean_step_time_s)
+    assert rows["all"]["best"]["step_time_s"] > rows["auto"]["best"]["step_time_s"]
+    with pytest.raises(ValueError):
+        make_plan(profile=profile, cluster=cluster, config=FREQ1, owners="some")
