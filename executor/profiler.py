@@ -270,8 +270,9 @@ def _profile_comm(world: WorldInfo, options: ProfileOptions, sizes: tuple[int, .
                 "broadcast": dict(ASSUMED_COMM), "source": "assumed (single process: nothing to "
                                                            "measure; run under torchrun to fit)"}
     kinds = ("allreduce", "broadcast")
-    means = _time_collectives([_collective(kind, n, world) for kind in kinds for n in sizes],
-                              world, options, before)
+    shared = torch.zeros(max(max(sizes) // 4, 1), dtype=torch.float32, device=world.device)
+    means = _time_collectives([_collective(kind, shared[:max(n // 4, 1)]) for kind in kinds
+                               for n in sizes], world, options, before)
     fits = {}
     for k, kind in enumerate(kinds):
         seconds = means[k * len(sizes):(k + 1) * len(sizes)]
@@ -282,9 +283,9 @@ def _profile_comm(world: WorldInfo, options: ProfileOptions, sizes: tuple[int, .
             **_broadcast_overlap(world, options, max(owner_bytes, 1 << 10), before)}
 
 
-def _collective(kind: str, nbytes: int, world: WorldInfo):
-    """One blocking all-reduce or broadcast (from rank 0) of `nbytes` bytes, as a callable."""
-    buf = torch.zeros(max(nbytes // 4, 1), dtype=torch.float32, device=world.device)
+def _collective(kind: str, buf: torch.Tensor):
+    """One blocking all-reduce or broadcast (from rank 0) of `buf` (a leading slice of one
+    buffer shared by every message size, so memory stays at the largest size), as a callable."""
     return (lambda: dist.all_reduce(buf)) if kind == "allreduce" else (lambda: dist.broadcast(buf, 0))
 
 
