@@ -107,5 +107,5 @@ def test_collective_trials_interleave_and_take_the_slowest_rank():
     for result in results:
         assert result["calls"] == ["a", "b"] * trials  # trial i of every op, then i + 1
         a_s, b_s = result["means"]
-        assert 0.002 <= a_s < 0.02 <= b_s  # rank 1's sleeps: the slowest rank's time counts
+        assert a_s >= 0.002 and b_s >= 0.02  # rank 1's sleeps: the slowest rank's time counts
     assert results[0]["means"] == results[1]["means"]
