@@ -45,21 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except RunFault as exc:  # a dead or stuck rank: not bad input, and worth a restart
         print(f"error: {exc}", file=sys.stderr)
-        _exit_now_if_broken(1)
         return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-
-
-def _exit_now_if_broken(status: int) -> None:
-    """End the process at once when a process group is still up after a fault: its
-    communication threads are stuck on a dead peer, and the interpreter's teardown of the group
-    would abort the process (SIGABRT, 'terminate called without an active exception') after the
-    `error:` line, turning exit status 1 into -6."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        _exit_without_finalizing(status)
 
 
 def console_main() -> int:
@@ -67,8 +56,10 @@ def console_main() -> int:
     launched by torchrun that imported torch.distributed, the process ends without the
     interpreter's finalisation. torch 2.13's gloo worker thread may still be releasing the last
     collective's tensors (it needs the GIL to do so) while the interpreter finalises; the thread
-    is then killed and the process aborts with SIGABRT after a complete, successful run. Every
-    file is written and closed before main() returns, so nothing is lost."""
+    is then killed and the process aborts with SIGABRT after a complete, successful run; after
+    a fault (a dead or stuck peer) the group's threads are stuck and the teardown would abort
+    too, turning exit status 1 into -6. Every file is written and closed before main()
+    returns, so nothing is lost."""
     status = main()
     if "torch.distributed" in sys.modules:  # plan and whatif never import torch
         from executor.distributed import launched_by_torchrun
