@@ -36,11 +36,11 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from common import dpkfac_command, run_timed  # noqa: E402
-from planner.algorithms import algorithm_cost  # noqa: E402
-from planner.costmodel import PlanConfig  # noqa: E402
+from planner.whatif.baselines import algorithm_cost  # noqa: E402
+from planner.model.costs import PlanConfig  # noqa: E402
 from planner.placement import load_placement  # noqa: E402
-from planner.profile import Profile, load_profile  # noqa: E402
-from planner.whatif import Sweep, expand_workers, sweep_rows  # noqa: E402
+from dpkfac.core.profile import Profile, load_profile  # noqa: E402
+from planner.whatif.sweep import Sweep, expand_workers, sweep_rows  # noqa: E402
 
 RESNET50 = ROOT / "profiles" / "resnet50.b32.analytic-16x4-ib100.json"
 MEASURED_PROFILE = "profiles/{model}.b32.cpu2-gloo.json"

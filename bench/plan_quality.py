@@ -29,12 +29,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from planner.cluster import flat_cluster
-from planner.instance import brute_force_makespan_s
-from planner.costmodel import PlanConfig, layer_state_bytes, layer_works_s
+from dpkfac.core.cluster import flat_cluster
+from planner.solve.instance import brute_force_makespan_s
+from planner.model.costs import PlanConfig, layer_state_bytes, layer_works_s
 from planner.plan import make_plan
-from planner.profile import profile_from_dict
-from planner.solvers import (HEURISTICS, auto_time_limit_s, smallest_cap_bounds, solve,
+from dpkfac.core.profile import profile_from_dict
+from planner.solve.solvers import (HEURISTICS, auto_time_limit_s, smallest_cap_bounds, solve,
                              trivial_lower_bound_s)
 from planner.synthetic import (layer_dict, mixed_profile, profile_dict,
                                resnet50_profile, transformer_profile)

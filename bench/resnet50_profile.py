@@ -22,9 +22,9 @@ sys.path.insert(0, str(ROOT))
 
 from executor.blocks import kfac_layers, make_block  # noqa: E402
 from executor.models import build_model  # noqa: E402
-from planner.jsonio import write_json_atomic  # noqa: E402
-from planner.profile import profile_from_dict  # noqa: E402
-from planner.schemas import PROFILE_SCHEMA_ID  # noqa: E402
+from dpkfac.core.jsonio import write_json_atomic  # noqa: E402
+from dpkfac.core.profile import profile_from_dict  # noqa: E402
+from dpkfac.core.schemas import PROFILE_SCHEMA_ID  # noqa: E402
 
 OUT = ROOT / "profiles" / "resnet50.b32.analytic-16x4-ib100.json"
 BATCH = 32
@@ -105,7 +105,7 @@ def build() -> dict:
             "collectives": f"per-hop latency {HOP_LATENCY_S} s assumed; per-hop seconds per "
                            f"byte from the published gradient all-reduce ({GRAD_ALLREDUCE_S} s "
                            f"for {4 * params} bytes as a 64-rank ring); comm holds the 64-rank "
-                           "ring all-reduce and pipelined broadcast in planner.comm's forms",
+                           "ring all-reduce and pipelined broadcast in planner.model.network's forms",
             "published_breakdown_s": {"forward_backward": 0.132, "gradient_allreduce": 0.067,
                                       "factor_computation": 0.205,
                                       "factor_communication": 0.300,

@@ -11,7 +11,7 @@ import os
 import sys
 
 from executor.faults import RunFault
-from planner.errors import InputError
+from dpkfac.core.errors import InputError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -25,7 +25,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """The full command-line parser with every subcommand registered."""
     from executor import commands as executor_commands
-    from planner import commands as planner_commands
+    from planner import cli as planner_commands
 
     parser = _Parser(prog="dpkfac", description="Plan and run DP-KFAC distributed K-FAC training.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)

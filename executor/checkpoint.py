@@ -17,60 +17,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from planner.errors import InputError
-from planner.jsonio import StrictValidator, validate, write_atomic
-from planner.schemas import NONNEGATIVE_INTEGER, POSITIVE_INTEGER
+from dpkfac.core.errors import InputError
+from dpkfac.core.jsonio import StrictValidator, validate, write_atomic
+from dpkfac.core.schemas import CHECKPOINT_FORMAT, CHECKPOINT_SCHEMA
 
 CHECKPOINT_NAME = "checkpoint.pt"
-CHECKPOINT_FORMAT = "dpkfac.checkpoint/2"
-
-_TENSOR_MAP = {"type": "object", "additionalProperties": {"type": "tensor"}}
-
-CHECKPOINT_SCHEMA: dict = {
-    "type": "object",
-    "required": ["format", "world_size", "step", "epoch", "batch_in_epoch", "model", "optimizer",
-                 "fingerprint", "ranks"],
-    "properties": {
-        "format": {"const": CHECKPOINT_FORMAT},
-        "world_size": POSITIVE_INTEGER,
-        "step": NONNEGATIVE_INTEGER, "epoch": NONNEGATIVE_INTEGER,
-        "batch_in_epoch": NONNEGATIVE_INTEGER,
-        "threads": POSITIVE_INTEGER,
-        "model": _TENSOR_MAP,
-        "optimizer": {"type": "object", "required": ["state", "param_groups"],
-                      "properties": {"state": {"type": "object"},
-                                     "param_groups": {"type": "array"}}},
-        "fingerprint": {"type": "object"},
-        "ranks": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["preconditioner", "rng"],
-                "properties": {
-                    "preconditioner": {
-                        "type": ["null", "object"],
-                        "required": ["steps", "blocks"],
-                        "properties": {"steps": NONNEGATIVE_INTEGER,
-                                       "blocks": {"type": "object",
-                                                  "additionalProperties": _TENSOR_MAP},
-                                       "numerics": {"type": "object"}},
-                    },
-                    "rng": {
-                        "type": "object",
-                        "required": ["python", "numpy", "torch"],
-                        "properties": {"torch": {"type": "tensor"},
-                                       "python": {"type": "array"},
-                                       "numpy": {"type": "array", "minItems": 5, "maxItems": 5},
-                                       "cuda": {"type": "array",
-                                                "items": {"type": "tensor"}}},
-                    },
-                },
-            },
-        },
-    },
-}
-
-
 def _is_tensor(checker: Any, instance: Any) -> bool:
     return isinstance(instance, torch.Tensor)
 

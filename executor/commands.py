@@ -5,8 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from planner.errors import InputError
-from planner.units import positive_seconds
+from dpkfac.core.errors import InputError
+from dpkfac.core.units import positive_seconds
 
 ALGORITHMS = ("dp-kfac", "mpd-kfac", "kaisa", "sgd")
 
@@ -97,8 +97,8 @@ def _run_profile(args: argparse.Namespace) -> int:
         raise InputError(f"--batch-size must be a positive integer, got {args.batch_size}")
     if args.repeats < 3 or args.warmup < 0:
         raise InputError("--repeats must be >= 3 and --warmup >= 0")
-    from planner.jsonio import write_json_atomic
-    from planner.profile import profile_from_dict
+    from dpkfac.core.jsonio import write_json_atomic
+    from dpkfac.core.profile import profile_from_dict
 
     from .distributed import init_distributed, shutdown_distributed
     from .profiler import ProfileOptions, profile_model

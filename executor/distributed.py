@@ -24,11 +24,6 @@ def launched_by_torchrun() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
 
-def pick_backend() -> str:
-    """NCCL when CUDA is available, gloo otherwise."""
-    return "nccl" if torch.cuda.is_available() else "gloo"
-
-
 def init_distributed(*, timeout_s: float = 600.0, device: str | None = None) -> WorldInfo:
     """Join the env:// process group under torchrun; world size 1 without it.
 
@@ -91,11 +86,6 @@ def allreduce_mean_(tensors: list[torch.Tensor], world_size: int, process_group=
     return average_gradients_(tensors, world_size, process_group)[0]
 
 
-def all_finite(tensors: list[torch.Tensor]) -> bool:
-    """True when no tensor holds NaN or inf (one device synchronisation)."""
-    if not tensors:
-        return True
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 def broadcast_object(obj: object, world: WorldInfo) -> object:
@@ -105,10 +95,3 @@ def broadcast_object(obj: object, world: WorldInfo) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def ring_allreduce_bytes(nbytes: int, world_size: int) -> int:
-    """Bytes one rank sends plus receives in a ring all-reduce of `nbytes` (2 * 2(p-1)/p * n)."""
-    if world_size <= 1:
-        return 0
-    return int(round(4 * (world_size - 1) / world_size * nbytes))

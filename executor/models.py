@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from planner.errors import InputError
+from dpkfac.core.errors import InputError
 
 
 @dataclass(frozen=True)

@@ -42,25 +42,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from planner.placement import check_placement_matches, load_placement
-from planner.strategy import (DP_KFAC, NUMERICS_ELEMENTS, FactorMode, SharedResult, Strategy)
+from dpkfac.core.placement import check_placement_matches, load_placement
+from dpkfac.core.step import NUMERICS_COUNTERS, NUMERICS_ELEMENTS, ring_allreduce_bytes
+from dpkfac.core.strategy import DP_KFAC, FactorMode, SharedResult, Strategy
 
 from .blocks import (ComputeMethod, DecomposeOutcome, KFACBlock, apply_preconditioned, kfac_layers,
                      make_block)
-from .distributed import allreduce_mean_, ring_allreduce_bytes, world_rank_and_size
+from .distributed import allreduce_mean_, world_rank_and_size
 from .timing import PhaseTimer
 
 PHASES = ("factors", "factor_allreduce", "decompose", "precondition", "broadcast")
-
-# Event counters of the numerical safety net (cumulative, per owner rank and per layer):
-#   nonfinite_factors:  running factors (A or G) found NaN/inf and dropped
-#   decompose_retries:  decompositions that failed at first and succeeded with more damping
-#   decompose_failures: decompositions that failed at every damping; the previous one was kept
-#   plain_gradient:     layer-steps that used the plain gradient (no usable decomposition, or a
-#                       non-finite preconditioned gradient)
-NUMERICS_COUNTERS = ("nonfinite_factors", "decompose_retries", "decompose_failures",
-                     "plain_gradient")
-assert len(NUMERICS_COUNTERS) == NUMERICS_ELEMENTS
 
 # Traffic kinds this class counts (bytes sent + received by this rank, cumulative).
 COMM_KINDS = ("factor_allreduce", "decomposition_broadcast", "preconditioned_gradient_broadcast",
@@ -75,7 +66,7 @@ class KFACPreconditioner:
         model: the (unwrapped or DDP-wrapped) model.
         placement: a dpkfac.placement/1 file path or its parsed dict (who owns which layer).
         strategy: factors LOCAL/ALLREDUCED and shared PRECONDITIONED_GRADIENT/DECOMPOSITION
-            (planner.strategy); default DP-KFAC.
+            (dpkfac.core.strategy); default DP-KFAC.
         lr: learning rate (float or a callable returning it), used by the KL clip.
         damping: Tikhonov damping added to the Kronecker factors.
         factor_decay: running-average decay of the factors.

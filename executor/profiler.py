@@ -18,9 +18,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from planner.curves import fit_cost_curves, fit_line
-from planner.schemas import PROFILE_SCHEMA_ID
+from dpkfac.core.schemas import PROFILE_SCHEMA_ID
 
+from .alphabeta import fit_alpha_beta
 from .blocks import ComputeMethod, KFACBlock, apply_preconditioned, kfac_layers, make_block
 from .cpu_runtime import flushed_denormals, keep_freed_memory
 from .data import load_digits_split
@@ -101,7 +101,6 @@ def _profile_model(model_name: str, batch_size: int, world: WorldInfo, options: 
         "device": _device_name(world.device), "dtype": "float32",
         "compute_method": method.value, "measured": True, "layers": layers, "step": step,
         "comm": comm,
-        "fits": fit_cost_curves(layers),
         "model_grad_numel": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "environment": dict(_environment(world, options), flush_denormal=flushing),
     }
@@ -330,14 +329,6 @@ def _time_collectives(ops, world: WorldInfo, options: ProfileOptions, before) ->
             seconds[j, trial] = time.perf_counter() - start
     dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
     return seconds[:, options.warmup:].mean(dim=1).tolist()
-
-
-def fit_alpha_beta(nbytes, seconds) -> dict:
-    """Least-squares fit of seconds = alpha + beta * nbytes (both >= 0), with its mean relative
-    error."""
-    line = fit_line(nbytes, seconds)
-    return {"alpha_s": line.intercept_s, "beta_s_per_byte": line.slope,
-            "fit_mean_rel_error": line.mean_rel_error}
 
 
 def _device_name(device: torch.device) -> str:

@@ -28,10 +28,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from planner.errors import InputError
-from planner.jsonio import write_atomic, write_json_atomic
-from planner.placement import check_placement_matches, load_placement
-from planner.strategy import STRATEGY_OF, Strategy, kaisa_variant, parse_fraction
+from dpkfac.core.errors import InputError
+from dpkfac.core.jsonio import write_atomic, write_json_atomic
+from dpkfac.core.step import ring_allreduce_bytes
+from dpkfac.core.placement import check_placement_matches, load_placement
+from dpkfac.core.strategy import STRATEGY_OF, Strategy, kaisa_variant, parse_fraction
 
 from .blocks import kfac_layers
 from .checkpoint import (CHECKPOINT_NAME, checkpoint_exists, load_checkpoint,
@@ -39,7 +40,7 @@ from .checkpoint import (CHECKPOINT_NAME, checkpoint_exists, load_checkpoint,
 from .cpu_runtime import flushed_denormals, keep_freed_memory
 from .data import load_split, test_loader, train_loader
 from .distributed import (WorldInfo, average_gradients_, broadcast_object, init_distributed,
-                          ring_allreduce_bytes, shutdown_distributed)
+                          shutdown_distributed)
 from .faults import RunFault, RunPosition, fault_message
 from .models import build_model, input_spec
 from .preconditioner import COMM_KINDS, NUMERICS_COUNTERS, PHASES, KFACPreconditioner

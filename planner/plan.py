@@ -1,40 +1,50 @@
-"""The planning pipeline: from a profile and a cluster to a solved, simulated plan.
+"""The planning pipeline: from a profile and a cluster to a solved, predicted DP-KFAC plan.
 
 profile + cluster -> per-layer work (seconds, amortised over the update frequencies) and state
-(bytes), per-worker speeds and state caps (bytes) -> solvers.solve -> owners -> the event-level
-simulation of the executor's cycle (the predicted step) and, when inv_update_freq > 1, a
-staggered decomposition schedule with its own simulation.
+(bytes), per-worker speeds and state caps (bytes) -> planner.solve.solvers.solve -> owners ->
+the owner search (fewer owners when that predicts a shorter step) -> the step model's prediction
+(planner.model.step) and, when inv_update_freq > 1, a staggered decomposition schedule with its
+own prediction.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Sequence
 
-from .cluster import Cluster, cluster_network, state_caps
-from .comm import Network
-from .costmodel import (PlanConfig, Prediction, common_memory_bytes, layer_state_bytes,
-                        layer_works_s, predict)
-from .owners import OWNER_MODES, OwnerTrial, search_owners
-from .profile import Profile
-from .simulate import CycleResult, simulate_cycle
-from .solvers import DEFAULT_ILP_MAX_BINARIES, Solution, solve
-from .stagger import per_slot_makespan_s, stagger_decompositions
+from dpkfac.core.cluster import Cluster, flat_cluster
+from dpkfac.core.errors import InputError
+from dpkfac.core.profile import Profile
+from planner.model.costs import (PlanConfig, common_memory_bytes, layer_state_bytes,
+                                 layer_works_s, second_order_lower_bound_s)
+from planner.model.network import Network
+from planner.model.stagger import per_slot_makespan_s, stagger_decompositions
+from planner.model.step import StepPrediction, predict_step
+from planner.model.topology import cluster_network, state_caps
+from planner.solve.owners import OWNER_MODES, OwnerTrial, search_owners
+from planner.solve.solvers import DEFAULT_ILP_MAX_BINARIES, Solution, solve
 
 
 @dataclass(frozen=True)
 class Staggered:
     """A staggered decomposition schedule: slots[i] in 0..K-1 for layer i; the busiest worker's
-    compute per slot, seconds, staggered and as the executor runs it (all in slot 0); and the
-    simulated cycle under the staggered schedule."""
+    compute per slot, seconds, staggered and unstaggered (all in slot 0); and the step
+    prediction under the staggered schedule."""
     slots: tuple[int, ...]
     per_step_makespan_s: tuple[float, ...]
     executor_per_step_makespan_s: tuple[float, ...]
-    cycle: CycleResult
+    prediction: StepPrediction
+
+    @property
+    def cycle(self):
+        """The simulated cycle under the staggered schedule."""
+        return self.prediction.cycle
 
 
 @dataclass(frozen=True)
 class Plan:
-    """A solved placement with its predictions. caps: per-worker state caps in bytes (None: no
-    cap); common_bytes: what every worker holds besides its layers' state."""
+    """A solved placement with its prediction. caps: per-worker state caps in bytes (None: no
+    cap); common_bytes: what every worker holds besides its layers' state; lower_bound_s: a
+    proven lower bound on the amortised second-order seconds of any placement."""
     profile: Profile
     cluster: Cluster
     config: PlanConfig
@@ -42,58 +52,110 @@ class Plan:
     caps: tuple[int, ...] | None
     common_bytes: int
     solution: Solution
-    prediction: Prediction
-    cycle: CycleResult
+    prediction: StepPrediction
+    lower_bound_s: float
     staggered: Staggered | None
     time_limit_s: float
     method: str
     owner_trials: tuple[OwnerTrial, ...] = ()  # the owner search's counts ("auto" only)
 
+    @property
+    def cycle(self):
+        """The simulated cycle of the plan's step."""
+        return self.prediction.cycle
+
+
+def resolve_cluster(*, workers: int | None, speeds: Sequence[float] | None,
+                    cluster: Cluster | None) -> Cluster:
+    """The cluster to plan for: `cluster` (its size must agree with `workers` if given; speeds
+    come from the file), else a flat cluster of `workers` workers with `speeds`."""
+    if cluster is None:
+        if workers is None:
+            raise InputError("give --workers N or --cluster FILE")
+        return flat_cluster(workers=workers, speeds=speeds)
+    if workers is not None and workers != cluster.workers:
+        raise InputError(f"--workers {workers} does not match {cluster.source} "
+                         f"({cluster.workers} workers)")
+    if speeds is not None:
+        raise InputError(f"worker speeds come from {cluster.source}; drop --speeds")
+    return cluster
+
 
 def make_plan(*, profile: Profile, cluster: Cluster, config: PlanConfig, method: str = "best",
               memory_cap: int | None = None, time_limit_s: float = 10.0,
               ilp_max_binaries: int | None = DEFAULT_ILP_MAX_BINARIES,
-              broadcast_mode: str = "collective", owners: str = "auto") -> Plan:
-    """Solve and simulate. memory_cap: bytes of second-order state per worker (on top of the
+              owners: str = "auto") -> Plan:
+    """Solve and predict. memory_cap: bytes of second-order state per worker (on top of the
     cluster's per-worker memory, if any). time_limit_s: solver budget, seconds. owners: "auto"
     (with the best solver, also try fewer owners and keep the shortest predicted step;
-    planner.owners) or "all" (the solvers' placement as is)."""
+    planner.solve.owners) or "all" (the solvers' placement as is)."""
     if owners not in OWNER_MODES:
         raise ValueError(f"owners must be one of {OWNER_MODES}, got {owners!r}")
     workers = cluster.workers
     network = cluster_network(cluster)
     common = common_memory_bytes(profile, workers=workers)
     caps = state_caps(cluster, common_bytes=common, memory_cap=memory_cap)
-    speeds = cluster.speeds
     work, memory = layer_works_s(profile, config=config), layer_state_bytes(profile)
-    solution = solve(method, work=work, workers=workers, speeds=speeds, memory=memory,
+    solution = solve(method, work=work, workers=workers, speeds=cluster.speeds, memory=memory,
                      memory_cap=caps, time_limit_s=time_limit_s,
                      ilp_max_binaries=ilp_max_binaries)
     trials: tuple[OwnerTrial, ...] = ()
     if owners == "auto" and method == "best" and workers > 1:
-        def step_time_of(candidate) -> float:
-            return simulate_cycle(profile, owners=candidate, workers=workers, config=config,
-                                  speeds=speeds, network=network,
-                                  broadcast_mode=broadcast_mode).mean_step_time_s
-
-        solution, trials = search_owners(solution, step_time_of=step_time_of, work=work,
-                                         speeds=speeds, memory=memory, caps=caps,
+        solution, trials = _fewer_owners(profile, solution, config=config, speeds=cluster.speeds,
+                                         network=network, caps=caps,
                                          time_limit_s=min(time_limit_s, 1.0))
     plan = evaluate(profile=profile, cluster=cluster, config=config, solution=solution,
                     network=network, caps=caps, common_bytes=common, time_limit_s=time_limit_s,
-                    method=method, broadcast_mode=broadcast_mode)
+                    method=method)
     return replace(plan, owner_trials=trials)
 
 
+def _fewer_owners(profile: Profile, solution: Solution, *, config: PlanConfig,
+                  speeds: Sequence[float], network: Network | None, caps,
+                  time_limit_s: float) -> tuple[Solution, tuple[OwnerTrial, ...]]:
+    """The owner search with the step model's DP-KFAC step time as its objective."""
+    workers = len(speeds)
+
+    def step_time_of(candidate) -> float:
+        return predict_step(profile, variant="dp-kfac", owners=candidate, workers=workers,
+                            config=config, speeds=speeds, network=network).step_time_s
+
+    return search_owners(solution, step_time_of=step_time_of,
+                         work=layer_works_s(profile, config=config), speeds=speeds,
+                         memory=layer_state_bytes(profile), caps=caps,
+                         time_limit_s=time_limit_s)
+
+
+def plan_owners(profile: Profile, *, workers: int, config: PlanConfig,
+                network: Network | None = None, time_limit_s: float = 0.05) -> tuple[int, ...]:
+    """The planner's owners for a what-if point, fast: the best of the heuristics and local
+    search (the ILP only on small instances), so a 1..4096 sweep stays within seconds; with at
+    least as many workers as layers every layer first gets its own worker (the compute makespan
+    then meets its lower bound, the largest layer); then the owner search."""
+    works = layer_works_s(profile, config=config)
+    if workers >= len(profile.layers):
+        full = Solution(owners=tuple(range(len(profile.layers))), method="one layer each",
+                        status="heuristic", makespan_s=max(works, default=0.0),
+                        solve_time_s=0.0)
+    else:
+        full = solve("best", work=works, workers=workers, time_limit_s=time_limit_s,
+                     ilp_max_binaries=300)
+    if workers == 1:
+        return full.owners
+    best, _ = _fewer_owners(profile, full, config=config, speeds=(1.0,) * workers,
+                            network=network, caps=None, time_limit_s=time_limit_s)
+    return best.owners
+
+
 def evaluate(*, profile: Profile, cluster: Cluster, config: PlanConfig, solution: Solution,
-             network: Network | None, caps, common_bytes: int, time_limit_s: float, method: str,
-             broadcast_mode: str = "collective") -> Plan:
-    """Predict, simulate and stagger a solved assignment."""
+             network: Network | None, caps, common_bytes: int, time_limit_s: float,
+             method: str) -> Plan:
+    """Predict and stagger a solved assignment."""
     workers, speeds, owners = cluster.workers, cluster.speeds, solution.owners
-    prediction = predict(profile, owners=owners, workers=workers, config=config, speeds=speeds,
-                         compute_bound_s=solution.lower_bound_s, network=network)
-    cycle = simulate_cycle(profile, owners=owners, workers=workers, config=config, speeds=speeds,
-                           network=network, broadcast_mode=broadcast_mode)
+    prediction = predict_step(profile, variant="dp-kfac", owners=owners, workers=workers,
+                              config=config, speeds=speeds, network=network)
+    bound = second_order_lower_bound_s(profile, workers=workers, config=config, speeds=speeds,
+                                       compute_bound_s=solution.lower_bound_s, network=network)
     staggered = None
     if config.inv_update_freq > 1:
         slots = stagger_decompositions(profile, owners=owners, workers=workers, config=config)
@@ -104,9 +166,10 @@ def evaluate(*, profile: Profile, cluster: Cluster, config: PlanConfig, solution
             executor_per_step_makespan_s=per_slot_makespan_s(
                 profile, owners=owners, workers=workers, config=config, slots=None,
                 speeds=speeds),
-            cycle=simulate_cycle(profile, owners=owners, workers=workers, config=config,
-                                 speeds=speeds, network=network, decomposition_step=slots,
-                                 broadcast_mode=broadcast_mode))
+            prediction=predict_step(profile, variant="dp-kfac", owners=owners, workers=workers,
+                                    config=config, speeds=speeds, network=network,
+                                    decomposition_step=slots))
     return Plan(profile=profile, cluster=cluster, config=config, network=network, caps=caps,
                 common_bytes=common_bytes, solution=solution, prediction=prediction,
-                cycle=cycle, staggered=staggered, time_limit_s=time_limit_s, method=method)
+                lower_bound_s=bound, staggered=staggered, time_limit_s=time_limit_s,
+                method=method)

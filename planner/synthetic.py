@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 
-from .schemas import PROFILE_SCHEMA_ID
+from dpkfac.core.schemas import PROFILE_SCHEMA_ID
 
 MATMUL_FLOPS = 1.0e13   # flop/s of the matmul-shaped work
 EIGH_FLOPS = 2.0e12     # flop/s of an eigendecomposition

@@ -7,7 +7,7 @@ from torch import nn
 
 from executor.distributed import allreduce_mean_
 
-from planner.schemas import PLACEMENT_SCHEMA_ID
+from dpkfac.core.schemas import PLACEMENT_SCHEMA_ID
 
 
 def placement_dict(model: str, assignment: dict[str, int], world_size: int, *,

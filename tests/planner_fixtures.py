@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from planner import commands
-from planner.errors import InputError
+from dpkfac.core.errors import InputError
 
 
 def synthetic_layer(name: str, *, dim_a: int, dim_g: int, rows: int = 256,

@@ -18,12 +18,12 @@ from executor.distributed import WorldInfo
 from executor.preconditioner import KFACPreconditioner
 from executor.train import StepClock, _train_step
 from executor.faults import RunPosition
-from planner.algorithms import algorithm_cost, traffic_by_kind
-from planner.costmodel import PlanConfig
-from planner.profile import profile_from_dict
-from planner.strategy import (DP_KFAC, KAISA_COMM_OPT, KAISA_MEM_OPT, MPD_KFAC, STRATEGY_OF,
+from planner.whatif.baselines import algorithm_cost, traffic_by_kind
+from planner.model.costs import PlanConfig
+from dpkfac.core.profile import profile_from_dict
+from dpkfac.core.strategy import (DP_KFAC, KAISA_COMM_OPT, KAISA_MEM_OPT, MPD_KFAC, STRATEGY_OF,
                               kaisa_variant, parse_fraction)
-from planner.errors import InputError
+from dpkfac.core.errors import InputError
 
 from distributed_helpers import run_distributed
 from executor_fixtures import (SMALL_CNN_LAYERS, placement_dict, random_batches, small_cnn,

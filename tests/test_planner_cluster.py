@@ -5,12 +5,12 @@ import json
 
 import pytest
 
-from planner.cluster import (cluster_from_dict, cluster_graph, cluster_network, load_cluster,
+from dpkfac.core.cluster import (cluster_from_dict, cluster_graph, cluster_network, load_cluster,
                              state_caps)
-from planner.costmodel import PlanConfig
-from planner.errors import InputError
+from planner.model.costs import PlanConfig
+from dpkfac.core.errors import InputError
 from planner.plan import make_plan
-from planner.profile import profile_from_dict
+from dpkfac.core.profile import profile_from_dict
 
 from planner_fixtures import synthetic_profile_dict
 

@@ -7,14 +7,14 @@ import random
 import pytest
 
 from planner import comm
-from planner.algorithms import (ALGORITHMS, decomposition_bytes, dp_kfac_cost, factor_bytes,
+from planner.whatif.baselines import (ALGORITHMS, decomposition_bytes, dp_kfac_cost, factor_bytes,
                                 kaisa_comm_opt_cost, mpd_kfac_cost, sgd_cost)
-from planner.costmodel import (PlanConfig, broadcast_lower_bound_s, layer_work_s, predict,
+from planner.model.costs import (PlanConfig, broadcast_lower_bound_s, layer_work_s, predict,
                                second_order_lower_bound_s)
-from planner.errors import InputError
-from planner.profile import AlphaBeta, profile_from_dict
-from planner.solvers import solve
-from planner.whatif import ROW_KEYS, whatif_rows
+from dpkfac.core.errors import InputError
+from dpkfac.core.profile import AlphaBeta, profile_from_dict
+from planner.solve.solvers import solve
+from planner.whatif.sweep import ROW_KEYS, whatif_rows
 
 from planner_fixtures import synthetic_profile_dict
 
@@ -264,7 +264,7 @@ def test_measured_points_keep_the_broadcast_bound_valid():
 
 
 def test_measured_points_round_trip_and_mismatch_is_an_input_error():
-    from planner.profile import profile_to_dict
+    from dpkfac.core.profile import profile_to_dict
 
     doc = with_measured_points(two_layer_profile(), SIZES, STEPPED, STEPPED)
     doc["comm"]["source"] = "measured"

@@ -5,12 +5,12 @@ import json
 
 import pytest
 
-from planner.costmodel import PlanConfig, layer_state_bytes
-from planner.owners import fastest_ranks, owner_counts
+from planner.model.costs import PlanConfig, layer_state_bytes
+from planner.solve.owners import fastest_ranks, owner_counts
 from planner.placement import make_placement
-from planner.profile import profile_from_dict
-from planner.simulate import simulate_cycle
-from planner.whatif import whatif_rows
+from dpkfac.core.profile import profile_from_dict
+from planner.model.simulate import simulate_cycle
+from planner.whatif.sweep import whatif_rows
 
 from planner_fixtures import run_planner_cli, synthetic_profile_dict
 
@@ -105,9 +105,9 @@ def test_whatif_planned_dp_kfac_is_never_slower_than_round_robin_at_scale():
 
 
 def test_explain_and_compare_follow_the_owner_search():
-    from planner.cluster import flat_cluster
-    from planner.compare import compare_rows
-    from planner.explain import explain_lines
+    from dpkfac.core.cluster import flat_cluster
+    from planner.report.compare import compare_rows
+    from planner.report.explain import explain_lines
     from planner.plan import make_plan
 
     profile = profile_from_dict(synthetic_profile_dict(12, 3, world_size=2, alpha_s=0.02))

@@ -7,12 +7,12 @@ import json
 import jsonschema
 import pytest
 
-from planner.costmodel import PlanConfig
-from planner.errors import InputError
-from planner.jsonio import file_sha256, write_json_atomic
+from planner.model.costs import PlanConfig
+from dpkfac.core.errors import InputError
+from dpkfac.core.jsonio import file_sha256, write_json_atomic
 from planner.placement import check_placement_matches, load_placement, make_placement
-from planner.profile import load_profile
-from planner.schemas import PLACEMENT_SCHEMA
+from dpkfac.core.profile import load_profile
+from dpkfac.core.schemas import PLACEMENT_SCHEMA
 
 from planner_fixtures import write_profile
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from planner.costmodel import PlanConfig, predict
-from planner.profile import profile_from_dict
-from planner.simulate import cycle_length, simulate_cycle, simulate_step
-from planner.stagger import per_slot_makespan_s, stagger_decompositions
+from planner.model.costs import PlanConfig, predict
+from dpkfac.core.profile import profile_from_dict
+from planner.model.simulate import cycle_length, simulate_cycle, simulate_step
+from planner.model.stagger import per_slot_makespan_s, stagger_decompositions
 
 from planner_fixtures import synthetic_profile_dict
 

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from planner.errors import InputError
-from planner.instance import brute_force_makespan_s
-from planner.solvers import (HEURISTICS, METHODS, OPTIMALITY_GAP, makespan_lower_bound_s,
+from dpkfac.core.errors import InputError
+from planner.solve.instance import brute_force_makespan_s
+from planner.solve.solvers import (HEURISTICS, METHODS, OPTIMALITY_GAP, makespan_lower_bound_s,
                              makespan_s, memory_loads, smallest_cap_bounds, solve)
 
 
@@ -189,7 +189,7 @@ def test_time_limited_ilp_claims_optimal_only_with_proof():
 def test_status_comes_from_the_solution_status_not_the_problem_status(monkeypatch):
     """At a time limit PuLP's problem status can read Optimal while the solution is only an
     incumbent (LpSolutionIntegerFeasible): that must not be reported as optimal."""
-    import planner.ilp as ilp
+    import planner.solve.ilp as ilp
 
     original = pulp.LpProblem.solve
 
@@ -229,9 +229,9 @@ def test_solution_invariants(work, workers, method):
 
 # ----------------------------------------------------------------------------- in depth
 
-from planner.bounds import pigeonhole_lower_bound_s, trivial_lower_bound_s  # noqa: E402
-from planner.instance import make_instance  # noqa: E402
-from planner.localsearch import balance_memory, refine_makespan  # noqa: E402
+from planner.solve.bounds import pigeonhole_lower_bound_s, trivial_lower_bound_s  # noqa: E402
+from planner.solve.instance import make_instance  # noqa: E402
+from planner.solve.localsearch import balance_memory, refine_makespan  # noqa: E402
 
 works = st.lists(st.floats(min_value=0.0, max_value=10.0, allow_nan=False), min_size=1,
                  max_size=7)

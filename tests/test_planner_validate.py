@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from planner import commands
-from planner.costmodel import PlanConfig
+from planner.model.costs import PlanConfig
 from planner.placement import make_placement
-from planner.profile import load_profile, profile_from_dict, profile_to_dict
-from planner.simulate import PHASES
-from planner.validate import (PhaseRow, calibrate, compare, measured_phases, predicted_phases)
+from dpkfac.core.profile import load_profile, profile_from_dict, profile_to_dict
+from planner.model.simulate import PHASES
+from planner.model.calibrate import (PhaseRow, calibrate, compare, measured_phases, predicted_phases)
 
 from planner_fixtures import write_profile
 
@@ -105,7 +105,7 @@ def test_validate_command_on_a_recorded_run(tmp_path, capsys):
 
 
 def test_validate_bad_run_folder_is_an_input_error(tmp_path):
-    from planner.errors import InputError
+    from dpkfac.core.errors import InputError
 
     path, profile, placement = _placement(tmp_path)
     placement_path = tmp_path / "placement.json"

@@ -9,7 +9,7 @@ import torch
 from executor.distributed import WorldInfo
 from executor.profiler import ProfileOptions, fit_alpha_beta, message_sizes, profile_model
 from executor.timing import PhaseTimer, median_time
-from planner.profile import profile_from_dict
+from dpkfac.core.profile import profile_from_dict
 
 
 def test_median_time_takes_the_median_of_the_repeats(monkeypatch):

@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 
 from executor.checkpoint import CHECKPOINT_FORMAT, read_checkpoint
 from executor_fixtures import placement_dict
-from planner.errors import InputError
+from dpkfac.core.errors import InputError
 from planner.placement import load_placement
-from planner.profile import load_profile, profile_from_dict
+from dpkfac.core.profile import load_profile, profile_from_dict
 
 PROFILE = json.loads((Path(__file__).resolve().parents[1] / "profiles"
                       / "digits-mlp.b32.cpu2-gloo.json").read_text())

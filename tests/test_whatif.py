@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from planner.algorithms import ALGORITHMS, TRAFFIC_KINDS, algorithm_cost, traffic_by_kind
-from planner.cluster import Link
-from planner.costmodel import PlanConfig
-from planner.errors import InputError
-from planner.profile import load_profile, profile_from_dict
-from planner.strategy import DP_KFAC, KAISA_COMM_OPT, MPD_KFAC
-from planner.whatif import (Sweep, Topology, expand_workers, knees, scaling_knee, sweep_rows,
+from planner.whatif.baselines import ALGORITHMS, TRAFFIC_KINDS, algorithm_cost, traffic_by_kind
+from dpkfac.core.cluster import Link
+from planner.model.costs import PlanConfig
+from dpkfac.core.errors import InputError
+from dpkfac.core.profile import load_profile, profile_from_dict
+from dpkfac.core.strategy import DP_KFAC, KAISA_COMM_OPT, MPD_KFAC
+from planner.whatif.sweep import (Sweep, Topology, expand_workers, knees, scaling_knee, sweep_rows,
                             whatif_rows)
 
 from planner_fixtures import run_planner_cli, synthetic_profile_dict, write_profile
@@ -179,7 +179,7 @@ def test_bad_whatif_flags_exit_2(argv, profile_path, tmp_path, capsys):
 
 
 def test_dp_kfac_prediction_matches_the_planners_simulation():
-    from planner.simulate import simulate_cycle
+    from planner.model.simulate import simulate_cycle
 
     doc = copy.deepcopy(synthetic_profile_dict(9, 5))
     profile = profile_from_dict(doc)

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import InputError
+from dpkfac.core.errors import InputError
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .instance import check_speeds
+from planner.solve.instance import check_speeds
 
 
 def trivial_lower_bound_s(*, work: Sequence[float], workers: int,

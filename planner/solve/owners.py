@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
-from .errors import InputError
-from .solvers import Solution, solve
+from dpkfac.core.errors import InputError
+from planner.solve.solvers import Solution, solve
 
 OWNER_MODES = ("auto", "all")
 

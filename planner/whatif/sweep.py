@@ -23,14 +23,13 @@ import itertools
 from dataclasses import dataclass
 from typing import Sequence
 
-from .algorithms import ALGORITHMS, algorithm_cost
-from .cluster import Cluster, Link, cluster_network
-from .comm import Network
-from .costmodel import PlanConfig, layer_state_bytes, layer_works_s
-from .errors import InputError
-from .owners import search_owners
-from .profile import AlphaBeta, Profile
-from .solvers import Solution, solve
+from planner.whatif.baselines import ALGORITHMS, algorithm_cost
+from dpkfac.core.cluster import Cluster, Link
+from planner.model.network import Network
+from planner.model.topology import cluster_network
+from planner.model.costs import PlanConfig
+from dpkfac.core.errors import InputError
+from dpkfac.core.profile import AlphaBeta, Profile
 
 WHATIF_SCHEMA_ID = "dpkfac.whatif/1"
 ROW_KEYS = ("workers", "algorithm", "step_time_s", "second_order_s", "comm_bytes_per_step",
@@ -143,50 +142,8 @@ def _point_costs(profile: Profile, *, workers: int, config: PlanConfig,
                  network: Network | None, algorithms: Sequence[str]):
     """Every algorithm's cost at one point; dp-kfac on the planner's placement."""
     for name in algorithms:
-        owners = None
-        if name == "dp-kfac":
-            owners = planned_owners(profile, workers=workers, config=config,
-                                    network=network)
         yield algorithm_cost(profile, algorithm=name, workers=workers, config=config,
-                             owners=owners, network=network)
-
-
-def planned_owners(profile: Profile, *, workers: int, config: PlanConfig,
-                   network: Network | None = None,
-                   time_limit_s: float = 0.05) -> tuple[int, ...]:
-    """The planner's placement for a what-if point: the best of the heuristics and local search
-    (the ILP only on small instances), so a 1..4096 sweep stays within seconds; with at least as
-    many workers as layers every layer first gets its own worker (the compute makespan then
-    meets its lower bound, the largest layer). Then the owner search (planner.owners): fewer
-    owners when that predicts a shorter step (fewer broadcasts)."""
-    works = layer_works_s(profile, config=config)
-    if workers >= len(profile.layers):
-        full = Solution(owners=tuple(range(len(profile.layers))), method="one layer each",
-                        status="heuristic", makespan_s=max(works, default=0.0),
-                        solve_time_s=0.0)
-    else:
-        full = solve("best", work=works, workers=workers, time_limit_s=time_limit_s,
-                     ilp_max_binaries=300)
-    if workers == 1:
-        return full.owners
-
-    def step_time_of(owners) -> float:
-        return algorithm_cost(profile, algorithm="dp-kfac", workers=workers, config=config,
-                              owners=owners, network=network).step_time_s
-
-    best, _ = search_owners(full, step_time_of=step_time_of, work=works,
-                            speeds=(1.0,) * workers, memory=layer_state_bytes(profile),
-                            caps=None, time_limit_s=time_limit_s)
-    return best.owners
-
-
-def whatif_rows(profile: Profile, *, workers: Sequence[int], config: PlanConfig,
-                **_ignored) -> list[dict]:
-    """One row per (worker count, algorithm in ALGORITHMS), in the order given (the flat
-    profile network, the profile's batch, the given update frequencies)."""
-    sweep = Sweep(workers=tuple(workers), factor_update_freqs=(config.factor_update_freq,),
-                  inv_update_freqs=(config.inv_update_freq,))
-    return sweep_rows(profile, sweep)
+                             network=network)
 
 
 def scaling_knee(rows: Sequence[dict], *, efficiency: float = 0.5) -> int | None:
@@ -222,7 +179,7 @@ def expand_workers(text: str) -> tuple[int, ...]:
     """Worker counts from '1,2,4,8' or powers-of-two ranges 'A..B' ('1..4096' is 1, 2, 4, ...,
     4096; A need not be a power of two: A, 2A, 4A, ... up to B), mixed freely, in order,
     duplicates dropped. InputError when malformed."""
-    from .units import parse_int_list
+    from dpkfac.core.units import parse_int_list
 
     values: list[int] = []
     for part in text.split(","):

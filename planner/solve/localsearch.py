@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .instance import Instance, as_arrays
+from planner.solve.instance import Instance, as_arrays
 
 _EPS = 1e-12
 

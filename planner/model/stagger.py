@@ -16,8 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .costmodel import PlanConfig
-from .profile import Profile
+from planner.model.costs import PlanConfig
+from dpkfac.core.profile import Profile
 
 
 def slot_base_s(profile: Profile, *, owners: Sequence[int], workers: int,

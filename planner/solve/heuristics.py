@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .instance import Instance, as_arrays, fits
+from planner.solve.instance import Instance, as_arrays, fits
 
 
 def round_robin(inst: Instance) -> tuple[int, ...] | None:

@@ -9,11 +9,13 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .costmodel import PlanConfig
-from .errors import InputError
-from .jsonio import read_json
-from .profile import Profile
-from .simulate import PHASES, simulate_cycle
+from planner.model.costs import PlanConfig
+from dpkfac.core.errors import InputError
+from dpkfac.core.jsonio import read_json
+from dpkfac.core.placement import owners_by_layer
+from dpkfac.core.profile import Profile
+from dpkfac.core.step import PHASES
+from planner.model.step import predict_step
 
 SUMMARY_FIELDS = ("world_size", "mean_step_time_s", "phase_means_by_rank_s")
 
@@ -49,30 +51,22 @@ def load_run_summary(run_dir: str | os.PathLike) -> dict:
     return summary
 
 
-def placement_owners(placement: Mapping, profile: Profile) -> tuple[int, ...]:
-    """Owner rank of each profile layer, in profile order."""
-    assignment = placement["assignment"]
-    missing = [layer.name for layer in profile.layers if layer.name not in assignment]
-    if missing:
-        raise InputError(f"placement: field assignment: no owner for profile layer {missing[0]!r}"
-                         " (placement and profile are for different models)")
-    return tuple(int(assignment[layer.name]) for layer in profile.layers)
-
-
-def predicted_phases(profile: Profile, placement: Mapping, *,
+def predicted_phases(profile: Profile, placement: Mapping, *, variant: str = "dp-kfac",
                      staggered: bool = False) -> dict[str, tuple[float, ...]]:
-    """Per phase, per rank: the simulated mean over a cycle, as the executor's timers see it
-    (following the placement's decomposition_step schedule when the run was `staggered`)."""
+    """Per phase, per rank: the step model's mean over a cycle of `variant` under the
+    placement's owners, as the executor's timers see it (following the placement's
+    decomposition_step schedule when the run was `staggered`)."""
     config = placement["config"]
+    names = [layer.name for layer in profile.layers]
     slots = placement.get("decomposition_step") if staggered else None
-    cycle = simulate_cycle(profile, owners=placement_owners(placement, profile),
-                           workers=placement["world_size"],
-                           config=PlanConfig(factor_update_freq=config["factor_update_freq"],
-                                             inv_update_freq=config["inv_update_freq"]),
-                           decomposition_step=None if slots is None else
-                           [int(slots.get(layer.name, 0)) for layer in profile.layers])
-    phases = cycle.mean_phases()
-    phases["step_time"] = (cycle.mean_step_time_s,) * placement["world_size"]
+    prediction = predict_step(
+        profile, variant=variant, owners=owners_by_layer(placement, names),
+        workers=placement["world_size"],
+        config=PlanConfig(factor_update_freq=config["factor_update_freq"],
+                          inv_update_freq=config["inv_update_freq"]),
+        decomposition_step=None if slots is None else [int(slots.get(n, 0)) for n in names])
+    phases = prediction.cycle.mean_phases()
+    phases["step_time"] = (prediction.step_time_s,) * placement["world_size"]
     return phases
 
 
@@ -102,7 +96,7 @@ COMM_PHASES = ("allreduce", "broadcast")
 
 
 def calibrate(profile: Profile, placement: Mapping, measured: Mapping[str, Sequence[float]], *,
-              staggered: bool = False, max_rounds: int = 30,
+              variant: str = "dp-kfac", staggered: bool = False, max_rounds: int = 30,
               tolerance: float = 1e-4) -> tuple[Profile, dict[str, float]]:
     """A profile scaled so that the same placement predicts the measured phases.
 
@@ -115,13 +109,13 @@ def calibrate(profile: Profile, placement: Mapping, measured: Mapping[str, Seque
     simulation puts in it cannot be matched). Returns the profile and the scale factors.
     """
     want = _phase_means(measured)
-    have = _phase_means(predicted_phases(profile, placement, staggered=staggered))
+    have = _phase_means(predicted_phases(profile, placement, variant=variant, staggered=staggered))
     scales = {phase: _ratio(want[phase], have[phase]) for phase in COMPUTE_PHASES}
     scales.update(dict.fromkeys(COMM_PHASES, 1.0))
 
     def phase_at(phase: str, scale: float) -> float:
         trial = _scaled_profile(profile, dict(scales, **{phase: scale}), want, have)
-        return _phase_means(predicted_phases(trial, placement, staggered=staggered))[phase]
+        return _phase_means(predicted_phases(trial, placement, variant=variant, staggered=staggered))[phase]
 
     for phase in COMM_PHASES:
         scales[phase] = _solve_increasing(lambda s, p=phase: phase_at(p, s), want[phase],

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .bounds import pigeonhole_lower_bound_s
-from .costmodel import layer_work_s
-from .plan import Plan
-from .report import format_bytes, format_seconds
+from planner.solve.bounds import pigeonhole_lower_bound_s
+from planner.model.costs import layer_work_s
+from planner.plan import Plan
+from planner.report.tables import format_bytes, format_seconds
 
 
 def explain_lines(plan: Plan, *, top: int = 8) -> list[str]:
@@ -84,7 +84,7 @@ def _cap_lines(plan: Plan, *, works, loads, b, mine) -> list[str]:
     """Whether memory caps stop the obvious move of b's smallest layer to the least busy rank."""
     if plan.caps is None or not mine:
         return []
-    held = np.array(plan.prediction.memory_bytes)
+    held = np.array(plan.prediction.state_bytes)
     state = [l.state_bytes for l in plan.profile.layers]
     out = []
     for i in reversed(mine):  # smallest first

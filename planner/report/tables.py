@@ -214,7 +214,7 @@ def knee_lines(knees: dict, *, workers: Sequence[int], efficiency: float) -> lis
 def print_whatif_table(rows: Sequence[dict], *, console: Console,
                        efficiency: float = 0.5) -> None:
     """Print one what-if table per setting, each followed by the scaling knees."""
-    from .whatif import knees, setting_groups
+    from planner.whatif.sweep import knees, setting_groups
 
     groups = setting_groups(rows)
     for settings, members in groups:
@@ -246,7 +246,7 @@ def write_whatif_plot(rows: Sequence[dict], path, *, title: str,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .jsonio import write_atomic
+    from dpkfac.core.jsonio import write_atomic
 
     names = list(dict.fromkeys(r["algorithm"] for r in rows))
     fig, axes = plt.subplots(1, len(PLOT_METRICS), figsize=(16, 4.8), constrained_layout=True)

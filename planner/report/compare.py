@@ -1,12 +1,12 @@
 """`dpkfac plan --compare`: every solver on the same profile and cluster, side by side."""
 from __future__ import annotations
 
-from .cluster import Cluster
-from .costmodel import PlanConfig
-from .errors import InputError
-from .plan import make_plan
-from .profile import Profile
-from .solvers import METHODS
+from dpkfac.core.cluster import Cluster
+from planner.model.costs import PlanConfig
+from dpkfac.core.errors import InputError
+from planner.plan import make_plan
+from dpkfac.core.profile import Profile
+from planner.solve.solvers import METHODS
 
 
 def compare_rows(*, profile: Profile, cluster: Cluster, config: PlanConfig,
@@ -30,5 +30,5 @@ def compare_rows(*, profile: Profile, cluster: Cluster, config: PlanConfig,
                      "second_order_s": plan.cycle.mean_second_order_s,
                      "step_time_s": plan.cycle.mean_step_time_s, "status": sol.status,
                      "solve_time_s": sol.solve_time_s,
-                     "max_memory_bytes": max(plan.prediction.memory_bytes), "error": None})
+                     "max_memory_bytes": max(plan.prediction.state_bytes), "error": None})
     return rows

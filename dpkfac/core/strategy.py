@@ -1,7 +1,7 @@
 """Distributed K-FAC strategies as two independent choices (KAISA / kfac-jax style).
 
-One preconditioner core (executor/preconditioner.py) and one cost model (planner/algorithms.py)
-take a Strategy; the named algorithms are just points of that space:
+The executor's preconditioner and the planner's step model both take a Strategy; the named
+algorithms are points of that space:
 
 | algorithm       | factors      | shared                  |
 | --------------- | ------------ | ----------------------- |
@@ -47,13 +47,15 @@ MPD_KFAC = Strategy(factors=FactorMode.ALLREDUCED, shared=SharedResult.PRECONDIT
 KAISA_MEM_OPT = MPD_KFAC
 KAISA_COMM_OPT = Strategy(factors=FactorMode.ALLREDUCED, shared=SharedResult.DECOMPOSITION)
 
-# The what-if's algorithm names (planner/algorithms.py) -> strategy; sgd has none.
-STRATEGY_OF = {"dp-kfac": DP_KFAC, "dp-kfac-round-robin": DP_KFAC, "mpd-kfac": MPD_KFAC,
-               "kaisa-mem-opt": KAISA_MEM_OPT, "kaisa-comm-opt": KAISA_COMM_OPT}
+# `dpkfac train --algorithm` names; kaisa becomes a variant by its grad-worker fraction.
+TRAIN_ALGORITHMS = ("dp-kfac", "mpd-kfac", "kaisa", "sgd")
 
-# Elements every owner appends to each of its broadcasts: its cumulative numerical-safety
-# counters (executor/preconditioner.py NUMERICS_COUNTERS), in the gradients' dtype.
-NUMERICS_ELEMENTS = 4
+# Variants: the names the step model, the what-if rows and run summaries use -> strategy (sgd:
+# None). dp-kfac-round-robin is DP-KFAC on the seed's round-robin owners.
+STRATEGY_OF: dict[str, Strategy | None] = {
+    "sgd": None, "mpd-kfac": MPD_KFAC, "kaisa-comm-opt": KAISA_COMM_OPT,
+    "kaisa-mem-opt": KAISA_MEM_OPT, "dp-kfac-round-robin": DP_KFAC, "dp-kfac": DP_KFAC}
+VARIANTS = tuple(STRATEGY_OF)
 
 
 def parse_fraction(text: str) -> Fraction:
@@ -66,6 +68,18 @@ def parse_fraction(text: str) -> Fraction:
     if not 0 < value <= 1:
         raise InputError(f"--grad-worker-fraction {text!r} must be in (0, 1]")
     return value
+
+
+def variant_of(algorithm: str, *, workers: int, grad_worker_fraction: Fraction | None = None
+               ) -> str:
+    """The variant (VARIANTS) a `train --algorithm` runs at `workers` ranks; kaisa's by its
+    fraction (default 1, COMM-OPT)."""
+    if algorithm not in TRAIN_ALGORITHMS:
+        raise InputError(f"unknown algorithm {algorithm!r}; expected one of "
+                         f"{', '.join(TRAIN_ALGORITHMS)}")
+    if algorithm == "kaisa":
+        return kaisa_variant(grad_worker_fraction or Fraction(1), workers=workers)
+    return algorithm
 
 
 def kaisa_variant(fraction: Fraction, *, workers: int) -> str:

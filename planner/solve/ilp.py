@@ -22,8 +22,8 @@ from typing import Sequence
 
 import pulp
 
-from .bounds import makespan_lower_bound_s
-from .instance import Instance, fits, instance_makespan_s
+from planner.solve.bounds import makespan_lower_bound_s
+from planner.solve.instance import Instance, fits, instance_makespan_s
 
 OPTIMALITY_GAP = 1e-6  # relative gap under which a plan counts as proven optimal
 

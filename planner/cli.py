@@ -10,23 +10,25 @@ from pathlib import Path
 
 from rich.console import Console
 
-from .cluster import load_cluster
-from .compare import compare_rows
-from .costmodel import PlanConfig
-from .errors import InputError
-from .explain import explain_lines
-from .jsonio import write_atomic, write_json_atomic
-from .placement import load_placement, placement_document, resolve_cluster
-from .owners import OWNER_MODES
-from .plan import make_plan
-from .profile import load_profile, profile_to_dict
-from .report import (compare_table, print_plan_report, print_whatif_table, setting_title,
+from dpkfac.core.cluster import load_cluster
+from planner.report.compare import compare_rows
+from planner.model.costs import PlanConfig
+from dpkfac.core.errors import InputError
+from planner.report.explain import explain_lines
+from dpkfac.core.jsonio import write_atomic, write_json_atomic
+from dpkfac.core.placement import load_placement
+from planner.placement import placement_document
+from planner.solve.owners import OWNER_MODES
+from planner.plan import make_plan, resolve_cluster
+from dpkfac.core.profile import load_profile, profile_to_dict
+from dpkfac.core.strategy import VARIANTS
+from planner.report.tables import (compare_table, print_plan_report, print_whatif_table, setting_title,
                      validation_table, write_whatif_plot)
-from .solvers import DEFAULT_ILP_MAX_BINARIES, METHODS, auto_time_limit_s
-from .units import (fraction, parse_bytes, parse_float_list, parse_int_list, positive_float,
+from planner.solve.solvers import DEFAULT_ILP_MAX_BINARIES, METHODS, auto_time_limit_s
+from dpkfac.core.units import (fraction, parse_bytes, parse_float_list, parse_int_list, positive_float,
                     positive_int)
-from .validate import calibrate, compare, load_run_summary, measured_phases, predicted_phases
-from .whatif import (ROW_KEYS, WHATIF_SCHEMA_ID, Sweep, Topology, expand_workers,
+from planner.model.calibrate import calibrate, compare, load_run_summary, measured_phases, predicted_phases
+from planner.whatif.sweep import (ROW_KEYS, WHATIF_SCHEMA_ID, Sweep, Topology, expand_workers,
                      knees, setting_groups, sweep_rows)
 
 
@@ -226,11 +228,17 @@ def run_validate(args: argparse.Namespace) -> int:
         raise InputError(f"run {args.run!r} has world_size {summary['world_size']}, placement "
                          f"{args.placement!r} is for {placement['world_size']}")
     staggered = bool(summary.get("staggered_decompositions", False))
+    variant = summary.get("variant", "dp-kfac")
+    if variant not in VARIANTS:
+        raise InputError(f"run summary in {args.run!r}: field variant: expected one of "
+                         f"{', '.join(VARIANTS)}, got {variant!r}")
     measured = measured_phases(summary)
-    rows = compare(predicted_phases(profile, placement, staggered=staggered), measured)
+    rows = compare(predicted_phases(profile, placement, variant=variant, staggered=staggered),
+                   measured)
     scales = None
     if out is not None:
-        calibrated, scales = calibrate(profile, placement, measured, staggered=staggered)
+        calibrated, scales = calibrate(profile, placement, measured, variant=variant,
+                                       staggered=staggered)
         write_json_atomic(out, profile_to_dict(calibrated))
     if args.format == "json":
         document = {"schema": "dpkfac.validation/1", "placement": args.placement,

@@ -1,4 +1,6 @@
-"""JSON schemas of the project's versioned files (see CONTRACTS.md)."""
+"""JSON schemas of the project's versioned files: profile, placement and checkpoint (the cluster
+file's lives in dpkfac.core.cluster). See CONTRACTS.md. The checkpoint schema names a
+"tensor" type that the executor's validator adds."""
 from __future__ import annotations
 
 PROFILE_SCHEMA_ID = "dpkfac.profile/1"
@@ -131,3 +133,52 @@ def placement_ranks_schema(world_size: int) -> dict:
             "predicted": {"properties": {"per_worker": {"items": {"properties": {"rank": rank}}}}},
         },
     }
+
+
+CHECKPOINT_FORMAT = "dpkfac.checkpoint/2"
+
+_TENSOR_MAP = {"type": "object", "additionalProperties": {"type": "tensor"}}
+
+CHECKPOINT_SCHEMA: dict = {
+    "type": "object",
+    "required": ["format", "world_size", "step", "epoch", "batch_in_epoch", "model", "optimizer",
+                 "fingerprint", "ranks"],
+    "properties": {
+        "format": {"const": CHECKPOINT_FORMAT},
+        "world_size": POSITIVE_INTEGER,
+        "step": NONNEGATIVE_INTEGER, "epoch": NONNEGATIVE_INTEGER,
+        "batch_in_epoch": NONNEGATIVE_INTEGER,
+        "threads": POSITIVE_INTEGER,
+        "model": _TENSOR_MAP,
+        "optimizer": {"type": "object", "required": ["state", "param_groups"],
+                      "properties": {"state": {"type": "object"},
+                                     "param_groups": {"type": "array"}}},
+        "fingerprint": {"type": "object"},
+        "ranks": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["preconditioner", "rng"],
+                "properties": {
+                    "preconditioner": {
+                        "type": ["null", "object"],
+                        "required": ["steps", "blocks"],
+                        "properties": {"steps": NONNEGATIVE_INTEGER,
+                                       "blocks": {"type": "object",
+                                                  "additionalProperties": _TENSOR_MAP},
+                                       "numerics": {"type": "object"}},
+                    },
+                    "rng": {
+                        "type": "object",
+                        "required": ["python", "numpy", "torch"],
+                        "properties": {"torch": {"type": "tensor"},
+                                       "python": {"type": "array"},
+                                       "numpy": {"type": "array", "minItems": 5, "maxItems": 5},
+                                       "cuda": {"type": "array",
+                                                "items": {"type": "tensor"}}},
+                    },
+                },
+            },
+        },
+    },
+}

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from .profile import AlphaBeta, CommCosts, MeasuredPoints
+from dpkfac.core.profile import AlphaBeta, CommCosts, MeasuredPoints
 
 
 def _check_ranks(ranks: int) -> None:

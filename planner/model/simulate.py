@@ -1,0 +1,270 @@
+"""Event-level simulation of training steps as the executor runs them, for every strategy.
+
+One step, on every worker w (compute divided by w's speed; seconds), in the phase order of
+dpkfac.core.step.PHASES:
+
+1. forward_backward;
+2. the gradient all-reduce, a collective: it starts when the slowest worker arrives;
+3. factors: the owned layers' (LOCAL) or every layer's (ALLREDUCED) factor construction, on
+   steps where step % factor_update_freq == 0;
+4. factor_allreduce (ALLREDUCED, on those steps): one fused all-reduce of every layer's factors;
+5. decompose: the owned layers whose decomposition falls on this step (all at
+   step % inv_update_freq == 0, or, with a staggered `decomposition_step` schedule, the layers
+   whose slot is step % inv_update_freq);
+6. DECOMPOSITION (KAISA COMM-OPT): at step % inv_update_freq == 0 the owners broadcast their
+   decompositions, then every worker preconditions every layer; PRECONDITIONED_GRADIENT: every
+   owner preconditions its layers, then the owners broadcast the results, every step;
+7. apply (KL clip, write-back), then the optimizer.
+
+A collective needs every rank: it starts when the last one arrives, and the broadcasts of a
+step, posted together, take Network.broadcast_group_s of their times. Plain SGD (strategy None)
+has steps 1, 2 and 7's optimizer only. A cycle is lcm(factor_update_freq, inv_update_freq) steps;
+its mean step is the prediction. Per worker: busy (computing), comm (in a collective) and idle
+(waiting) seconds; the critical path is the chain of segments that set the step's end.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from dpkfac.core.profile import Profile
+from dpkfac.core.step import NUMERICS_ELEMENTS, PHASES
+from dpkfac.core.strategy import DP_KFAC, FactorMode, SharedResult, Strategy
+from planner.model.costs import (PlanConfig, decomposition_sizes, factor_bytes,
+                                 gradient_allreduce_s, network_of, per_owner)
+from planner.model.network import Network
+from planner.solve.instance import check_speeds
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One stretch of the timeline: `kind` on `worker` (None: a collective of all workers),
+    covering `layers` layers (0 when not per layer) or `count` collectives posted together,
+    from start_s to end_s seconds."""
+    kind: str
+    worker: int | None
+    start_s: float
+    end_s: float
+    layers: int = 0
+    count: int = 1
+
+    def as_dict(self) -> dict:
+        """Plain-data form for the placement file."""
+        return {"kind": self.kind, "worker": self.worker, "layers": self.layers,
+                "count": self.count, "start_s": self.start_s, "end_s": self.end_s}
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One simulated step. Seconds; per-worker tuples by rank.
+
+    second_order_s: from the end of the gradient all-reduce to the end of the last second-order
+    phase. compute_makespan_s: the largest per-worker K-FAC compute of this step.
+    phases_s: per phase (PHASES), per worker, as the executor's timers see it (waiting included).
+    """
+    step_time_s: float
+    second_order_s: float
+    compute_makespan_s: float
+    allreduce_s: float
+    broadcast_s: float
+    busy_s: tuple[float, ...]
+    comm_s: tuple[float, ...]
+    idle_s: tuple[float, ...]
+    critical_path: tuple[Segment, ...]
+    phases_s: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CycleResult:
+    """Every step of one cycle (`steps[k]` is step k of the cycle) and the means over it."""
+    steps: tuple[StepResult, ...]
+
+    @property
+    def mean_step_time_s(self) -> float:
+        """Mean step time over the cycle, seconds."""
+        return float(np.mean([s.step_time_s for s in self.steps]))
+
+    @property
+    def mean_second_order_s(self) -> float:
+        """Mean second-order part over the cycle, seconds."""
+        return float(np.mean([s.second_order_s for s in self.steps]))
+
+    @property
+    def worst_step(self) -> int:
+        """Index of the slowest step of the cycle."""
+        return int(np.argmax([s.step_time_s for s in self.steps]))
+
+    def mean_per_worker(self, name: str) -> tuple[float, ...]:
+        """Mean over the cycle of a per-worker field (busy_s, comm_s or idle_s), seconds."""
+        return tuple(float(v) for v in np.mean([getattr(s, name) for s in self.steps], axis=0))
+
+    def mean_phases(self) -> dict[str, tuple[float, ...]]:
+        """Mean over the cycle of each phase as each worker's own timer measures it, seconds."""
+        return {phase: tuple(float(v) for v in np.mean([s.phases_s[phase] for s in self.steps],
+                                                       axis=0))
+                for phase in PHASES}
+
+
+def cycle_length(config: PlanConfig) -> int:
+    """Steps after which the pattern of factor and decomposition updates repeats."""
+    return math.lcm(config.factor_update_freq, config.inv_update_freq)
+
+
+class _Timeline:
+    """Per-worker clocks and segments of one step; collectives are barriers."""
+
+    def __init__(self, workers: int) -> None:
+        self.t = np.zeros(workers)
+        self.segments: list[list[Segment]] = [[] for _ in range(workers)]
+        self.phases = {phase: np.zeros(workers) for phase in PHASES}
+        self.busy = np.zeros(workers)
+        self.comm = np.zeros(workers)
+        self.gates: dict[int, int] = {}  # id(collective segment) -> the worker that arrived last
+
+    def compute(self, phase: str, seconds: np.ndarray, layers: Sequence[int] | None = None) -> None:
+        """Every worker w computes `seconds[w]` in `phase`."""
+        for w, s in enumerate(seconds):
+            if s > 0:
+                n = 0 if layers is None else int(layers[w])
+                self.segments[w].append(Segment(phase, w, float(self.t[w]),
+                                                float(self.t[w] + s), layers=n))
+        self.t = self.t + seconds
+        self.phases[phase] += seconds
+        self.busy += seconds
+
+    def collective(self, phase: str, seconds: float, *, count: int = 1) -> None:
+        """A collective of all workers taking `seconds` once the last one has arrived."""
+        gate = int(np.argmax(self.t))
+        start = float(self.t[gate])
+        seg = Segment(phase, None, start, start + seconds, count=count)
+        self.gates[id(seg)] = gate
+        for w in range(len(self.t)):
+            self.segments[w].append(seg)
+        self.phases[phase] += start + seconds - self.t
+        self.comm += seconds
+        self.t = np.full_like(self.t, start + seconds)
+
+    def critical_path(self) -> tuple[Segment, ...]:
+        """Walk back from the worker that ends last, through each collective to the worker
+        whose arrival started it."""
+        w, t, path = int(np.argmax(self.t)), float(self.t.max()), []
+        while True:
+            earlier = [s for s in self.segments[w] if s.end_s <= t + 1e-15]
+            if not earlier:
+                return tuple(reversed(path))
+            seg = earlier[-1]
+            path.append(seg)
+            t = seg.start_s
+            if seg.worker is None:
+                w = self.gates[id(seg)]
+
+
+def simulate_step(profile: Profile, *, owners: Sequence[int], workers: int, config: PlanConfig,
+                  strategy: Strategy | None = DP_KFAC, step: int = 0,
+                  speeds: Sequence[float] | None = None, network: Network | None = None,
+                  decomposition_step: Sequence[int] | None = None) -> StepResult:
+    """Simulate step number `step` of `profile` under `strategy` (None: plain SGD) with layer i
+    owned by rank owners[i]. decomposition_step[i]: the slot in 0..inv_update_freq-1 of layer
+    i's decomposition (None: all at step % inv_update_freq == 0)."""
+    speed = np.asarray(check_speeds(speeds, workers))
+    net = network_of(profile, network)
+    line = _Timeline(workers)
+    line.compute("forward_backward", profile.forward_backward_s / speed)
+    line.collective("allreduce", gradient_allreduce_s(profile, workers=workers, network=network))
+    ar_end = float(line.t[0])
+    broadcast_s, second_order_end = 0.0, ar_end
+    if strategy is not None:
+        broadcast_s = _second_order(line, profile, strategy=strategy, owners=owners,
+                                    workers=workers, config=config, step=step, speed=speed,
+                                    net=net, decomposition_step=decomposition_step)
+        second_order_end = float(line.t.max())
+        line.compute("apply", profile.apply_s / speed)
+    line.compute("optimizer", profile.optimizer_s / speed)
+    kfac = sum(line.phases[p] for p in ("factors", "decompose", "precondition"))
+    step_time = float(line.t.max())
+    return StepResult(
+        step_time_s=step_time, second_order_s=second_order_end - ar_end,
+        compute_makespan_s=float(kfac.max()),
+        allreduce_s=gradient_allreduce_s(profile, workers=workers, network=network),
+        broadcast_s=broadcast_s,
+        busy_s=tuple(line.busy.tolist()), comm_s=tuple(line.comm.tolist()),
+        idle_s=tuple(np.maximum(step_time - line.busy - line.comm, 0.0).tolist()),
+        critical_path=line.critical_path(),
+        phases_s={phase: tuple(float(v) for v in line.phases[phase]) for phase in PHASES})
+
+
+def _second_order(line: _Timeline, profile: Profile, *, strategy: Strategy,
+                  owners: Sequence[int], workers: int, config: PlanConfig, step: int,
+                  speed: np.ndarray, net: Network,
+                  decomposition_step: Sequence[int] | None) -> float:
+    """The K-FAC phases of one step onto `line`; returns the seconds of its broadcasts."""
+    layers = profile.layers
+    owned = np.bincount(np.asarray(owners, dtype=int), minlength=workers)
+    factors_due = step % config.factor_update_freq == 0
+    slot = step % config.inv_update_freq
+    slots = decomposition_step if decomposition_step is not None else (0,) * len(layers)
+    decomposing = [slots[i] % config.inv_update_freq == slot for i in range(len(layers))]
+    local = strategy.factors is FactorMode.LOCAL
+    if factors_due:
+        if local:
+            work, counts = _owned([l.factor_s for l in layers], owners, workers), owned
+        else:
+            work, counts = np.full(workers, sum(l.factor_s for l in layers)), [len(layers)] * workers
+        line.compute("factors", work / speed, counts)
+        if not local and workers > 1:
+            nbytes = sum(factor_bytes(l, dtype_bytes=profile.dtype_bytes) for l in layers)
+            line.collective("factor_allreduce", net.allreduce_s(ranks=workers, nbytes=nbytes))
+    due = [l.decompose_s if d else 0.0 for l, d in zip(layers, decomposing)]
+    line.compute("decompose", _owned(due, owners, workers) / speed,
+                 _owned([float(d) for d in decomposing], owners, workers))
+    counters = NUMERICS_ELEMENTS * profile.dtype_bytes
+    if strategy.shared is SharedResult.DECOMPOSITION:
+        seconds = 0.0
+        if slot == 0:
+            sizes = per_owner(decomposition_sizes(profile), owners, workers)
+            seconds = _broadcasts(line, net, sizes, owned, workers, counters)
+        line.compute("precondition", np.full(workers, sum(l.precondition_s for l in layers))
+                     / speed, [len(layers)] * workers)
+        return seconds
+    line.compute("precondition", _owned([l.precondition_s for l in layers], owners, workers)
+                 / speed, owned)
+    sizes = per_owner([l.grad_numel * profile.dtype_bytes for l in layers], owners, workers)
+    return _broadcasts(line, net, sizes, owned, workers, counters)
+
+
+def _owned(values: Sequence[float], owners: Sequence[int], workers: int) -> np.ndarray:
+    return np.asarray(per_owner(values, owners, workers), dtype=float)
+
+
+def _broadcasts(line: _Timeline, net: Network, sizes: Sequence[float], owned: np.ndarray,
+                workers: int, counters: int) -> float:
+    """One fused broadcast per owner (its payload plus its counters), posted together."""
+    if workers == 1:
+        return 0.0
+    alone = [net.broadcast_s(ranks=workers, nbytes=n + counters)
+             for n, k in zip(sizes, owned) if k > 0]
+    seconds = net.broadcast_group_s(alone)
+    line.collective("broadcast", seconds, count=len(alone))
+    return seconds
+
+
+def simulate_cycle(profile: Profile, *, owners: Sequence[int], workers: int, config: PlanConfig,
+                   strategy: Strategy | None = DP_KFAC, speeds: Sequence[float] | None = None,
+                   network: Network | None = None,
+                   decomposition_step: Sequence[int] | None = None) -> CycleResult:
+    """Simulate the steps 0 .. cycle_length(config)-1 (steps of the same kind only once)."""
+    memo: dict[tuple[bool, int], StepResult] = {}
+    steps = []
+    for k in range(cycle_length(config)):
+        slot = k % config.inv_update_freq
+        key = (k % config.factor_update_freq == 0,
+               slot if decomposition_step is not None else int(slot == 0))
+        if key not in memo:
+            memo[key] = simulate_step(profile, owners=owners, workers=workers, config=config,
+                                      strategy=strategy, step=k, speeds=speeds, network=network,
+                                      decomposition_step=decomposition_step)
+        steps.append(memo[key])
+    return CycleResult(steps=tuple(steps))
