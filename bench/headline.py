@@ -38,7 +38,7 @@ from rich.table import Table  # noqa: E402
 from common import dpkfac_command, run_timed  # noqa: E402
 from planner.whatif.baselines import algorithm_cost  # noqa: E402
 from planner.model.costs import PlanConfig  # noqa: E402
-from planner.placement import load_placement  # noqa: E402
+from dpkfac.core.placement import load_placement  # noqa: E402
 from dpkfac.core.profile import Profile, load_profile  # noqa: E402
 from planner.whatif.sweep import Sweep, expand_workers, sweep_rows  # noqa: E402
 

@@ -83,7 +83,7 @@ def row_for(name: str, doc: dict, *, workers: int, config: PlanConfig, speeds=No
         problems.append("not within 2% nor proven")
     if budget_s is not None and elapsed > budget_s:
         problems.append(f"over {budget_s:g} s")
-    if cap is not None and max(plan.prediction.memory_bytes) > cap:
+    if cap is not None and max(plan.prediction.state_bytes) > cap:
         problems.append("cap broken")
     exact = None
     if brute:
