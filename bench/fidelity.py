@@ -21,6 +21,7 @@ time) and at least --steps steps: digits-mlp steps take 3-13 ms, and 300 of them
 means that moved by up to 13% between two runs of the same plan.
 
     python bench/fidelity.py [--models digits-cnn,digits-mlp] [--workers 1,2,4] [--steps 300]
+                             [--docs-out docs/results/fidelity.md | --no-docs]
 """
 from __future__ import annotations
 
@@ -34,9 +35,8 @@ import tempfile
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
-from common import dpkfac_command, run_timed
+from common import ResultsDoc, add_docs_arguments, docs_out, dpkfac_command, rich_table, run_timed
 
 RANKING_MODEL, RANKING_WORKERS = "resnet20", 2
 
@@ -104,59 +104,86 @@ def main() -> int:
     parser.add_argument("--skip-ranking", action="store_true")
     parser.add_argument("--max-profile-error", type=float, default=0.25,
                         help="bar for the profile-only predictions")
+    add_docs_arguments(parser, "fidelity")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dpkfac-fidelity-"))
-    table = Table(title="Predicted vs measured step time (profile -> plan -> train -> validate)")
-    for col in ("model", "workers", "measured", "profile-only", "error", "calibrated", "error",
-                "worst phase (calibrated)"):
-        table.add_column(col, justify="left" if col in ("model", "worst phase (calibrated)")
-                         else "right")
-    raw_errors, errors = [], []
+    title = "Predicted vs measured step time (profile -> plan -> train -> validate)"
+    headers = ["model", "workers", "measured", "profile-only", "error", "calibrated", "error",
+               "worst phase (calibrated)"]
+    left = ("model", "worst phase (calibrated)")
+    cells, raw_errors, errors = [], [], []
     for model in args.models.split(","):
         for workers in (int(w) for w in args.workers.split(",")):
             raw_rows, rows = closed_loop_row(work, model, workers, args)
             raw, step = raw_rows["step_time"], rows["step_time"]
             raw_errors.append(raw["rel_error"])
             errors.append(step["rel_error"])
-            table.add_row(model, str(workers), _ms(step["measured_s"]), _ms(raw["predicted_s"]),
+            cells.append([model, str(workers), _ms(step["measured_s"]), _ms(raw["predicted_s"]),
                           f"{100 * raw['rel_error']:+.1f}%", _ms(step["predicted_s"]),
-                          f"{100 * step['rel_error']:+.1f}%", _worst_phase(rows))
+                          f"{100 * step['rel_error']:+.1f}%", _worst_phase(rows)])
     console = Console(width=120)
-    console.print(table)
+    console.print(rich_table(title, headers, cells, left=left))
+    lines, failures = [], []
     for name, values, bar in (("profile-only", raw_errors, args.max_profile_error),
                               ("calibrated", errors, args.max_error)):
-        console.print(f"{name}: mean |error| {100 * statistics.fmean(abs(e) for e in values):.1f}%"
-                      f" (goal 5%), worst {100 * max(abs(e) for e in values):.1f}% "
-                      f"(bar {100 * bar:.0f}%)")
-    ok = (max(abs(e) for e in errors) <= args.max_error
-          and max(abs(e) for e in raw_errors) <= args.max_profile_error)
+        mean, worst = statistics.fmean(abs(e) for e in values), max(abs(e) for e in values)
+        lines.append(f"{name}: mean |error| {100 * mean:.1f}% (goal 5%), worst {100 * worst:.1f}%"
+                     f" (bar {100 * bar:.0f}%)")
+        console.print(lines[-1])
+        if worst > bar:
+            failures.append(f"{name}: worst |error| {100 * worst:.1f}% > {100 * bar:.0f}%")
+    doc = ResultsDoc("fidelity", "Prediction fidelity: predicted vs measured step time",
+                     floors=_floors_text(args))
+    doc.text("Per row: profile under the same launch (torchrun with `workers` processes, one "
+             "thread each), plan, a calibration run, `dpkfac validate --calibrate-out`, re-plan "
+             "from the calibrated profile, then a measured run of that plan. profile-only: "
+             "predicted from the measured profile alone; calibrated: from the profile "
+             f"calibrated on the earlier, separate run. Runs of at least {args.steps} steps and "
+             f"{args.min_run_seconds:g} s; errors are (predicted - measured) / measured.")
+    doc.table(headers, cells, title=title, left=left, note="; ".join(lines) + ".")
     if not args.skip_ranking:
-        ok &= ranking_check(work, args, console)
+        same, ranking = ranking_check(work, args, console)
+        ranking_title, ranking_headers, ranking_cells = ranking
+        doc.table(ranking_headers, ranking_cells, title=ranking_title, left=("placement",),
+                  note="ranking agrees" if same else "ranking DISAGREES")
+        if not same:
+            failures.append(f"ranking: {RANKING_MODEL} on {RANKING_WORKERS} workers, the "
+                            "placement predicted faster is measured slower")
+    doc.write(docs_out(args), failures)
     shutil.rmtree(work, ignore_errors=True)
-    print("ok" if ok else "FAIL")
-    return 0 if ok else 1
+    print("FAIL" if failures else "ok")
+    return 1 if failures else 0
 
 
-def ranking_check(work: Path, args, console: Console) -> bool:
-    """Round-robin vs the planned placement: is the one predicted faster measured faster?"""
+def _floors_text(args) -> str:
+    return (f"The bench exits 1 when any calibrated row's |error| exceeds {args.max_error:.0%} "
+            f"(`--max-error`; the goal is a 5% mean), any profile-only row's exceeds "
+            f"{args.max_profile_error:.0%} (`--max-profile-error`, a guard against regressions "
+            "of the model), or the planner ranks round-robin and the planned placement of "
+            f"{RANKING_MODEL} on {RANKING_WORKERS} workers in the other order than measured"
+            + (" (ranking skipped: `--skip-ranking`)." if args.skip_ranking else "."))
+
+
+def ranking_check(work: Path, args, console: Console) -> tuple[bool, tuple[str, list, list]]:
+    """Round-robin vs the planned placement: is the one predicted faster measured faster?
+    (whether it agrees, and the table: title, headers, cells)"""
     measured = {}
     for solver in ("round-robin", "best"):
         _, placement = profile_and_plan(work, RANKING_MODEL, RANKING_WORKERS, args.batch_size,
                                         solver=solver)
         run = train(work, placement, RANKING_WORKERS, max(args.steps // 4, 20), "ranking")
         measured[solver] = validate(placement, run)["step_time"]
-    table = Table(title=f"Ranking: {RANKING_MODEL} on {RANKING_WORKERS} workers")
-    for col in ("placement", "predicted", "measured"):
-        table.add_column(col, justify="left" if col == "placement" else "right")
-    for solver, row in measured.items():
-        table.add_row(solver, _ms(row["predicted_s"]), _ms(row["measured_s"]))
-    console.print(table)
+    title = f"Ranking: {RANKING_MODEL} on {RANKING_WORKERS} workers"
+    headers = ["placement", "predicted", "measured"]
+    cells = [[solver, _ms(row["predicted_s"]), _ms(row["measured_s"])]
+             for solver, row in measured.items()]
+    console.print(rich_table(title, headers, cells, left=("placement",)))
     rr, best = measured["round-robin"], measured["best"]
     predicted_order = rr["predicted_s"] > best["predicted_s"]
     measured_order = rr["measured_s"] > best["measured_s"]
     same = predicted_order == measured_order
     console.print("ranking agrees" if same else "ranking DISAGREES")
-    return same
+    return same, (title, headers, cells)
 
 
 def _worst_phase(rows: dict) -> str:

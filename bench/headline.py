@@ -18,6 +18,7 @@ every predicted traffic within 5% of the measured one (bytes are exact: any gap 
 bug); the sweep within 5 s.
 
     .venv/bin/python bench/headline.py [--workers 2,4] [--models digits-cnn,digits-mlp]
+                                       [--docs-out docs/results/headline.md | --no-docs]
 """
 from __future__ import annotations
 
@@ -33,9 +34,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
 
-from common import dpkfac_command, run_timed  # noqa: E402
+from common import (ResultsDoc, add_docs_arguments, docs_out, dpkfac_command,  # noqa: E402
+                    rich_table, run_timed)
 from planner.whatif.baselines import algorithm_cost  # noqa: E402
 from planner.model.costs import PlanConfig  # noqa: E402
 from dpkfac.core.placement import load_placement  # noqa: E402
@@ -69,24 +70,34 @@ def predicted_headline(profile: Profile, *, workers: int) -> dict[str, dict]:
     return {r["algorithm"]: r for r in rows}
 
 
-def headline_table(rows: dict[str, dict], *, workers: int) -> Table:
-    """Baseline / DP-KFAC ratios per second-order update, with the seed's figures."""
+HEADLINE_HEADERS = ["vs", "computation", "communication", "(2nd-order only)", "memory",
+                    "(state only)"]
+HEADLINE_NOTE = ("computation: busiest worker's K-FAC compute per step; communication: bytes a "
+                 "worker sends + receives per step (all collectives; 2nd-order only: without "
+                 "the gradient all-reduce); memory: busiest worker's gradient + 2nd-order state "
+                 "(the seed's memory counts the whole GPU footprint, which dilutes the ratio)")
+
+
+def headline_title(workers: int) -> str:
+    return (f"ResNet-50, {workers} workers (predicted, analytic profile): "
+            "baseline / DP-KFAC per second-order update")
+
+
+def headline_cells(rows: dict[str, dict]) -> list[list[str]]:
+    """Baseline / DP-KFAC ratios per second-order update, with the seed's figures last."""
     dp = rows["dp-kfac"]
-    table = Table(title=f"ResNet-50, {workers} workers (predicted, analytic profile): "
-                        "baseline / DP-KFAC per second-order update")
-    for name in ("vs", "computation", "communication", "(2nd-order only)", "memory",
-                 "(state only)"):
-        table.add_column(name, justify="left" if name == "vs" else "right")
+    cells = []
     for base in (*BASELINES, "dp-kfac-round-robin"):
         r = rows[base]
-        table.add_row(base, f"{ratio(r['second_order_compute_s'], dp['second_order_compute_s']):.2f}x",
+        cells.append([base,
+                      f"{ratio(r['second_order_compute_s'], dp['second_order_compute_s']):.2f}x",
                       f"{ratio(r['comm_bytes_per_step'], dp['comm_bytes_per_step']):.2f}x",
                       f"{ratio(_second_order_bytes(r), _second_order_bytes(dp)):.2f}x",
                       f"{ratio(r['memory_bytes_per_worker'], dp['memory_bytes_per_worker']):.2f}x",
-                      f"{ratio(r['second_order_memory_bytes'], dp['second_order_memory_bytes']):.2f}x")
-    table.add_row("seed (vs D-KFAC, 64 GPUs)", SEED["computation"], SEED["communication"], "",
-                  SEED["memory"], "", style="dim")
-    return table
+                      f"{ratio(r['second_order_memory_bytes'], dp['second_order_memory_bytes']):.2f}x"])
+    cells.append(["seed (vs D-KFAC, 64 GPUs)", SEED["computation"], SEED["communication"], "",
+                  SEED["memory"], ""])
+    return cells
 
 
 def _second_order_bytes(row: dict) -> float:
@@ -142,29 +153,33 @@ def measure(model: str, workers: int, *, steps: int, folder: Path) -> list[dict]
     return results
 
 
-def measured_table(results: list[dict]) -> Table:
+MEASURED_TITLE = ("Measured (torchrun, gloo, CPU) vs what-if prediction, same placement: "
+                  "baseline / DP-KFAC")
+MEASURED_HEADERS = ["model", "P", "vs", "bytes/step meas.", "pred.", "traffic x meas.", "pred.",
+                    "state x meas.", "pred.", "compute x meas.", "pred."]
+MEASURED_NOTE = ("bytes: per step per worker, sent + received (measured: summary.json "
+                 "comm_bytes_per_step.total of rank 0); state: busiest rank's second-order "
+                 "state; compute: busiest rank's factors + decompose + precondition "
+                 "(measured: mean of the run's steps on 2 shared CPU cores, noisy)")
+
+
+def measured_cells(results: list[dict]) -> list[list[str]]:
     """Per setting: each algorithm's bytes, and baseline / DP-KFAC ratios measured vs predicted."""
-    table = Table(title="Measured (torchrun, gloo, CPU) vs what-if prediction, same placement: "
-                        "baseline / DP-KFAC")
-    for name in ("model", "P", "vs", "bytes/step meas.", "pred.", "traffic x meas.", "pred.",
-                 "state x meas.", "pred.", "compute x meas.", "pred."):
-        table.add_column(name, justify="left" if name in ("model", "vs") else "right",
-                         no_wrap=True)
+    cells = []
     for (model, workers), group in _by_setting(results).items():
         dp = group["dp-kfac"]
-        table.add_row(model, str(workers), "dp-kfac", f"{dp['measured_bytes']:,}",
-                      f"{dp['predicted_bytes']:,}", "", "", "", "", "", "")
+        cells.append([model, str(workers), "dp-kfac", f"{dp['measured_bytes']:,}",
+                      f"{dp['predicted_bytes']:,}", "", "", "", "", "", ""])
         for base in BASELINES:
             r = group[base]
-            table.add_row("", "", base, f"{r['measured_bytes']:,}", f"{r['predicted_bytes']:,}",
+            cells.append(["", "", base, f"{r['measured_bytes']:,}", f"{r['predicted_bytes']:,}",
                           f"{ratio(r['measured_bytes'], dp['measured_bytes']):.3f}x",
                           f"{ratio(r['predicted_bytes'], dp['predicted_bytes']):.3f}x",
                           f"{ratio(r['measured_state'], dp['measured_state']):.3f}x",
                           f"{ratio(r['predicted_state'], dp['predicted_state']):.3f}x",
                           f"{ratio(r['measured_compute_s'], dp['measured_compute_s']):.2f}x",
-                          f"{ratio(r['predicted_compute_s'], dp['predicted_compute_s']):.2f}x",
-                          end_section=base == BASELINES[-1])
-    return table
+                          f"{ratio(r['predicted_compute_s'], dp['predicted_compute_s']):.2f}x"])
+    return cells
 
 
 def _by_setting(results: list[dict]) -> dict[tuple[str, int], dict[str, dict]]:
@@ -214,24 +229,28 @@ def main() -> int:
     parser.add_argument("--workers", default="2,4", help="measured worker counts")
     parser.add_argument("--models", default="digits-cnn,digits-mlp")
     parser.add_argument("--steps", type=int, default=8, help="training steps per measured run")
+    add_docs_arguments(parser, "headline")
     args = parser.parse_args()
     console = Console(width=150)
+    doc = ResultsDoc("headline", "Headline: DP-KFAC vs MPD-KFAC and KAISA", floors=FLOORS_TEXT)
 
     resnet = load_profile(RESNET50)
     headline = predicted_headline(resnet, workers=64)
-    console.print(headline_table(headline, workers=64))
-    console.print("computation: busiest worker's K-FAC compute per step; communication: bytes a "
-                  "worker sends + receives per step (all collectives; 2nd-order only: without "
-                  "the gradient all-reduce); memory: busiest worker's gradient + 2nd-order state "
-                  "(the seed's memory counts the whole GPU footprint, which dilutes the ratio)",
-                  highlight=False)
+    cells = headline_cells(headline)
+    console.print(rich_table(headline_title(64), HEADLINE_HEADERS, cells, left=("vs",),
+                             styles=[None] * (len(cells) - 1) + ["dim"]))
+    console.print(HEADLINE_NOTE, highlight=False)
+    doc.table(HEADLINE_HEADERS, cells, title=headline_title(64), left=("vs",),
+              note=f"Profile `{RESNET50.relative_to(ROOT)}`. {HEADLINE_NOTE}.")
 
     start = time.perf_counter()
     rows = sweep_rows(resnet, Sweep(workers=expand_workers("1..4096")))
     sweep_s = time.perf_counter() - start
-    console.print(f"what-if sweep 1..4096 workers (13 sizes) x {len({r['algorithm'] for r in rows})} "
-                  f"algorithms on ResNet-50: {sweep_s:.2f} s (limit {SWEEP_LIMIT_S} s)",
-                  highlight=False)
+    sweep_line = (f"what-if sweep 1..4096 workers (13 sizes) x "
+                  f"{len({r['algorithm'] for r in rows})} algorithms on ResNet-50: "
+                  f"{sweep_s:.2f} s (limit {SWEEP_LIMIT_S} s)")
+    console.print(sweep_line, highlight=False)
+    doc.text(f"### What-if sweep\n\n{sweep_line[0].upper()}{sweep_line[1:]}.")
 
     results = []
     with tempfile.TemporaryDirectory(prefix="dpkfac-headline-") as tmp:
@@ -239,19 +258,31 @@ def main() -> int:
             for workers in expand_workers(args.workers):
                 results.extend(measure(model, workers, steps=args.steps, folder=Path(tmp)))
     if results:
-        console.print(measured_table(results))
-        console.print("bytes: per step per worker, sent + received (measured: summary.json "
-                      "comm_bytes_per_step.total of rank 0); state: busiest rank's second-order "
-                      "state; compute: busiest rank's factors + decompose + precondition "
-                      "(measured: mean of the run's steps on 2 shared CPU cores, noisy)",
-                      highlight=False)
+        cells = measured_cells(results)
+        ends = [row[2] == BASELINES[-1] for row in cells]
+        console.print(rich_table(MEASURED_TITLE, MEASURED_HEADERS, cells, left=("model", "vs"),
+                                 no_wrap=True, section_ends=ends))
+        console.print(MEASURED_NOTE, highlight=False)
+        doc.table(MEASURED_HEADERS, cells, title=MEASURED_TITLE, left=("model", "vs"),
+                  note=f"{args.steps} training steps per run. {MEASURED_NOTE}.")
     failures = floor_failures(headline, results, sweep_s)
     for failure in failures:
         console.print(f"[bold red]BELOW FLOOR[/]: {failure}")
     if not failures:
         console.print("[bold green]all floors met[/]")
+    doc.write(docs_out(args), failures)
     return 1 if failures else 0
 
+
+FLOORS_TEXT = f"""The bench exits 1 below any of these:
+
+- ResNet-50 at 64 workers (predicted): DP-KFAC moves >= {FLOOR_TRAFFIC}x fewer bytes per step
+  than MPD-KFAC, and its busiest worker holds >= {FLOOR_MEMORY}x less memory;
+- measured at 2 workers: DP-KFAC moves fewer bytes than MPD-KFAC, and the predicted ratio is
+  within {TOLERANCE:.0%} of the measured one;
+- every run's predicted traffic within {TOLERANCE:.0%} of the measured one (bytes are exact: any
+  gap is a modelling bug), and every run ends with identical parameters on all ranks;
+- the what-if sweep 1..4096 workers within {SWEEP_LIMIT_S:g} s."""
 
 if __name__ == "__main__":
     sys.exit(main())

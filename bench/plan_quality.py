@@ -14,10 +14,13 @@ Floors (issue 3):
   that names the smallest cap that could work.
 
 Profiles are analytic (planner.synthetic): ResNet-50's 54 layers, a 24-block transformer
-(144 equal-ish layers), random mixes. Usage: python bench/plan_quality.py
+(144 equal-ish layers), random mixes. Usage:
+
+    python bench/plan_quality.py [--docs-out docs/results/plan_quality.md | --no-docs]
 """
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import subprocess
@@ -27,8 +30,8 @@ import time
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
+from common import ResultsDoc, add_docs_arguments, docs_out, rich_table
 from dpkfac.core.cluster import flat_cluster
 from planner.solve.instance import brute_force_makespan_s
 from planner.model.costs import PlanConfig, layer_state_bytes, layer_works_s
@@ -184,6 +187,9 @@ def infeasible_cap_row() -> dict:
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_docs_arguments(parser, "plan_quality")
+    args = parser.parse_args()
     rows = []
     freq1, freq10 = PlanConfig(), PlanConfig(inv_update_freq=10)
     for seed in range(6):
@@ -219,24 +225,43 @@ def main() -> int:
                             workers=64, budget_s=15.0, config=freq10))
     rows.append(infeasible_cap_row())
 
-    table = Table(title="Planner: makespan / lower bound max(total/P, largest layer); time")
-    for col in ("instance", "layers x P", "LB", "proven LB", "round-robin", "greedy", "block",
-                "planner", "brute force", "status", "time", "ok"):
-        table.add_column(col, justify="left" if col in ("instance", "status", "ok") else "right")
+    title = "Planner: makespan / lower bound max(total/P, largest layer); time"
+    headers = ["instance", "layers x P", "LB", "proven LB", "round-robin", "greedy", "block",
+               "planner", "brute force", "status", "time", "ok"]
+    left = ("instance", "status", "ok")
     fmt = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
-    for r in rows:
-        table.add_row(r["instance"], r["size"], f"{r['lb'] * 1e3:.2f} ms" if r["lb"] else "",
-                      fmt(r["proven"]), fmt(r["round-robin"]), fmt(r["greedy"]), fmt(r["block"]),
-                      fmt(r["best"]), fmt(r["exact"]), r["status"],
-                      f"{r['time']:.2f} s" + (f" / {r['budget']:g}" if r["budget"] else ""),
-                      "yes" if r["ok"] else f"NO: {r['why']}",
-                      style=None if r["ok"] else "bold red")
+    cells = [[r["instance"], r["size"], f"{r['lb'] * 1e3:.2f} ms" if r["lb"] else "",
+              fmt(r["proven"]), fmt(r["round-robin"]), fmt(r["greedy"]), fmt(r["block"]),
+              fmt(r["best"]), fmt(r["exact"]), r["status"],
+              f"{r['time']:.2f} s" + (f" / {r['budget']:g}" if r["budget"] else ""),
+              "yes" if r["ok"] else f"NO: {r['why']}"] for r in rows]
     console = Console(width=200)
-    console.print(table)
+    console.print(rich_table(title, headers, cells, left=left,
+                             styles=[None if r["ok"] else "bold red" for r in rows]))
     failed = [r for r in rows if not r["ok"]]
-    console.print(f"{len(rows) - len(failed)}/{len(rows)} instances meet the floors")
+    summary = f"{len(rows) - len(failed)}/{len(rows)} instances meet the floors"
+    console.print(summary)
+    doc = ResultsDoc("plan_quality", "Planner quality and speed",
+                     floors=_FLOORS_TEXT)
+    doc.text("Analytic profiles (planner.synthetic). Columns round-robin .. brute force: the "
+             "makespan (busiest worker's K-FAC compute per step) over the lower bound LB; "
+             "proven LB: the solver's proven bound over LB; time: seconds spent / budget.")
+    doc.table(headers, cells, title=title, left=left, note=summary + ".")
+    doc.write(docs_out(args), [f"{r['instance']} ({r['size']}): {r['why']}" for r in failed])
     return 1 if failed else 0
 
+
+_FLOORS_TEXT = """Every instance must meet its floors (the bench exits 1 otherwise):
+
+- small instances (8 layers x 3 workers, also unequal speeds and a memory cap): equal to the
+  brute-force optimum;
+- never worse than round-robin, greedy (LPT) or the contiguous-block DP;
+- within 2% of the lower bound, or proven optimal;
+- planning time: 54 layers x 64 workers <= 1 s, 144 x 64 <= 5 s, the whole `dpkfac plan`
+  command on 1000 layers x 1024 workers <= 15 s;
+- whole-command rows (owner search on): fewer owners only when that predicts a shorter step;
+- a feasible memory cap respected by every worker; an infeasible cap exits 2 naming the
+  smallest cap that could work."""
 
 if __name__ == "__main__":
     sys.exit(main())

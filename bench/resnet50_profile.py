@@ -20,7 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from executor.blocks import kfac_layers, make_block  # noqa: E402
+from executor.kfac import kfac_layers, make_block  # noqa: E402
 from executor.models import build_model  # noqa: E402
 from dpkfac.core.jsonio import write_json_atomic  # noqa: E402
 from dpkfac.core.profile import profile_from_dict  # noqa: E402

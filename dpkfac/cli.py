@@ -1,7 +1,8 @@
 """The `dpkfac` console command: profile, plan, train, whatif and validate.
 
-Bad input raises planner.errors.InputError anywhere below; it becomes one `error:` line and
-exit status 2. A fault of the running job (executor.faults.RunFault: a rank died or hung) is one
+Bad input raises dpkfac.core.errors.InputError anywhere below; it becomes one `error:` line and
+exit status 2. A fault of the running job (executor.runtime.faults.RunFault: a rank died or
+hung) is one
 `error:` line and exit status 1. plan and whatif never import torch.
 """
 from __future__ import annotations
@@ -10,7 +11,7 @@ import argparse
 import os
 import sys
 
-from executor.faults import RunFault
+from executor.runtime.faults import RunFault
 from dpkfac.core.errors import InputError
 
 
@@ -62,7 +63,7 @@ def console_main() -> int:
     returns, so nothing is lost."""
     status = main()
     if "torch.distributed" in sys.modules:  # plan and whatif never import torch
-        from executor.distributed import launched_by_torchrun
+        from executor.runtime.distributed import launched_by_torchrun
         if launched_by_torchrun():
             _exit_without_finalizing(status)
     return status

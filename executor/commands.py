@@ -6,9 +6,8 @@ import sys
 from pathlib import Path
 
 from dpkfac.core.errors import InputError
+from dpkfac.core.strategy import TRAIN_ALGORITHMS
 from dpkfac.core.units import positive_seconds
-
-ALGORITHMS = ("dp-kfac", "mpd-kfac", "kaisa", "sgd")
 
 
 def register(subparsers) -> None:
@@ -45,7 +44,7 @@ def _register_train(subparsers) -> None:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--algorithm", choices=ALGORITHMS, default="dp-kfac",
+    p.add_argument("--algorithm", choices=TRAIN_ALGORITHMS, default="dp-kfac",
                    help="dp-kfac (owners build factors from their own batch, precondition and "
                    "broadcast; default), mpd-kfac (factors built by all and all-reduced, owners "
                    "precondition and broadcast), kaisa (factors all-reduced; see "
@@ -80,7 +79,7 @@ def _register_train(subparsers) -> None:
 
 
 def _add_cpu_runtime_flags(p: argparse.ArgumentParser) -> None:
-    """The CPU speed settings `train` and `profile` share (executor/cpu_runtime.py)."""
+    """The CPU speed settings `train` and `profile` share (executor/runtime/cpu_runtime.py)."""
     p.add_argument("--keep-denormals", action="store_true",
                    help="do not flush subnormal floats to zero on CPU (they can make K-FAC "
                    "steps several times slower; flushing is the default)")
@@ -100,9 +99,9 @@ def _run_profile(args: argparse.Namespace) -> int:
     from dpkfac.core.jsonio import write_json_atomic
     from dpkfac.core.profile import profile_from_dict
 
-    from .distributed import init_distributed, shutdown_distributed
-    from .profiler import ProfileOptions, profile_model
-    from .train import build_model_checked
+    from .models import build_model_checked
+    from .profiling import ProfileOptions, profile_model
+    from .runtime.distributed import init_distributed, shutdown_distributed
 
     build_model_checked(args.model)  # an unknown model fails before any process group forms
     world = init_distributed(device=args.device)
@@ -145,14 +144,12 @@ def _print_profile(doc: dict, out: Path) -> None:
     console.print(f"wrote {out}")
 
 
-
-
 def _gbps(beta: float) -> str:
     return f"{1e-9 / beta:.2f} GB/s" if beta > 0 else "bandwidth not resolved"
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, run_training
+    from .training import TrainConfig, run_training
 
     overrides = {k: v for k, v in (("lr", args.lr), ("damping", args.damping),
                                    ("kl_clip", args.kl_clip)) if v is not None}

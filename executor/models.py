@@ -242,3 +242,16 @@ def build_model(name: str) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise InputError(f"model {name!r} returned {type(model).__name__}, not an nn.Module")
     return model
+
+
+def build_model_checked(name: str) -> nn.Module:
+    """build_model, with any failure of a user's `package.module:callable` (an exception in its
+    import or its call) turned into an InputError naming the model."""
+    try:
+        return build_model(name)
+    except InputError:
+        raise
+    except Exception as exc:  # a user's module can raise anything while importing or building
+        detail = " ".join(str(exc).split())[:200]
+        raise InputError(f"model {name!r} could not be built: {type(exc).__name__}: "
+                         f"{detail}") from None

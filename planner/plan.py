@@ -118,7 +118,8 @@ def _fewer_owners(profile: Profile, solution: Solution, *, config: PlanConfig,
 
     def step_time_of(candidate) -> float:
         return predict_step(profile, variant="dp-kfac", owners=candidate, workers=workers,
-                            config=config, speeds=speeds, network=network).step_time_s
+                            config=config, speeds=speeds, network=network,
+                            trace=False).step_time_s
 
     return search_owners(solution, step_time_of=step_time_of,
                          work=layer_works_s(profile, config=config), speeds=speeds,

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from executor.distributed import allreduce_mean_
+from executor.runtime.distributed import allreduce_mean_
 
 from dpkfac.core.schemas import PLACEMENT_SCHEMA_ID
 

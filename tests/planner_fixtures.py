@@ -7,7 +7,7 @@ import random
 import sys
 from pathlib import Path
 
-from planner import commands
+from planner import cli as commands
 from dpkfac.core.errors import InputError
 
 

@@ -14,11 +14,12 @@ import torch.nn.functional as F
 
 from dpkfac.cli import main as cli_main
 from executor import DPKFAC
-from executor.distributed import WorldInfo
+from executor.runtime.distributed import WorldInfo
 from executor.preconditioner import KFACPreconditioner
-from executor.train import StepClock, _train_step
-from executor.faults import RunPosition
-from planner.whatif.baselines import algorithm_cost, traffic_by_kind
+from executor.training.loop import StepClock, train_step
+from executor.runtime.faults import RunPosition
+from planner.model.costs import traffic_by_kind
+from planner.whatif.baselines import algorithm_cost
 from planner.model.costs import PlanConfig
 from dpkfac.core.profile import profile_from_dict
 from dpkfac.core.strategy import (DP_KFAC, KAISA_COMM_OPT, KAISA_MEM_OPT, MPD_KFAC, STRATEGY_OF,
@@ -70,7 +71,7 @@ def _sgd(rank: int, world_size: int) -> list[torch.Tensor]:
                       device=torch.device("cpu"), backend="gloo")
     for x, y in _batches(50):
         half = len(x) // world_size
-        _train_step(model, optimizer, None, x[rank * half:(rank + 1) * half],
+        train_step(model, optimizer, None, x[rank * half:(rank + 1) * half],
                     y[rank * half:(rank + 1) * half], world, StepClock(False), RunPosition())
     return _params(model)
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from executor.blocks import ComputeMethod, Conv2dBlock, LinearBlock, make_block
+from executor.kfac import ComputeMethod, Conv2dBlock, LinearBlock, make_block
 
 
 

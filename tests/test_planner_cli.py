@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from planner.placement import load_placement
+from dpkfac.core.placement import load_placement
 
 from planner_fixtures import run_planner_cli, synthetic_profile_dict, write_profile
 

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from dpkfac.core.cluster import (cluster_from_dict, cluster_graph, cluster_network, load_cluster,
-                             state_caps)
+from dpkfac.core.cluster import cluster_from_dict, load_cluster
+from planner.model.topology import cluster_graph, cluster_network, state_caps
 from planner.model.costs import PlanConfig
 from dpkfac.core.errors import InputError
 from planner.plan import make_plan
@@ -103,5 +103,5 @@ def test_plan_on_a_heterogeneous_capped_cluster():
     cap = max(l.state_bytes for l in profile.layers) * 3
     capped = make_plan(profile=profile, cluster=cluster, config=PlanConfig(), memory_cap=cap,
                        time_limit_s=2)
-    assert max(capped.prediction.memory_bytes) <= cap
+    assert max(capped.prediction.state_bytes) <= cap
     assert capped.network is not None and capped.network.source == "cluster"

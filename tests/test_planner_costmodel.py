@@ -6,19 +6,31 @@ import random
 
 import pytest
 
-from planner import comm
-from planner.whatif.baselines import (ALGORITHMS, decomposition_bytes, dp_kfac_cost, factor_bytes,
-                                kaisa_comm_opt_cost, mpd_kfac_cost, sgd_cost)
-from planner.model.costs import (PlanConfig, broadcast_lower_bound_s, layer_work_s, predict,
-                               second_order_lower_bound_s)
 from dpkfac.core.errors import InputError
 from dpkfac.core.profile import AlphaBeta, profile_from_dict
+from planner.model import network as comm
+from planner.model.costs import (PlanConfig, broadcast_lower_bound_s, decomposition_bytes,
+                                 factor_bytes, layer_work_s, second_order_lower_bound_s)
+from planner.model.step import predict_step
 from planner.solve.solvers import solve
-from planner.whatif.sweep import ROW_KEYS, whatif_rows
+from planner.whatif.baselines import ALGORITHMS, algorithm_cost
+from planner.whatif.sweep import ROW_KEYS, Sweep, sweep_rows
 
 from planner_fixtures import synthetic_profile_dict
 
 FREQ1 = PlanConfig()
+COUNTERS = 16  # bytes of numerics counters at the end of each owner's broadcast
+
+
+def predict(profile, *, owners, workers, config, speeds=None, variant="dp-kfac"):
+    return predict_step(profile, variant=variant, owners=owners, workers=workers, config=config,
+                        speeds=speeds)
+
+
+def whatif_rows(profile, *, workers, config):
+    return sweep_rows(profile, Sweep(workers=tuple(workers),
+                                     factor_update_freqs=(config.factor_update_freq,),
+                                     inv_update_freqs=(config.inv_update_freq,)))
 
 
 def two_layer_profile(*, world_size: int = 2, alpha: float = 1e-3, beta: float = 1e-9) -> dict:
@@ -66,52 +78,63 @@ def test_step_time_adds_up_by_hand():
     pred = predict(profile, owners=(0, 1), workers=2, config=FREQ1)
     # Measured at 2 ranks: broadcast = 1 hop, all-reduce = 2(p-1)/p = 1 pass: the measured line.
     grad0, grad1 = 200 * 4, 1200 * 4
-    broadcast = (1e-3 + grad0 * 1e-9) + (1e-3 + grad1 * 1e-9)
+    broadcast = (1e-3 + (grad0 + COUNTERS) * 1e-9) + (1e-3 + (grad1 + COUNTERS) * 1e-9)
     allreduce = 1e-3 + (grad0 + grad1) * 1e-9
-    assert pred.broadcast_s == pytest.approx(broadcast)
-    assert pred.allreduce_s == pytest.approx(allreduce)
+    step = pred.cycle.steps[0]
+    assert step.broadcast_s == pytest.approx(broadcast)
+    assert step.allreduce_s == pytest.approx(allreduce)
     assert pred.second_order_s == pytest.approx(15.0 + broadcast)
     assert pred.step_time_s == pytest.approx(0.1 + allreduce + 15.0 + broadcast + 0.01)
-    assert pred.memory_bytes == (1000, 3000)
-    # ring all-reduce at p=2: n sent + n received; broadcasts: own sent + the other's received
-    assert pred.comm_bytes == (2 * (grad0 + grad1) + grad0 + grad1,) * 2
+    assert pred.state_bytes == (1000, 3000)
+    # ring all-reduce at p=2 of the gradient and the loss: n sent + n received; broadcasts:
+    # every layer's gradient once (sent or received) and each owner's counters
+    assert pred.traffic["gradient_allreduce"] == 2 * (grad0 + grad1 + 4)
+    assert pred.comm_bytes_per_step == 2 * (grad0 + grad1 + 4) + grad0 + grad1 + 2 * COUNTERS
 
 
 def test_one_owner_makes_one_fused_broadcast():
     profile = profile_from_dict(two_layer_profile(world_size=2, alpha=1e-3, beta=1e-9))
     pred = predict(profile, owners=(1, 1), workers=2, config=FREQ1)
-    assert pred.broadcast_s == pytest.approx(1e-3 + 1400 * 4 * 1e-9)
-    assert pred.broadcast_bytes == (0, 5600)
+    assert pred.cycle.steps[0].broadcast_s == pytest.approx(1e-3 + (1400 * 4 + COUNTERS) * 1e-9)
+    assert pred.traffic["preconditioned_gradient_broadcast"] == 5600
+    assert pred.traffic["numerics_counters"] == COUNTERS
+
+
+def network(measured: AlphaBeta, *, measured_ranks: int) -> comm.Network:
+    return comm.Network(broadcast_hop=comm.broadcast_per_hop(measured, measured_ranks=measured_ranks),
+                        allreduce_hop=comm.allreduce_per_hop(measured, measured_ranks=measured_ranks),
+                        measured_ranks=measured_ranks)
 
 
 def test_rescaling_from_the_measured_world_size():
     measured = AlphaBeta(alpha_s=6e-4, beta_s_per_byte=3e-10)
     n = 1e6
+    at4, at1 = network(measured, measured_ranks=4), network(measured, measured_ranks=1)
     # at the measured size the measured line comes back
-    assert comm.broadcast_s(measured, measured_ranks=4, ranks=4, nbytes=n) == pytest.approx(
+    assert at4.broadcast_s(ranks=4, nbytes=n) == pytest.approx(
         6e-4 + n * 3e-10)
-    assert comm.allreduce_s(measured, measured_ranks=4, ranks=4, nbytes=n) == pytest.approx(
+    assert at4.allreduce_s(ranks=4, nbytes=n) == pytest.approx(
         6e-4 + n * 3e-10)
     # broadcast: alpha' = 2e-4, beta' = 3e-10; at 8 ranks 7 alpha' + n beta'
-    assert comm.broadcast_s(measured, measured_ranks=4, ranks=8, nbytes=n) == pytest.approx(
+    assert at4.broadcast_s(ranks=8, nbytes=n) == pytest.approx(
         7 * 2e-4 + n * 3e-10)
     # ring all-reduce at 4: 6 alpha' = 6e-4, 1.5 beta' = 3e-10 -> alpha' 1e-4, beta' 2e-10
-    assert comm.allreduce_s(measured, measured_ranks=4, ranks=8, nbytes=n) == pytest.approx(
+    assert at4.allreduce_s(ranks=8, nbytes=n) == pytest.approx(
         14 * 1e-4 + 2 * 7 / 8 * n * 2e-10)
     # measured alone: taken as per-hop values
-    assert comm.allreduce_s(measured, measured_ranks=1, ranks=3, nbytes=n) == pytest.approx(
+    assert at1.allreduce_s(ranks=3, nbytes=n) == pytest.approx(
         4 * 6e-4 + 4 / 3 * n * 3e-10)
-    assert comm.broadcast_s(measured, measured_ranks=1, ranks=3, nbytes=n) == pytest.approx(
+    assert at1.broadcast_s(ranks=3, nbytes=n) == pytest.approx(
         2 * 6e-4 + n * 3e-10)
 
 
 def test_no_communication_at_one_worker():
     profile = profile_from_dict(synthetic_profile_dict(6, 1, world_size=8))
     pred = predict(profile, owners=(0,) * 6, workers=1, config=FREQ1)
-    assert pred.allreduce_s == 0 and pred.broadcast_s == 0 and pred.comm_bytes == (0,)
-    for name, cost in [("sgd", sgd_cost(profile, workers=1)),
-                       ("mpd", mpd_kfac_cost(profile, workers=1, config=FREQ1)),
-                       ("kaisa", kaisa_comm_opt_cost(profile, workers=1, config=FREQ1))]:
+    step = pred.cycle.steps[0]
+    assert step.allreduce_s == 0 and step.broadcast_s == 0 and pred.comm_bytes_per_step == 0
+    for name in ALGORITHMS:
+        cost = algorithm_cost(profile, algorithm=name, workers=1, config=FREQ1)
         assert cost.comm_bytes_per_step == 0, name
 
 
@@ -191,10 +214,10 @@ def test_whatif_rows_shape_and_orderings():
 def test_dp_kfac_cost_uses_the_given_placement():
     profile = profile_from_dict(synthetic_profile_dict(6, 3))
     owners = solve("greedy", work=[l.decompose_s for l in profile.layers], workers=3).owners
-    cost = dp_kfac_cost(profile, workers=3, config=FREQ1, owners=owners)
+    cost = algorithm_cost(profile, algorithm="dp-kfac", workers=3, config=FREQ1, owners=owners)
     pred = predict(profile, owners=owners, workers=3, config=FREQ1)
     assert cost.step_time_s == pred.step_time_s
-    assert cost.memory_bytes_per_worker == profile.model_grad_bytes + max(pred.memory_bytes)
+    assert cost.memory_bytes_per_worker == profile.model_grad_bytes + max(pred.state_bytes)
 
 
 def test_whatif_sweep_is_fast():
@@ -253,14 +276,14 @@ def test_measured_points_keep_the_broadcast_bound_valid():
     steep = [5e-4, 5e-4, 4e-3, 4.1e-3, 4.4e-3]
     doc = with_measured_points(doc, SIZES, steep, steep)
     profile = profile_from_dict(doc)
-    split = predict(profile, owners=(0, 1), workers=2, config=FREQ1).broadcast_s
-    together = predict(profile, owners=(0, 0), workers=2, config=FREQ1).broadcast_s
+    split = predict(profile, owners=(0, 1), workers=2, config=FREQ1).cycle.steps[0].broadcast_s
+    together = predict(profile, owners=(0, 0), workers=2, config=FREQ1).cycle.steps[0].broadcast_s
     assert split < together  # the curve really is not additive here
     for workers in (2, 5):
         bound = broadcast_lower_bound_s(profile, workers=workers)
         for owners in ((0, 0), (0, 1), (1, workers - 1)):
             assert bound <= predict(profile, owners=owners, workers=workers,
-                                    config=FREQ1).broadcast_s * (1 + 1e-12)
+                                    config=FREQ1).cycle.steps[0].broadcast_s * (1 + 1e-12)
 
 
 def test_measured_points_round_trip_and_mismatch_is_an_input_error():

@@ -10,7 +10,8 @@ import pytest
 from planner.model.costs import PlanConfig
 from dpkfac.core.errors import InputError
 from dpkfac.core.jsonio import file_sha256, write_json_atomic
-from planner.placement import check_placement_matches, load_placement, make_placement
+from dpkfac.core.placement import check_placement_matches, load_placement
+from planner.placement import make_placement
 from dpkfac.core.profile import load_profile
 from dpkfac.core.schemas import PLACEMENT_SCHEMA
 

@@ -3,12 +3,18 @@ from __future__ import annotations
 
 import pytest
 
-from planner.model.costs import PlanConfig, predict
 from dpkfac.core.profile import profile_from_dict
+from dpkfac.core.step import PHASES
+from dpkfac.core.strategy import KAISA_COMM_OPT, MPD_KFAC
+from planner.model.costs import PlanConfig
 from planner.model.simulate import cycle_length, simulate_cycle, simulate_step
+from planner.model.step import predict_step
 from planner.model.stagger import per_slot_makespan_s, stagger_decompositions
 
 from planner_fixtures import synthetic_profile_dict
+
+
+COUNTERS = 16  # bytes of numerics counters at the end of each owner's broadcast
 
 
 def hand_profile(*, world_size: int = 2) -> dict:
@@ -29,8 +35,8 @@ def test_one_step_by_hand():
     step = simulate_step(profile, owners=[0, 0, 1], workers=2, config=PlanConfig())
     allreduce = 1e-3 + 1000 * 4 * 1e-9
     rank0, rank1 = 6.0 + 2.0, 4.5                     # factors + decompose + precondition
-    b0, b1 = 1e-3 + 2000 * 1e-9, 1e-3 + 2000 * 1e-9  # 500 floats each
-    # collective broadcasts start when the slowest rank (0) is done, rank order, serialised
+    b0 = b1 = 1e-3 + (2000 + COUNTERS) * 1e-9       # 500 floats and the counters each
+    # the broadcasts start when the slowest rank (0) is done, posted together (overlap 1)
     second = rank0 + b0 + b1
     assert step.second_order_s == pytest.approx(second)
     assert step.step_time_s == pytest.approx(0.1 + allreduce + second + 0.01)
@@ -39,32 +45,72 @@ def test_one_step_by_hand():
     assert step.idle_s == pytest.approx((0.0, rank0 - rank1))
     kinds = [(s.kind, s.worker) for s in step.critical_path]
     assert kinds == [("forward_backward", 0), ("allreduce", None), ("factors", 0),
-                     ("decompose", 0), ("precondition", 0), ("broadcast", 0), ("broadcast", 1),
+                     ("decompose", 0), ("precondition", 0), ("broadcast", None),
                      ("optimizer", 0)]
+    assert step.critical_path[5].count == 2
     path = step.critical_path
     assert all(a.end_s == pytest.approx(b.start_s) for a, b in zip(path, path[1:]))
     assert path[-1].end_s == pytest.approx(step.step_time_s)
 
 
-def test_owner_mode_overlaps_an_early_owners_broadcast():
-    profile = profile_from_dict(hand_profile())
-    # rank 0 (layer 2 only: 4.5 s) finishes before rank 1 (layers 0, 1: 8 s)
-    collective = simulate_step(profile, owners=[1, 1, 0], workers=2, config=PlanConfig())
-    owner = simulate_step(profile, owners=[1, 1, 0], workers=2, config=PlanConfig(),
-                          broadcast_mode="owner")
-    b = 1e-3 + 2000 * 1e-9
-    assert collective.second_order_s == pytest.approx(8.0 + 2 * b)
-    assert owner.second_order_s == pytest.approx(8.0 + b)   # rank 0's went out during compute
-    assert owner.step_time_s < collective.step_time_s
-
-
-def test_equals_the_closed_form_at_frequency_one():
+def test_second_order_is_the_slowest_compute_plus_the_broadcasts_at_frequency_one():
     profile = profile_from_dict(synthetic_profile_dict(9, 4))
     for owners in ([0, 1, 2] * 3, [0] * 9, [2, 2, 1, 0, 0, 1, 2, 2, 2]):
-        sim = simulate_step(profile, owners=owners, workers=3, config=PlanConfig())
-        pred = predict(profile, owners=owners, workers=3, config=PlanConfig())
-        assert sim.step_time_s == pytest.approx(pred.step_time_s)
-        assert sim.second_order_s == pytest.approx(pred.second_order_s)
+        pred = predict_step(profile, variant="dp-kfac", owners=owners, workers=3,
+                            config=PlanConfig())
+        step = pred.cycle.steps[0]
+        assert step.second_order_s == pytest.approx(max(pred.compute_s) + step.broadcast_s)
+        assert step.step_time_s == pytest.approx(
+            profile.forward_backward_s + step.allreduce_s + step.second_order_s
+            + profile.apply_s + profile.optimizer_s)
+        for rank in range(3):  # the phase timers of every rank add up to the step
+            assert sum(step.phases_s[p][rank] for p in PHASES) == pytest.approx(
+                step.step_time_s)
+
+
+def test_allreduced_factors_by_hand():
+    """MPD-KFAC: every worker builds every layer's factors, one all-reduce of all factors,
+    then the owners decompose, precondition and broadcast as DP-KFAC."""
+    profile = profile_from_dict(hand_profile())
+    step = simulate_step(profile, owners=[0, 0, 1], workers=2, config=PlanConfig(),
+                         strategy=MPD_KFAC)
+    factors = 1.0 + 0.5 + 0.25
+    factor_bytes = 4 * sum(d * d + 1 for d in (250, 250, 500))
+    reduce = 1e-3 + factor_bytes * 1e-9
+    rank0, rank1 = 2.0 + 1.0 + 3.0 + 0.5, 4.0 + 0.25      # decompose + precondition
+    b = 1e-3 + (2000 + COUNTERS) * 1e-9
+    assert step.second_order_s == pytest.approx(factors + reduce + rank0 + 2 * b)
+    assert step.phases_s["factor_allreduce"] == pytest.approx((reduce, reduce))
+    assert step.phases_s["factors"] == pytest.approx((factors, factors))
+    assert step.phases_s["broadcast"] == pytest.approx((2 * b, 2 * b + rank0 - rank1))
+
+
+def test_shared_decompositions_by_hand():
+    """KAISA COMM-OPT: decompositions broadcast at decomposition updates, then every worker
+    preconditions every layer; no broadcast on the other steps."""
+    profile = profile_from_dict(hand_profile())
+    config = PlanConfig(inv_update_freq=2)
+    cycle = simulate_cycle(profile, owners=[0, 0, 1], workers=2, config=config,
+                           strategy=KAISA_COMM_OPT)
+    factors = 1.0 + 0.5 + 0.25
+    reduce = 1e-3 + 4 * sum(d * d + 1 for d in (250, 250, 500)) * 1e-9
+    eigen = [4 * (d * d + d + 1 + 1) for d in (250, 250, 500)]  # dim_g 1: q 1x1, d 1
+    b0, b1 = (1e-3 + (eigen[0] + eigen[1] + COUNTERS) * 1e-9,
+              1e-3 + (eigen[2] + COUNTERS) * 1e-9)
+    precondition = 3.0 + 0.5 + 0.25
+    first, second = cycle.steps
+    assert first.second_order_s == pytest.approx(factors + reduce + 4.0 + b0 + b1
+                                                 + precondition)
+    assert second.second_order_s == pytest.approx(factors + reduce + precondition)
+    assert second.broadcast_s == 0
+
+
+def test_sgd_has_no_second_order_part():
+    profile = profile_from_dict(hand_profile())
+    step = simulate_step(profile, owners=[], workers=2, config=PlanConfig(), strategy=None)
+    allreduce = 1e-3 + 1000 * 4 * 1e-9
+    assert step.second_order_s == 0
+    assert step.step_time_s == pytest.approx(0.1 + allreduce + 0.01)
 
 
 def test_slower_worker_stretches_its_phases():
@@ -86,8 +132,9 @@ def test_cycle_by_hand_and_amortised_bound():
     # steps 1, 3: precondition only
     assert makespans == pytest.approx([max(1.5 + 3 + 3.5, 0.25 + 4 + 0.25),
                                        3.5, 1.5 + 3.5, 3.5])
-    amortised = predict(profile, owners=[0, 0, 1], workers=2, config=config)
-    assert cycle.mean_second_order_s >= amortised.second_order_s - 1e-12
+    amortised = predict_step(profile, variant="dp-kfac", owners=[0, 0, 1], workers=2,
+                             config=config)
+    assert cycle.mean_second_order_s >= max(amortised.compute_s) - 1e-12
 
 
 def test_staggering_spreads_each_workers_decompositions():

@@ -7,11 +7,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from planner import commands
+from planner import cli as commands
 from planner.model.costs import PlanConfig
 from planner.placement import make_placement
 from dpkfac.core.profile import load_profile, profile_from_dict, profile_to_dict
-from planner.model.simulate import PHASES
+from dpkfac.core.step import PHASES
 from planner.model.calibrate import (PhaseRow, calibrate, compare, measured_phases, predicted_phases)
 
 from planner_fixtures import write_profile

@@ -6,9 +6,11 @@ import statistics
 import pytest
 import torch
 
-from executor.distributed import WorldInfo
-from executor.profiler import ProfileOptions, fit_alpha_beta, message_sizes, profile_model
-from executor.timing import PhaseTimer, median_time
+from executor.runtime.distributed import WorldInfo
+from executor.profiling import ProfileOptions, profile_model
+from executor.profiling.alphabeta import fit_alpha_beta
+from executor.profiling.collectives import message_sizes, time_collectives
+from executor.runtime.timing import PhaseTimer, median_time
 from dpkfac.core.profile import profile_from_dict
 
 
@@ -19,7 +21,7 @@ def test_median_time_takes_the_median_of_the_repeats(monkeypatch):
     def run() -> None:
         spent["t"] += next(durations)
 
-    monkeypatch.setattr("executor.timing.time.perf_counter", lambda: spent["t"])
+    monkeypatch.setattr("executor.runtime.timing.time.perf_counter", lambda: spent["t"])
     median, spread = median_time(run, warmup=2, repeats=5, min_total_s=0.0)
     assert median == 3.0  # the warm-up runs (9 s) are not counted
     quartiles = statistics.quantiles([1.0, 2.0, 3.0, 4.0, 5.0], n=4)
@@ -64,7 +66,7 @@ def test_profile_of_a_real_model_is_a_valid_profile():
 
 
 def test_flushing_denormals_zeroes_subnormal_floats_inside_the_block():
-    from executor.cpu_runtime import flush_denormal_enabled, flushed_denormals
+    from executor.runtime.cpu_runtime import flush_denormal_enabled, flushed_denormals
 
     tiny = torch.tensor([1], dtype=torch.int32).view(torch.float32)  # smallest subnormal
     assert not flush_denormal_enabled()  # torch's default, and every block restores it
@@ -81,8 +83,6 @@ def test_flushing_denormals_zeroes_subnormal_floats_inside_the_block():
 def _interleaved_trials(rank: int, world_size: int) -> dict:
     import time
 
-    from executor import profiler
-
     calls: list[str] = []
     options = ProfileOptions(warmup=1, repeats=2)
 
@@ -94,8 +94,8 @@ def _interleaved_trials(rank: int, world_size: int) -> dict:
 
     world = WorldInfo(rank=rank, world_size=world_size, local_rank=rank,
                       device=torch.device("cpu"), backend="gloo")
-    means = profiler._time_collectives([op("a", 0.002), op("b", 0.02)], world, options,
-                                       before=lambda: None)
+    means = time_collectives([op("a", 0.002), op("b", 0.02)], world, options,
+                             before=lambda: None)
     return {"calls": calls, "means": means}
 
 

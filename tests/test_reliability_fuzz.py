@@ -10,10 +10,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from executor.checkpoint import CHECKPOINT_FORMAT, read_checkpoint
+from executor.training.checkpoints import CHECKPOINT_FORMAT, read_checkpoint
 from executor_fixtures import placement_dict
 from dpkfac.core.errors import InputError
-from planner.placement import load_placement
+from dpkfac.core.placement import load_placement
 from dpkfac.core.profile import load_profile, profile_from_dict
 
 PROFILE = json.loads((Path(__file__).resolve().parents[1] / "profiles"

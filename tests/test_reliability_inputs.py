@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dpkfac.cli import main
-from executor.train import TrainConfig, run_training
+from executor.training import TrainConfig, run_training
 from executor_fixtures import placement_dict
 
 PROFILE = Path(__file__).resolve().parents[1] / "profiles" / "digits-mlp.b32.cpu2-gloo.json"

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from executor import DPKFAC
-from executor.distributed import allreduce_mean_
-from executor.train import TrainConfig, run_training
+from executor.runtime.distributed import allreduce_mean_
+from executor.training import TrainConfig, run_training
 
 from distributed_helpers import run_distributed
 from executor_fixtures import SMALL_CNN_LAYERS, placement_dict, small_cnn

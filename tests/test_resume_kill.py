@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from executor.checkpoint import CHECKPOINT_NAME
+from executor.training.checkpoints import CHECKPOINT_NAME
 from executor_fixtures import placement_dict
 
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent))
@@ -134,7 +134,7 @@ def test_elastic_restart_resumes_automatically(setup):
 
 def test_checkpoint_write_killed_midway_leaves_the_old_one(tmp_path, monkeypatch):
     """Atomic write: a failure while writing keeps the previous checkpoint and no temp file."""
-    from executor.checkpoint import load_checkpoint, save_checkpoint
+    from executor.training.checkpoints import load_checkpoint, save_checkpoint
 
     common = {"model": {"w": torch.ones(2)}, "optimizer": {"state": {}, "param_groups": []},
               "step": 1, "epoch": 0, "batch_in_epoch": 1, "fingerprint": {}}

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from executor import DPKFAC
-from executor.blocks import KFACBlock
+from executor.kfac import KFACBlock
 
 from executor_fixtures import SMALL_CNN_LAYERS, placement_dict, small_cnn
 

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from planner.whatif.baselines import ALGORITHMS, TRAFFIC_KINDS, algorithm_cost, traffic_by_kind
+from dpkfac.core.step import TRAFFIC_KINDS
+from planner.model.costs import traffic_by_kind
+from planner.whatif.baselines import ALGORITHMS, algorithm_cost
 from dpkfac.core.cluster import Link
 from planner.model.costs import PlanConfig
 from dpkfac.core.errors import InputError

@@ -47,32 +47,10 @@ def allreduce_per_hop(measured: AlphaBeta, *, measured_ranks: int) -> AlphaBeta:
                      beta_s_per_byte=measured.beta_s_per_byte * p0 / (2 * (p0 - 1)))
 
 
-def broadcast_s(measured: AlphaBeta, *, measured_ranks: int, ranks: int, nbytes: float) -> float:
-    """Seconds for one broadcast of `nbytes` bytes among `ranks` ranks (0 when ranks == 1)."""
-    _check_ranks(ranks)
-    if ranks == 1:
-        return 0.0
-    hop = broadcast_per_hop(measured, measured_ranks=measured_ranks)
-    return (ranks - 1) * hop.alpha_s + nbytes * hop.beta_s_per_byte
 
 
-def allreduce_s(measured: AlphaBeta, *, measured_ranks: int, ranks: int, nbytes: float) -> float:
-    """Seconds for one ring all-reduce of `nbytes` bytes among `ranks` ranks (0 when ranks == 1)."""
-    _check_ranks(ranks)
-    if ranks == 1:
-        return 0.0
-    hop = allreduce_per_hop(measured, measured_ranks=measured_ranks)
-    return 2 * (ranks - 1) * hop.alpha_s + 2 * (ranks - 1) / ranks * nbytes * hop.beta_s_per_byte
 
 
-def ring_allreduce_bytes(*, ranks: int, nbytes: float) -> float:
-    """Bytes one rank sends plus receives in a ring all-reduce of `nbytes` bytes:
-    2 (p-1)/p * n sent and as much received, 4 (p-1)/p * n in all (0 at p == 1).
-
-    Every traffic figure in the project (planner, what-if, executor) counts sent + received.
-    """
-    _check_ranks(ranks)
-    return 4 * (ranks - 1) / ranks * nbytes
 
 
 @dataclass(frozen=True)

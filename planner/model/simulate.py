@@ -116,7 +116,8 @@ def cycle_length(config: PlanConfig) -> int:
 class _Timeline:
     """Per-worker clocks and segments of one step; collectives are barriers."""
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, *, trace: bool) -> None:
+        self.trace = trace  # record segments for the critical path
         self.t = np.zeros(workers)
         self.segments: list[list[Segment]] = [[] for _ in range(workers)]
         self.phases = {phase: np.zeros(workers) for phase in PHASES}
@@ -126,7 +127,7 @@ class _Timeline:
 
     def compute(self, phase: str, seconds: np.ndarray, layers: Sequence[int] | None = None) -> None:
         """Every worker w computes `seconds[w]` in `phase`."""
-        for w, s in enumerate(seconds):
+        for w, s in enumerate(seconds if self.trace else ()):
             if s > 0:
                 n = 0 if layers is None else int(layers[w])
                 self.segments[w].append(Segment(phase, w, float(self.t[w]),
@@ -141,7 +142,7 @@ class _Timeline:
         start = float(self.t[gate])
         seg = Segment(phase, None, start, start + seconds, count=count)
         self.gates[id(seg)] = gate
-        for w in range(len(self.t)):
+        for w in range(len(self.t) if self.trace else 0):
             self.segments[w].append(seg)
         self.phases[phase] += start + seconds - self.t
         self.comm += seconds
@@ -149,29 +150,34 @@ class _Timeline:
 
     def critical_path(self) -> tuple[Segment, ...]:
         """Walk back from the worker that ends last, through each collective to the worker
-        whose arrival started it."""
-        w, t, path = int(np.argmax(self.t)), float(self.t.max()), []
-        while True:
-            earlier = [s for s in self.segments[w] if s.end_s <= t + 1e-15]
-            if not earlier:
-                return tuple(reversed(path))
-            seg = earlier[-1]
-            path.append(seg)
-            t = seg.start_s
-            if seg.worker is None:
+        whose arrival started it (empty without a trace)."""
+        if not self.trace:
+            return ()
+        w = int(np.argmax(self.t))
+        i, path = len(self.segments[w]) - 1, []
+        while i >= 0:
+            seg = self.segments[w][i]
+            if seg.end_s > seg.start_s:
+                path.append(seg)
+            if seg.worker is None:  # continue on the worker whose arrival started it
                 w = self.gates[id(seg)]
+                i = next(k for k, s in enumerate(self.segments[w]) if s is seg)
+            i -= 1
+        return tuple(reversed(path))
 
 
 def simulate_step(profile: Profile, *, owners: Sequence[int], workers: int, config: PlanConfig,
                   strategy: Strategy | None = DP_KFAC, step: int = 0,
                   speeds: Sequence[float] | None = None, network: Network | None = None,
-                  decomposition_step: Sequence[int] | None = None) -> StepResult:
+                  decomposition_step: Sequence[int] | None = None,
+                  trace: bool = True) -> StepResult:
     """Simulate step number `step` of `profile` under `strategy` (None: plain SGD) with layer i
     owned by rank owners[i]. decomposition_step[i]: the slot in 0..inv_update_freq-1 of layer
-    i's decomposition (None: all at step % inv_update_freq == 0)."""
+    i's decomposition (None: all at step % inv_update_freq == 0). trace: also find the
+    critical path (False: empty, faster for sweeps)."""
     speed = np.asarray(check_speeds(speeds, workers))
     net = network_of(profile, network)
-    line = _Timeline(workers)
+    line = _Timeline(workers, trace=trace)
     line.compute("forward_backward", profile.forward_backward_s / speed)
     line.collective("allreduce", gradient_allreduce_s(profile, workers=workers, network=network))
     ar_end = float(line.t[0])
@@ -193,7 +199,7 @@ def simulate_step(profile: Profile, *, owners: Sequence[int], workers: int, conf
         busy_s=tuple(line.busy.tolist()), comm_s=tuple(line.comm.tolist()),
         idle_s=tuple(np.maximum(step_time - line.busy - line.comm, 0.0).tolist()),
         critical_path=line.critical_path(),
-        phases_s={phase: tuple(float(v) for v in line.phases[phase]) for phase in PHASES})
+        phases_s={phase: tuple(line.phases[phase].tolist()) for phase in PHASES})
 
 
 def _second_order(line: _Timeline, profile: Profile, *, strategy: Strategy,
@@ -254,8 +260,10 @@ def _broadcasts(line: _Timeline, net: Network, sizes: Sequence[float], owned: np
 def simulate_cycle(profile: Profile, *, owners: Sequence[int], workers: int, config: PlanConfig,
                    strategy: Strategy | None = DP_KFAC, speeds: Sequence[float] | None = None,
                    network: Network | None = None,
-                   decomposition_step: Sequence[int] | None = None) -> CycleResult:
-    """Simulate the steps 0 .. cycle_length(config)-1 (steps of the same kind only once)."""
+                   decomposition_step: Sequence[int] | None = None,
+                   trace: bool = True) -> CycleResult:
+    """Simulate the steps 0 .. cycle_length(config)-1 (steps of the same kind only once);
+    trace as simulate_step's."""
     memo: dict[tuple[bool, int], StepResult] = {}
     steps = []
     for k in range(cycle_length(config)):
@@ -265,6 +273,6 @@ def simulate_cycle(profile: Profile, *, owners: Sequence[int], workers: int, con
         if key not in memo:
             memo[key] = simulate_step(profile, owners=owners, workers=workers, config=config,
                                       strategy=strategy, step=k, speeds=speeds, network=network,
-                                      decomposition_step=decomposition_step)
+                                      decomposition_step=decomposition_step, trace=trace)
         steps.append(memo[key])
     return CycleResult(steps=tuple(steps))

@@ -67,10 +67,12 @@ class StepPrediction:
 def predict_step(profile: Profile, *, variant: str, owners: Sequence[int], workers: int,
                  config: PlanConfig, speeds: Sequence[float] | None = None,
                  network: Network | None = None,
-                 decomposition_step: Sequence[int] | None = None) -> StepPrediction:
+                 decomposition_step: Sequence[int] | None = None,
+                 trace: bool = True) -> StepPrediction:
     """Predicted step of `variant` (dpkfac.core.strategy.VARIANTS) with layer i owned by rank
     owners[i] among `workers` ranks of `speeds` (default all 1.0), on `network` (default: the
-    profile's measured collectives)."""
+    profile's measured collectives). trace: find each step's critical path (False for sweeps:
+    the same numbers, faster)."""
     if len(owners) != len(profile.layers) and STRATEGY_OF[variant] is not None:
         raise ValueError(f"{len(owners)} owners for {len(profile.layers)} layers")
     if any(not 0 <= o < workers for o in owners):
@@ -79,7 +81,7 @@ def predict_step(profile: Profile, *, variant: str, owners: Sequence[int], worke
     owners = tuple(int(o) for o in owners)
     cycle = simulate_cycle(profile, owners=owners, workers=workers, config=config,
                            strategy=strategy, speeds=speeds, network=network,
-                           decomposition_step=decomposition_step)
+                           decomposition_step=decomposition_step, trace=trace)
     return StepPrediction(
         variant=variant, workers=workers, owners=owners, cycle=cycle,
         traffic=traffic_by_kind(profile, strategy=strategy, owners=owners, workers=workers,

@@ -98,5 +98,5 @@ def algorithm_cost(profile: Profile, *, algorithm: str, workers: int, config: Pl
         owners = default_owners(profile, algorithm=algorithm, workers=workers, config=config,
                                 network=network)
     prediction = predict_step(profile, variant=algorithm, owners=owners, workers=workers,
-                              config=config, network=network)
+                              config=config, network=network, trace=False)
     return AlgorithmCost.of(prediction)

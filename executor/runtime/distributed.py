@@ -1,4 +1,5 @@
-"""Process-group set-up and small collective helpers (NCCL on CUDA, gloo on CPU)."""
+"""Process-group set-up and the collective helpers every part of the executor uses (NCCL on CUDA,
+gloo on CPU): the fused gradient average, and object broadcast, all-gather and gather."""
 from __future__ import annotations
 
 import datetime
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,11 @@ def allreduce_mean_(tensors: list[torch.Tensor], world_size: int, process_group=
     return average_gradients_(tensors, world_size, process_group)[0]
 
 
+def broadcast_parameters(model: nn.Module, world: WorldInfo) -> None:
+    """Overwrite every rank's parameters and buffers with rank 0's."""
+    if world.world_size > 1:
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(tensor.data, src=0)
 
 
 def broadcast_object(obj: object, world: WorldInfo) -> object:
@@ -95,3 +102,21 @@ def broadcast_object(obj: object, world: WorldInfo) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def all_gather_object(obj: object, world: WorldInfo) -> list:
+    """Every rank's `obj`, in rank order, on every rank (pickled over the default group)."""
+    if world.world_size == 1:
+        return [obj]
+    out = [None] * world.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_to_rank0(obj: object, *, rank: int, world_size: int) -> list | None:
+    """Every rank's `obj` as a list on rank 0 (None elsewhere)."""
+    if world_size == 1:
+        return [obj]
+    out = [None] * world_size if rank == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out

@@ -2,35 +2,19 @@
 
 A block holds one layer's running Kronecker factors A (inputs) and G (output gradients), their
 decomposition, and turns the layer's gradient dW (out x in[+1], bias as the last column) into the
-preconditioned gradient. Only a layer's owner ever creates its block's state.
+preconditioned gradient. Only a rank that builds or preconditions a layer fills its block's state.
 """
 from __future__ import annotations
 
-import enum
 from abc import ABC, abstractmethod
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dpkfac.core.step import decomposition_shapes
 
-class ComputeMethod(str, enum.Enum):
-    """How factors are turned into a preconditioner."""
-    EIGEN = "eigen"
-    INVERSE = "inverse"
-
-
-class DecomposeOutcome(str, enum.Enum):
-    """What one decomposition attempt of one factor came to."""
-    OK = "ok"              # decomposed at the requested damping
-    RETRIED = "retried"    # failed or non-finite at first; succeeded with more damping
-    FAILED = "failed"      # non-finite factor, or every retry failed: the old result stays
-
-
-# After a failed or non-finite decomposition, retry with this many times the damping added to
-# the factor's diagonal, in order, before giving up (the previous decomposition then stays).
-RETRY_DAMPING_MULTIPLES = (10.0, 100.0, 1000.0)
-_MIN_RETRY_SHIFT = 1e-6  # the smallest diagonal shift tried when damping is 0
+from .decomposition import ComputeMethod, DecomposeOutcome, decompose_safely
 
 
 class KFACBlock(ABC):
@@ -72,13 +56,9 @@ class KFACBlock(ABC):
     def compute_factor_g(self, g: torch.Tensor) -> torch.Tensor:
         """G from one batch of the gradients w.r.t. the layer's outputs."""
 
-    def update_factor_a(self, a: torch.Tensor, decay: float) -> None:
-        """Build A from a batch of inputs and fold it into the running average."""
-        self.factor_a = _running_average(self.factor_a, self.compute_factor_a(a), decay)
-
-    def update_factor_g(self, g: torch.Tensor, decay: float) -> None:
-        """Build G from a batch of output gradients and fold it into the running average."""
-        self.factor_g = _running_average(self.factor_g, self.compute_factor_g(g), decay)
+    @abstractmethod
+    def factor_rows(self, g: torch.Tensor) -> int:
+        """Rows of the matrices A and G are built from, for a batch of output gradients `g`."""
 
     def update_factors(self, a: torch.Tensor | None, g: torch.Tensor | None, decay: float) -> None:
         """Fold ready-made factors into the running averages (the first one is taken as is)."""
@@ -105,8 +85,8 @@ class KFACBlock(ABC):
 
     def ready(self, method: ComputeMethod) -> bool:
         """True when both factors have a decomposition to precondition with."""
-        keys = ("q_a", "d_a", "q_g", "d_g") if method is ComputeMethod.EIGEN else ("inv_a", "inv_g")
-        return all(k in self.decomposition for k in keys)
+        return all(key in self.decomposition
+                   for key, _ in decomposition_shapes(self.dim_a, self.dim_g, method.value))
 
     def drop_nonfinite_factors(self) -> int:
         """Forget a running factor that holds NaN or inf (it restarts from the next batch);
@@ -208,6 +188,10 @@ class LinearBlock(KFACBlock):
         rows = g.reshape(-1, g.shape[-1]) * batch
         return rows.t() @ (rows / rows.shape[0])
 
+    def factor_rows(self, g: torch.Tensor) -> int:
+        """All leading dimensions (batch, tokens, ...)."""
+        return int(g.numel() // g.shape[-1])
+
 
 class Conv2dBlock(KFACBlock):
     """nn.Conv2d (groups=1): A over unfolded input patches, G over output positions."""
@@ -239,26 +223,9 @@ class Conv2dBlock(KFACBlock):
         rows = g.permute(0, 2, 3, 1).reshape(-1, g.shape[1]) * (batch * positions)
         return rows.t() @ (rows / rows.shape[0])
 
-
-def kl_clip_scale(blocks, results: dict[str, torch.Tensor], *, lr: float,
-                  kl_clip: float | None) -> float:
-    """nu = min(1, sqrt(kl_clip / |lr^2 sum_l P_l . dW_l|)) over every layer (1 without a clip
-    or with a zero sum)."""
-    if kl_clip is None:
-        return 1.0
-    products = [(results[b.name] * b.grad_or_zeros()).sum() for b in blocks]
-    vg_sum = float(torch.stack(products).sum()) * lr ** 2 if products else 0.0
-    return min(1.0, (kl_clip / abs(vg_sum)) ** 0.5) if vg_sum != 0.0 else 1.0
-
-
-def apply_preconditioned(blocks, results: dict[str, torch.Tensor], *, lr: float,
-                         kl_clip: float | None) -> None:
-    """KL-clip the preconditioned gradients and write them into the modules' gradients."""
-    blocks = list(blocks)
-    scale = kl_clip_scale(blocks, results, lr=lr, kl_clip=kl_clip)
-    for block in blocks:
-        if block.module.weight.grad is not None:
-            block.set_grad_matrix(results[block.name].mul(scale))
+    def factor_rows(self, g: torch.Tensor) -> int:
+        """Batch x output positions (one unfolded patch per position)."""
+        return int(g.numel() // g.shape[1])
 
 
 def make_block(module: nn.Module, name: str) -> KFACBlock | None:
@@ -284,34 +251,3 @@ def _running_average(old: torch.Tensor | None, new: torch.Tensor, decay: float) 
         return new.clone()
     return old.mul_(decay).add_(new, alpha=1.0 - decay)
 
-
-def decompose_safely(factor: torch.Tensor | None, side: str, method: ComputeMethod,
-                     damping: float) -> tuple[dict[str, torch.Tensor] | None, DecomposeOutcome]:
-    """Decompose `factor`, retrying with more damping when the solver fails or returns
-    non-finite numbers. Returns (result or None, outcome); None leaves the caller's old one."""
-    if factor is None or not bool(torch.isfinite(factor).all()):
-        return None, DecomposeOutcome.FAILED
-    base = max(damping, _MIN_RETRY_SHIFT)
-    shifts = (0.0,) + tuple(base * m for m in RETRY_DAMPING_MULTIPLES)
-    for attempt, shift in enumerate(shifts):
-        try:
-            result = _decompose(factor, side, method, damping, shift=shift)
-        except RuntimeError:  # torch.linalg.LinAlgError is a RuntimeError
-            continue
-        if all(bool(torch.isfinite(t).all()) for t in result.values()):
-            return result, DecomposeOutcome.OK if attempt == 0 else DecomposeOutcome.RETRIED
-    return None, DecomposeOutcome.FAILED
-
-
-def _decompose(factor: torch.Tensor, side: str, method: ComputeMethod,
-               damping: float, *, shift: float = 0.0) -> dict[str, torch.Tensor]:
-    """eigen: eigenvalues (negatives clamped to 0) and eigenvectors; inverse: (F + sqrt(damping) I)^-1
-    through a Cholesky factorisation. `shift` adds that much more to the diagonal first."""
-    def eye() -> torch.Tensor:
-        return torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
-
-    if method is ComputeMethod.EIGEN:
-        values, vectors = torch.linalg.eigh(factor + shift * eye() if shift else factor)
-        return {f"d_{side}": values.clamp_min_(0.0), f"q_{side}": vectors}
-    cholesky = torch.linalg.cholesky(factor + (damping ** 0.5 + shift) * eye())
-    return {f"inv_{side}": torch.cholesky_inverse(cholesky)}

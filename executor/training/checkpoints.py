@@ -15,13 +15,16 @@ from typing import Any
 import jsonschema.validators
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from dpkfac.core.errors import InputError
 from dpkfac.core.jsonio import StrictValidator, validate, write_atomic
 from dpkfac.core.schemas import CHECKPOINT_FORMAT, CHECKPOINT_SCHEMA
 
+from ..runtime.distributed import gather_to_rank0
+
 CHECKPOINT_NAME = "checkpoint.pt"
+
+
 def _is_tensor(checker: Any, instance: Any) -> bool:
     return isinstance(instance, torch.Tensor)
 
@@ -58,15 +61,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def gather_to_rank0(obj: object, *, rank: int, world_size: int) -> list | None:
-    """Every rank's `obj` as a list on rank 0 (None elsewhere)."""
-    if world_size == 1:
-        return [obj]
-    out = [None] * world_size if rank == 0 else None
-    dist.gather_object(obj, out, dst=0)
-    return out
 
 
 def save_checkpoint(out_dir: Path, *, rank: int, world_size: int, common: dict,

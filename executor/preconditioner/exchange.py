@@ -1,0 +1,167 @@
+"""The collectives of a K-FAC step and the bytes they move.
+
+Wire format of the fused per-owner broadcast: every owner sends one flat buffer, in the
+gradients' dtype, holding its layers' payloads in model order followed by its cumulative
+numerical-safety counters (NUMERICS_ELEMENTS elements, NUMERICS_COUNTERS order). A payload is
+a layer's preconditioned gradient (dim_g x dim_a, row-major) or its decomposition (the tensors of
+dpkfac.core.step.decomposition_shapes, in that order, each row-major; all NaN when the owner has
+none). All owners' broadcasts are posted asynchronously, then waited for.
+
+Traffic is counted per dpkfac.core.step.TRAFFIC_KINDS kind in bytes SENT PLUS RECEIVED by this
+rank (a ring all-reduce of n bytes counts 4 (p-1)/p n, a broadcast n on every rank), plus
+'broadcast': every broadcast byte, counters included.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.distributed as dist
+
+from dpkfac.core.step import (NUMERICS_ELEMENTS, SECOND_ORDER_TRAFFIC, decomposition_numel,
+                              decomposition_shapes, ring_allreduce_bytes)
+
+from ..kfac import ComputeMethod, KFACBlock
+from ..runtime.distributed import allreduce_mean_, world_rank_and_size
+from .numerics import NumericsLedger
+
+
+class Exchange:
+    """One rank's communicator for K-FAC: the factor all-reduce and the fused per-owner
+    broadcasts, over `process_group` (the default group when None), with byte accounting."""
+
+    def __init__(self, rank: int, world_size: int, process_group: Any = None) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.process_group = process_group
+        self.bytes: dict[str, int] = dict.fromkeys(("broadcast", *SECOND_ORDER_TRAFFIC), 0)
+
+    @classmethod
+    def over(cls, process_group: Any = None) -> Exchange:
+        """The communicator of this process in `process_group` (a world of one without one)."""
+        rank, world_size = world_rank_and_size(process_group)
+        return cls(rank, world_size, process_group)
+
+    def _count(self, kind: str, nbytes: int) -> None:
+        self.bytes[kind] += nbytes
+        if kind.endswith("broadcast") or kind == "numerics_counters":
+            self.bytes["broadcast"] += nbytes
+
+    def allreduce_factors(self, factors: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Average every layer's batch factors (A, G) across ranks in place, in one fused
+        all-reduce (every rank passes the same layers, so the buffers line up)."""
+        tensors = [t for pair in factors for t in pair]
+        if self.world_size == 1 or not tensors:
+            return
+        nbytes = allreduce_mean_(tensors, self.world_size, self.process_group)
+        self._count("factor_allreduce", ring_allreduce_bytes(nbytes, self.world_size))
+
+    def broadcast_per_owner(self, layers_of_rank: dict[int, list[str]],
+                            chunks_of: Callable[[list[str]], list[torch.Tensor]],
+                            numel_of: Callable[[str], int], ledger: NumericsLedger, *,
+                            kind: str, like: torch.Tensor) -> list[tuple[list[str], torch.Tensor]]:
+        """One asynchronous broadcast per owner of [its layers' chunks..., its counters], in
+        `like`'s dtype and device; waits for all, records the peers' counters in `ledger` and
+        the bytes under `kind`. Returns (layers, payload without counters) per owner."""
+        pending = []
+        for src, names in layers_of_rank.items():
+            if src == self.rank:
+                counters = torch.tensor(ledger.own(), dtype=like.dtype, device=like.device)
+                flat = torch.cat([c.reshape(-1) for c in chunks_of(names)] + [counters])
+            else:
+                numel = sum(numel_of(n) for n in names) + NUMERICS_ELEMENTS
+                flat = torch.empty(numel, dtype=like.dtype, device=like.device)
+            work = dist.broadcast(flat, src=src, group=self.process_group, async_op=True)
+            pending.append((src, names, flat, work))
+            tail = NUMERICS_ELEMENTS * flat.element_size()
+            self._count(kind, flat.numel() * flat.element_size() - tail)
+            self._count("numerics_counters", tail)
+        received = []
+        for src, names, flat, work in pending:
+            work.wait()
+            if src != self.rank:
+                ledger.record_peer(src, [int(v) for v in flat[-NUMERICS_ELEMENTS:].tolist()])
+            received.append((names, flat[:-NUMERICS_ELEMENTS]))
+        return received
+
+    def share_gradients(self, mine: dict[str, torch.Tensor], blocks: dict[str, KFACBlock],
+                        layers_of_rank: dict[int, list[str]], ledger: NumericsLedger
+                        ) -> dict[str, torch.Tensor]:
+        """Every owner broadcasts its preconditioned gradients; every layer's, on every rank."""
+        if self.world_size == 1:
+            return mine
+        received = self.broadcast_per_owner(
+            layers_of_rank, lambda names: [mine[n] for n in names],
+            lambda n: blocks[n].grad_numel, ledger, kind="preconditioned_gradient_broadcast",
+            like=_reference(blocks))
+        results = dict(mine)
+        for names, payload in received:
+            offset = 0
+            for name in names:
+                block = blocks[name]
+                results[name] = payload[offset:offset + block.grad_numel].view(block.dim_g,
+                                                                               block.dim_a)
+                offset += block.grad_numel
+        return results
+
+    def share_decompositions(self, blocks: dict[str, KFACBlock],
+                             layers_of_rank: dict[int, list[str]], method: ComputeMethod,
+                             ledger: NumericsLedger) -> None:
+        """Every owner broadcasts its layers' decompositions; every rank, the owner included,
+        loads them from the broadcast buffer, so all precondition with tensors of the same bits
+        and memory layout (eigh returns column-major ones; layout changes matmul's rounding)
+        and end with identical parameters. A layer sent as NaN (no decomposition yet) keeps
+        none."""
+        if self.world_size == 1:
+            return
+        received = self.broadcast_per_owner(
+            layers_of_rank,
+            lambda names: [piece for n in names for piece in pack_decomposition(blocks[n], method)],
+            lambda n: _decomposition_numel(blocks[n], method), ledger,
+            kind="decomposition_broadcast", like=_reference(blocks))
+        for names, payload in received:
+            offset = 0
+            for name in names:
+                numel = _decomposition_numel(blocks[name], method)
+                chunk = payload[offset:offset + numel]
+                offset += numel
+                if bool(torch.isfinite(chunk).all()):  # the owner too: same bits, same layout
+                    blocks[name].decomposition = unpack_decomposition(blocks[name], method, chunk)
+
+
+def pack_decomposition(block: KFACBlock, method: ComputeMethod) -> list[torch.Tensor]:
+    """A block's decomposition as flat pieces in wire order; one NaN piece when it has none
+    (decompositions are always finite, so NaN means "none")."""
+    if block.ready(method):
+        return [block.decomposition[key].reshape(-1)
+                for key, _ in decomposition_shapes(block.dim_a, block.dim_g, method.value)]
+    ref = block.module.weight
+    return [torch.full((_decomposition_numel(block, method),), float("nan"), dtype=ref.dtype,
+                       device=ref.device)]
+
+
+def unpack_decomposition(block: KFACBlock, method: ComputeMethod, chunk: torch.Tensor
+                         ) -> dict[str, torch.Tensor]:
+    """The decomposition tensors of a flat chunk in wire order, each a fresh copy."""
+    tensors, offset = {}, 0
+    for key, shape in decomposition_shapes(block.dim_a, block.dim_g, method.value):
+        numel = _numel(shape)
+        tensors[key] = chunk[offset:offset + numel].reshape(shape).clone()
+        offset += numel
+    return tensors
+
+
+def _decomposition_numel(block: KFACBlock, method: ComputeMethod) -> int:
+    return decomposition_numel(block.dim_a, block.dim_g, method.value)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for side in shape:
+        count *= side
+    return count
+
+
+def _reference(blocks: dict[str, KFACBlock]) -> torch.Tensor:
+    """A tensor with the dtype and device the broadcasts use (the first layer's weight)."""
+    return next(iter(blocks.values())).module.weight

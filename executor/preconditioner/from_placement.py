@@ -1,0 +1,76 @@
+"""KFACPreconditioner: distributed K-FAC under a placement file, in the process group this
+process belongs to; DPKFAC is it with its default strategy."""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+from torch import nn
+
+from dpkfac.core.placement import check_placement_matches, load_placement
+from dpkfac.core.strategy import DP_KFAC, Strategy
+
+from ..kfac import ComputeMethod, kfac_layers, make_block
+from .assignment import WorkAssignment
+from .base import BaseKFACPreconditioner
+from .exchange import Exchange
+
+
+class KFACPreconditioner(BaseKFACPreconditioner):
+    """Distributed K-FAC with one owner per layer, as the placement assigns them.
+
+    Args:
+        model: the (unwrapped or DDP-wrapped) model.
+        placement: a dpkfac.placement/1 file path or its parsed dict (who owns which layer).
+        strategy: factors LOCAL/ALLREDUCED and shared PRECONDITIONED_GRADIENT/DECOMPOSITION
+            (dpkfac.core.strategy); default DP-KFAC.
+        lr: learning rate (float or a callable returning it), used by the KL clip.
+        damping: Tikhonov damping added to the Kronecker factors.
+        factor_decay: running-average decay of the factors.
+        kl_clip: KL-clip bound; None disables clipping.
+        factor_update_freq / inv_update_freq: steps between factor / decomposition updates;
+            default: the placement's config.
+        compute_method: "eigen" or "inverse"; default: the placement's config, else eigen.
+        process_group: the group to communicate in (default group when None).
+        precise_timing: synchronise the device around each phase so phase times are exact.
+        stagger_decompositions: follow the placement's `decomposition_step` schedule (spread
+            each owner's decompositions over the inv_update_freq steps of a cycle).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        placement: str | os.PathLike | dict,
+        *,
+        strategy: Strategy = DP_KFAC,
+        lr: float | Callable[[], float] = 0.1,
+        damping: float = 0.003,
+        factor_decay: float = 0.95,
+        kl_clip: float | None = 0.001,
+        factor_update_freq: int | None = None,
+        inv_update_freq: int | None = None,
+        compute_method: str | ComputeMethod | None = None,
+        process_group: Any = None,
+        precise_timing: bool = False,
+        stagger_decompositions: bool = False,
+    ) -> None:
+        module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        self.placement = load_placement(placement)
+        config = self.placement["config"]
+        exchange = Exchange.over(process_group)
+        layers = kfac_layers(module)
+        names = [name for name, _ in layers]
+        check_placement_matches(self.placement, layer_names=names,
+                                world_size=exchange.world_size, source="placement")
+        work = WorkAssignment.from_placement(self.placement, names, rank=exchange.rank,
+                                             strategy=strategy, stagger=stagger_decompositions)
+        super().__init__(
+            {name: make_block(m, name) for name, m in layers}, work, exchange, lr=lr,
+            damping=damping, factor_decay=factor_decay, kl_clip=kl_clip,
+            factor_update_freq=factor_update_freq or config["factor_update_freq"],
+            inv_update_freq=inv_update_freq or config["inv_update_freq"],
+            compute_method=ComputeMethod(compute_method or config.get("compute_method", "eigen")),
+            precise_timing=precise_timing, stagger_decompositions=stagger_decompositions)
+
+
+DPKFAC = KFACPreconditioner  # the public name: DP-KFAC is the default strategy

@@ -1,0 +1,6 @@
+"""`dpkfac profile`: per-layer K-FAC kernel times (kernels), collective costs (collectives,
+alphabeta) and the profile document that holds them (document)."""
+from .document import profile_model
+from .options import ProfileOptions
+
+__all__ = ["ProfileOptions", "profile_model"]

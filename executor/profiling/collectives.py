@@ -1,0 +1,103 @@
+"""Collective costs: all-reduce and broadcast timed over message sizes, as training meets them,
+fitted to alpha-beta lines (seconds, seconds per byte), and how far concurrent broadcasts
+overlap."""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from ..runtime.distributed import WorldInfo
+from ..runtime.timing import synchronize_device
+from .alphabeta import fit_alpha_beta
+from .options import ProfileOptions
+
+# Collective costs assumed when profiling a single process (nothing to measure): loopback gloo.
+ASSUMED_COMM = {"alpha_s": 5e-5, "beta_s_per_byte": 1e-9}
+MIN_LARGEST_MESSAGE = 4 << 20   # bytes: always time at least up to 4 MiB
+MAX_LARGEST_MESSAGE = 64 << 20  # bytes: and never beyond 64 MiB
+
+
+def message_sizes(model_grad_bytes: int) -> tuple[int, ...]:
+    """Collective message sizes to time, bytes: powers of 4 from 1 KiB up to the model's whole
+    gradient (at least 4 MiB, at most 64 MiB)."""
+    largest = min(max(model_grad_bytes, MIN_LARGEST_MESSAGE), MAX_LARGEST_MESSAGE)
+    sizes, size = [], 1 << 10
+    while size <= largest:
+        sizes.append(size)
+        size *= 4
+    return tuple(sizes)
+
+
+def profile_comm(world: WorldInfo, options: ProfileOptions, sizes: tuple[int, ...],
+                  before=lambda: None, owner_bytes: int = 1 << 10) -> dict:
+    """The profile's `comm` entry: alpha-beta fits per collective kind over `sizes` (bytes),
+    each call timed after `before()`, and the broadcast overlap at `owner_bytes` per owner;
+    assumed costs on a world of one."""
+    backend = world.backend or ("nccl" if world.device.type == "cuda" else "gloo")
+    if world.world_size == 1:
+        return {"backend": backend, "world_size": 1, "allreduce": dict(ASSUMED_COMM),
+                "broadcast": dict(ASSUMED_COMM), "source": "assumed (single process: nothing to "
+                                                           "measure; run under torchrun to fit)"}
+    kinds = ("allreduce", "broadcast")
+    shared = torch.zeros(max(max(sizes) // 4, 1), dtype=torch.float32, device=world.device)
+    means = time_collectives([_collective(kind, shared[:max(n // 4, 1)]) for kind in kinds
+                               for n in sizes], world, options, before)
+    fits = {}
+    for k, kind in enumerate(kinds):
+        seconds = means[k * len(sizes):(k + 1) * len(sizes)]
+        fits[kind] = dict(fit_alpha_beta(sizes, seconds), seconds=seconds)
+    return {"backend": backend, "world_size": world.world_size, **fits, "source": "measured",
+            "statistic": "mean over trials of the slowest rank's time",
+            "message_bytes": list(sizes),
+            **_broadcast_overlap(world, options, max(owner_bytes, 1 << 10), before)}
+
+
+def _collective(kind: str, buf: torch.Tensor):
+    """One blocking all-reduce or broadcast (from rank 0) of `buf` (a leading slice of one
+    buffer shared by every message size, so memory stays at the largest size), as a callable."""
+    return (lambda: dist.all_reduce(buf)) if kind == "allreduce" else (lambda: dist.broadcast(buf, 0))
+
+
+def _broadcast_overlap(world: WorldInfo, options: ProfileOptions, nbytes: int, before) -> dict:
+    """How many broadcasts posted together progress at once, as the executor posts them: one
+    asynchronous broadcast of `nbytes` bytes from every rank, then wait for all; overlap =
+    world_size x (one broadcast's time) / (the group's time), between 1 and world_size."""
+    bufs = [torch.zeros(max(nbytes // 4, 1), device=world.device)
+            for _ in range(world.world_size)]
+
+    def group():
+        for work in [dist.broadcast(buf, src, async_op=True) for src, buf in enumerate(bufs)]:
+            work.wait()
+
+    single_s, group_s = time_collectives([lambda: dist.broadcast(bufs[0], 0), group], world,
+                                          options, before)
+    overlap = min(max(world.world_size * single_s / group_s, 1.0), float(world.world_size))
+    return {"broadcast_overlap": overlap,
+            "broadcast_overlap_measured": {"message_bytes": nbytes, "one_s": single_s,
+                                           "all_ranks_s": group_s}}
+
+
+def time_collectives(ops, world: WorldInfo, options: ProfileOptions, before) -> list[float]:
+    """Seconds of each collective call in `ops` as training meets it: right after compute
+    (`before`, one forward/backward of the model, when the communication threads have gone
+    idle), not back to back. Each trial: barrier, compute, then one timed call on every rank; a
+    trial's time is its slowest rank's (a broadcast's root returns before the last receiver is
+    done). Trials are interleaved (trial i of every op, then trial i + 1), so a drift of a shared
+    host's load over the minutes of profiling shifts every message size alike instead of bending
+    the size-to-time curve. The mean over the trials, not the median: collectives on shared hosts
+    have long tails, and the planner predicts mean step times. Every rank runs the same fixed
+    number of collectives."""
+    seconds = torch.zeros(len(ops), options.warmup + 2 * options.repeats, dtype=torch.float64)
+    for trial in range(seconds.shape[1]):
+        for j, op in enumerate(ops):
+            dist.barrier()
+            before()
+            synchronize_device()
+            start = time.perf_counter()
+            op()
+            synchronize_device()
+            seconds[j, trial] = time.perf_counter() - start
+    dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+    return seconds[:, options.warmup:].mean(dim=1).tolist()

@@ -1,0 +1,149 @@
+"""Per-layer K-FAC kernel times: a one-rank preconditioner owning every layer runs training-like
+steps, and each of its per-layer phase methods (the ones `step()` runs) is timed on its own."""
+from __future__ import annotations
+
+import statistics
+import time
+from contextlib import contextmanager
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data import load_digits_split
+from ..kfac import ComputeMethod, KFACBlock, kfac_layers, make_block
+from ..models import input_spec
+from ..preconditioner import BaseKFACPreconditioner, Exchange, WorkAssignment
+from ..runtime.distributed import average_gradients_
+from ..runtime.timing import synchronize_device
+from .options import ProfileOptions
+
+LAYER_KERNELS = ("factor_a", "factor_g", "decompose_a", "decompose_g", "precondition")
+STEP_PHASES = ("forward_backward", "pack", "apply", "optimizer")
+
+Batches = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def one_rank_preconditioner(model: nn.Module, options: ProfileOptions) -> BaseKFACPreconditioner:
+    """A preconditioner on a world of one that owns and captures every K-FAC layer of `model`,
+    with the KL clip (lr 0.1, bound 0.001) and the damping and decay `options` give."""
+    blocks = {name: make_block(module, name) for name, module in kfac_layers(model)}
+    return BaseKFACPreconditioner(
+        blocks, WorkAssignment.single_rank(list(blocks)), Exchange(rank=0, world_size=1),
+        lr=0.1, damping=options.damping, factor_decay=options.factor_decay, kl_clip=0.001,
+        factor_update_freq=1, inv_update_freq=1,
+        compute_method=ComputeMethod(options.compute_method))
+
+
+def profile_batches(model_name: str, batch_size: int, count: int,
+                    device: torch.device) -> Batches:
+    """`count` distinct batches: consecutive digits (wrapping around) for digits models, seeded
+    random inputs of the model's input shape for the others."""
+    spec = input_spec(model_name)
+    if spec.dataset == "digits":
+        train = load_digits_split().train
+        indices = [(torch.arange(batch_size) + i * batch_size) % len(train) for i in range(count)]
+        batches = [train[index] for index in indices]
+    else:
+        generator = torch.Generator().manual_seed(0)
+        batches = [spec.random_batch(batch_size, generator=generator) for _ in range(count)]
+    return [(x.to(device), y.to(device)) for x, y in batches]
+
+
+def accumulate_factors(model: nn.Module, precond: BaseKFACPreconditioner,
+                       batches: Batches) -> dict[str, int]:
+    """Fold every batch's factors into the running averages, as training does (so the
+    decompositions are timed on realistic, full-rank factors); returns each layer's factor rows
+    (block.factor_rows) of the last batch."""
+    for x, y in batches:
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        for name in precond.blocks:
+            precond.fold_factors(name, precond.batch_factor(name, "a"),
+                                 precond.batch_factor(name, "g"))
+    return {name: block.factor_rows(precond.capture.grad_outputs[name])
+            for name, block in precond.blocks.items()}
+
+
+def time_steps(model: nn.Module, precond: BaseKFACPreconditioner, batches: Batches,
+               options: ProfileOptions, advance: Callable[[], None]
+               ) -> dict[str, dict[str, list[float]]]:
+    """Seconds of every kernel in each timed step: {layer name or "step": {kernel: [s, ...]}}.
+
+    Each step: forward/backward (with the capture hooks), the packing of the gradient
+    all-reduce, every layer's factors, then every decomposition, then every preconditioning,
+    the KL clip and write-back, and an optimizer step with learning rate 0 (weights stay put),
+    in the executor's order, so each kernel meets the caches as training leaves them. The
+    per-layer kernels are the preconditioner's per-layer methods: factor_a is batch_factor A;
+    factor_g is batch_factor G and fold_factors (both running averages and their non-finite
+    check); decompose_a / decompose_g are decompose_factor; precondition is precondition_layer.
+    """
+    names = list(precond.blocks)
+    samples = {name: {k: [] for k in LAYER_KERNELS} for name in names}
+    samples["step"] = {k: [] for k in STEP_PHASES}
+    step = samples["step"]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9, weight_decay=5e-4)
+    for i in range(options.warmup + options.repeats):
+        keep = i >= options.warmup
+        x, y = batches[i % len(batches)]
+        with _timed(step["forward_backward"], keep):
+            optimizer.zero_grad(set_to_none=False)
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        with _timed(step["pack"], keep):
+            average_gradients_(grads + [loss.detach().reshape(1).clone()], 1)
+        for name in names:
+            with _timed(samples[name]["factor_a"], keep):
+                a = precond.batch_factor(name, "a")
+            with _timed(samples[name]["factor_g"], keep):
+                precond.fold_factors(name, a, precond.batch_factor(name, "g"))
+        for name in names:
+            for side in ("a", "g"):
+                with _timed(samples[name][f"decompose_{side}"], keep):
+                    precond.decompose_factor(name, side)
+        results = {}
+        for name in names:
+            with _timed(samples[name]["precondition"], keep):
+                results[name] = precond.precondition_layer(name)
+        with _timed(step["apply"], keep):
+            precond.apply(results)
+        with _timed(step["optimizer"], keep):
+            optimizer.step()
+        advance()
+    return samples
+
+
+@contextmanager
+def _timed(into: list[float], keep: bool):
+    """Time the enclosed block (device-synchronised) into `into`, in seconds, when `keep`."""
+    synchronize_device()
+    start = time.perf_counter()
+    yield
+    synchronize_device()
+    if keep:
+        into.append(time.perf_counter() - start)
+
+
+def _median_and_spread(values: list[float]) -> tuple[float, float]:
+    quartiles = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return statistics.median(values), quartiles[2] - quartiles[0]
+
+
+def layer_record(block: KFACBlock, samples: dict[str, list[float]], rows: int) -> dict:
+    """A profile's layer entry: shapes, median seconds per kernel, state bytes, factor rows."""
+    stats = {k: _median_and_spread(v) for k, v in samples.items()}
+    record = {"name": block.name, "kind": type(block.module).__name__,
+              "dim_a": block.dim_a, "dim_g": block.dim_g, "grad_numel": block.grad_numel}
+    record.update({f"{k}_s": stats[k][0] for k in LAYER_KERNELS})
+    record.update(state_bytes=block.memory_usage(), rows_a=rows, rows_g=rows,
+                  spread_iqr_s={k: stats[k][1] for k in LAYER_KERNELS})
+    return record
+
+
+def step_record(samples: dict[str, list[float]]) -> dict:
+    """A profile's step entry: median seconds of each step phase (STEP_PHASES)."""
+    stats = {k: _median_and_spread(v) for k, v in samples.items()}
+    return {**{f"{k}_s": stats[k][0] for k in STEP_PHASES},
+            "spread_iqr_s": {k: stats[k][1] for k in STEP_PHASES}}

@@ -1,0 +1,4 @@
+"""The process around training and profiling: the process group and its collective helpers
+(distributed), CPU speed settings (cpu_runtime), phase timers (timing) and run faults (faults).
+
+This package imports no torch itself, so `runtime.faults` stays cheap to import."""

@@ -1,0 +1,216 @@
+"""`dpkfac train`: data-parallel training under a fixed placement, one process per worker.
+
+Reliability (README "Reliability"):
+- before any training, every rank's fingerprint (placement hash, model, layer names, world size,
+  algorithm, seed and hyper-parameters) is compared; a mismatch is an InputError on every rank;
+- a checkpoint (`--checkpoint-every`) holds all that a bit-exact continuation needs; `--resume`
+  (mode "always") requires DIR/checkpoint.pt, "auto" resumes when it exists; a torchrun elastic
+  restart (TORCHELASTIC_RESTART_COUNT > 0) resumes as "auto" does;
+- a step whose averaged loss or gradient is NaN/inf is skipped on every rank alike (the loss
+  rides in the gradient all-reduce, so all ranks see the same values) and counted;
+- a collective that fails or exceeds `timeout_s` ends the run with a RunFault naming the step
+  and phase.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from dpkfac.core.jsonio import write_json_atomic
+from dpkfac.core.placement import check_placement_matches, load_placement
+from dpkfac.core.step import SECOND_ORDER_PHASES
+
+from ..data import load_split, train_loader
+from ..kfac import kfac_layers
+from ..models import build_model_checked, input_spec
+from ..preconditioner import KFACPreconditioner
+from ..runtime.cpu_runtime import flushed_denormals, keep_freed_memory
+from ..runtime.distributed import (WorldInfo, average_gradients_, broadcast_parameters,
+                                   init_distributed, shutdown_distributed)
+from ..runtime.faults import RunFault, RunPosition, fault_message
+from ..runtime.timing import synchronize_device
+from .config import (TrainConfig, batch_size, check_config, check_world, resume_mode,
+                     run_strategy)
+from .fingerprint import agree_on_fingerprint, run_fingerprint
+from .metrics import MetricsLog, advance, progress_bar, truncate_metrics
+from .resume import save_run, start_state
+from .summary import job_numerics, summarise
+
+# Phases in which a RuntimeError means a collective failed (not a bug in local computation).
+COLLECTIVE_PHASES = ("start-up", "resume", "allreduce", "second_order/broadcast", "checkpoint",
+                     "summary")
+
+
+class StepClock:
+    """Wall-clock marks in seconds; `synchronize` waits for the device before each mark."""
+
+    def __init__(self, synchronize: bool) -> None:
+        self.synchronize = synchronize
+
+    def mark(self) -> float:
+        if self.synchronize:
+            synchronize_device()
+        return time.perf_counter()
+
+
+def run_training(cfg: TrainConfig) -> dict:
+    """Train; return the summary (rank 0 also writes it with metrics and checkpoints).
+
+    Raises InputError for bad input (on every rank alike once the process group is up) and
+    RunFault when a collective fails or times out (a dead or stuck rank).
+    """
+    check_config(cfg)
+    placement = load_placement(cfg.placement)
+    model_name = cfg.model or placement["model"]
+    layer_names = [n for n, _ in kfac_layers(build_model_checked(model_name))]
+    check_placement_matches(placement, layer_names=layer_names,
+                            world_size=None, source=f"placement {cfg.placement!r}")
+    world = init_distributed(timeout_s=cfg.timeout_s)
+    position = RunPosition()
+    broken = False  # a failed collective leaves the process group unusable
+    try:
+        check_world(placement, world, cfg)
+        fingerprint = run_fingerprint(cfg, placement, model_name, layer_names, world)
+        agree_on_fingerprint(fingerprint, world)
+        malloc = keep_freed_memory() if cfg.keep_freed_memory else {}
+        with flushed_denormals(cfg.flush_denormal) as flushing:
+            return _train(cfg, placement, model_name, world, position, fingerprint,
+                          dict(flush_denormal=flushing, malloc=malloc))
+    except RuntimeError as exc:
+        if world.world_size > 1 and _is_collective_failure(exc, position):
+            broken = True
+            raise RunFault(fault_message(rank=world.rank, world_size=world.world_size,
+                                         position=position, timeout_s=cfg.timeout_s,
+                                         cause=exc)) from None
+        raise
+    finally:
+        if not broken:  # tearing down a broken gloo group can abort the process (its threads
+            shutdown_distributed()  # are left joinable): the fault path exits without it
+
+
+def _is_collective_failure(exc: RuntimeError, position: RunPosition) -> bool:
+    dist_error = getattr(dist, "DistError", None)
+    return (dist_error is not None and isinstance(exc, dist_error)) or \
+        position.phase in COLLECTIVE_PHASES
+
+
+def _train(cfg: TrainConfig, placement: dict, model_name: str, world: WorldInfo,
+           position: RunPosition, fingerprint: dict, cpu_runtime: dict) -> dict:
+    torch.manual_seed(cfg.seed)
+    model = build_model_checked(model_name).to(world.device)  # built after seeding: same init
+    broadcast_parameters(model, world)
+    split = load_split(input_spec(model_name))
+    loader, sampler = train_loader(split.train, batch_size=batch_size(cfg, placement),
+                                   rank=world.rank, world_size=world.world_size, seed=cfg.seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    precond = None
+    strategy = run_strategy(cfg, world.world_size)
+    if strategy is not None:
+        precond = KFACPreconditioner(model, placement, strategy=strategy,
+                                     lr=lambda: optimizer.param_groups[0]["lr"],
+                                     damping=cfg.damping, factor_decay=cfg.factor_decay,
+                                     kl_clip=cfg.kl_clip, precise_timing=cfg.precise_timing,
+                                     stagger_decompositions=cfg.stagger_decompositions)
+    out = Path(cfg.out_dir)
+    position.at("resume")
+    start = start_state(resume_mode(cfg), cfg.checkpoint_every, out, world, model, optimizer,
+                        precond, fingerprint)
+    out.mkdir(parents=True, exist_ok=True)
+    total_steps = len(loader) * cfg.epochs
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    resumed = start["step"] > 0 or start["resumed"]
+    if resumed and world.rank == 0:
+        truncate_metrics(out / "metrics.jsonl", before_step=start["step"])
+    log = MetricsLog(out / "metrics.jsonl", enabled=world.rank == 0, append=resumed)
+    clock = StepClock(cfg.precise_timing)
+    step, grad_bytes, skipped = start["step"], 0, start["skipped_steps"]
+    here = (start["epoch"], start["batch_in_epoch"])  # where the next step's batch is
+    records: list[dict] = []
+    with progress_bar(cfg.progress, world, total_steps, start["step"]) as bar:
+        for epoch in range(start["epoch"], cfg.epochs):
+            sampler.set_epoch(epoch)
+            skip = start["batch_in_epoch"] if epoch == start["epoch"] else 0
+            for batch_index, (x, y) in enumerate(loader):
+                if batch_index < skip:
+                    continue
+                if step >= total_steps:
+                    break
+                position.at("forward_backward", step)
+                record, grad_bytes = train_step(model, optimizer, precond, x.to(world.device),
+                                                y.to(world.device), world, clock, position)
+                skipped += int(record["skipped"])
+                record.update(step=step, epoch=epoch, numerics=job_numerics(precond, skipped))
+                records.append(record)
+                log.write(record)
+                step += 1
+                here = _next_position(epoch, batch_index, len(loader))
+                advance(bar, record["loss"])
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                    position.at("checkpoint")
+                    save_run(out, world, model, optimizer, precond, step, here, fingerprint,
+                             skipped)
+            if step >= total_steps:
+                break
+    log.close()
+    position.at("checkpoint")
+    if cfg.checkpoint_every or resumed:
+        save_run(out, world, model, optimizer, precond, step, here, fingerprint, skipped)
+    position.at("summary")
+    summary = summarise(cfg, world, model, precond, records, step, grad_bytes, split, skipped)
+    summary["cpu_runtime"] = cpu_runtime
+    if world.rank == 0:
+        write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
+def train_step(model, optimizer, precond, x, y, world: WorldInfo, clock: StepClock,
+               position: RunPosition):
+    """One step; returns its metrics record and the gradient all-reduce buffer bytes.
+
+    A step whose averaged loss or gradients hold NaN/inf is skipped: no preconditioner or
+    optimizer step, captured activations dropped. The averaged buffer is bit-identical on every
+    rank, so every rank skips the same steps.
+    """
+    t0 = clock.mark()
+    optimizer.zero_grad(set_to_none=False)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    t1 = clock.mark()
+    position.at("allreduce")
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    loss_buf = loss.detach().reshape(1).clone()
+    grad_bytes, finite = average_gradients_(grads + [loss_buf], world.world_size)
+    t2 = clock.mark()
+    position.at("second_order")
+    if precond is not None and finite:
+        try:
+            precond.step()
+        finally:
+            position.at(f"second_order/{precond.current_phase or 'apply'}")
+    elif precond is not None:
+        precond.discard_captured()
+    t3 = clock.mark()
+    position.at("optimizer")
+    if finite:
+        optimizer.step()
+    t4 = clock.mark()
+    ran = precond is not None and finite
+    phases = precond.phase_times if ran else dict.fromkeys(SECOND_ORDER_PHASES, 0.0)
+    record = {"loss": float(loss_buf) if finite else None, "skipped": not finite,
+              "step_time_s": t4 - t0, "forward_backward_s": t1 - t0,
+              "allreduce_s": t2 - t1, "second_order_s": t3 - t2, "optimizer_s": t4 - t3,
+              **{f"{k}_s": v for k, v in phases.items()}}
+    return record, grad_bytes
+
+
+def _next_position(epoch: int, batch_index: int, per_epoch: int) -> tuple[int, int]:
+    """(epoch, batch index) of the batch after `batch_index` of `epoch`."""
+    if batch_index + 1 >= per_epoch:
+        return epoch + 1, 0
+    return epoch, batch_index + 1
