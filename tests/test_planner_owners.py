@@ -10,7 +10,7 @@ from planner.solve.owners import fastest_ranks, owner_counts
 from planner.placement import make_placement
 from dpkfac.core.profile import profile_from_dict
 from planner.model.simulate import simulate_cycle
-from planner.whatif.sweep import whatif_rows
+from planner.whatif.sweep import Sweep, sweep_rows
 
 from planner_fixtures import run_planner_cli, synthetic_profile_dict
 
@@ -96,7 +96,7 @@ def test_plan_command_owners_flag(tmp_path):
 
 def test_whatif_planned_dp_kfac_is_never_slower_than_round_robin_at_scale():
     profile = profile_from_dict(synthetic_profile_dict(20, 5, world_size=8, alpha_s=2e-4))
-    rows = whatif_rows(profile, workers=[64, 1024], config=FREQ1)
+    rows = sweep_rows(profile, Sweep(workers=(64, 1024)))
     by = {(r["workers"], r["algorithm"]): r["step_time_s"] for r in rows}
     for workers in (64, 1024):
         assert by[(workers, "dp-kfac")] <= by[(workers, "dp-kfac-round-robin")] * (1 + 1e-9)

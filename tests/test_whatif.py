@@ -18,8 +18,7 @@ from planner.model.costs import PlanConfig
 from dpkfac.core.errors import InputError
 from dpkfac.core.profile import load_profile, profile_from_dict
 from dpkfac.core.strategy import DP_KFAC, KAISA_COMM_OPT, MPD_KFAC
-from planner.whatif.sweep import (Sweep, Topology, expand_workers, knees, scaling_knee, sweep_rows,
-                            whatif_rows)
+from planner.whatif.sweep import (Sweep, Topology, expand_workers, knees, scaling_knee, sweep_rows)
 
 from planner_fixtures import run_planner_cli, synthetic_profile_dict, write_profile
 
@@ -107,13 +106,6 @@ def test_slower_inter_node_links_are_slower_across_nodes():
             assert a["step_time_s"] == b["step_time_s"]
         elif a["algorithm"] != "sgd" or a["workers"] > 1:
             assert b["step_time_s"] > a["step_time_s"], a["algorithm"]
-
-
-def test_whatif_rows_keeps_its_old_form():
-    profile = profile_from_dict(synthetic_profile_dict(6, 2))
-    rows = whatif_rows(profile, workers=[2, 4], config=PlanConfig(inv_update_freq=4))
-    assert [r["algorithm"] for r in rows[:len(ALGORITHMS)]] == list(ALGORITHMS)
-    assert {r["inv_update_freq"] for r in rows} == {4}
 
 
 def test_scaling_knee():

@@ -32,15 +32,14 @@ from planner.solve.heuristics import HEURISTIC_RULES
 from planner.solve.ilp import OPTIMALITY_GAP, binary_count
 from planner.solve.instance import (Instance, instance_makespan_s, make_instance, makespan_s, memory_loads,
                        worker_loads_s)
+from planner.solve.names import (DEFAULT_ILP_MAX_BINARIES, HEURISTICS, METHODS,
+                                 auto_time_limit_s)
 from planner.solve.localsearch import balance_memory, refine_makespan
 
 __all__ = ["METHODS", "HEURISTICS", "OPTIMALITY_GAP", "Solution", "solve", "worker_loads_s",
            "makespan_s", "makespan_lower_bound_s", "trivial_lower_bound_s", "memory_loads",
            "smallest_cap_bounds", "auto_time_limit_s", "DEFAULT_ILP_MAX_BINARIES"]
 
-METHODS = ("round-robin", "greedy", "block", "local-search", "ilp", "best")
-HEURISTICS = ("round-robin", "greedy", "block")
-DEFAULT_ILP_MAX_BINARIES = 20_000  # "best" skips larger programs (local search covers them)
 _RANK = {"optimal": 0, "feasible": 1, "heuristic": 2}
 
 
@@ -60,12 +59,6 @@ class Solution:
     solve_time_s: float
     lower_bound_s: float = 0.0
     ilp: str = "not run"
-
-
-def auto_time_limit_s(*, layers: int, workers: int) -> float:
-    """The default solver time limit, seconds: 0.5 s plus 0.1 ms per (layer, worker) pair, at
-    most 3 s, so plans of ResNet-50 on 64 workers stay under a second and 144 x 64 under 5 s."""
-    return min(3.0, 0.5 + 1e-4 * layers * workers)
 
 
 def solve(method: str = "best", *, work: Sequence[float], workers: int,
