@@ -11,8 +11,8 @@ import argparse
 import os
 import sys
 
-from executor.runtime.faults import RunFault
 from dpkfac.core.errors import InputError
+from executor.runtime.faults import RunFault
 
 
 class _Parser(argparse.ArgumentParser):

@@ -9,9 +9,9 @@ from dpkfac.core.cluster import Cluster
 from dpkfac.core.jsonio import file_sha256
 from dpkfac.core.profile import Profile
 from dpkfac.core.schemas import PLACEMENT_SCHEMA_ID
-from planner.model.costs import PlanConfig
+from planner.model.costs import PlanConfig, per_owner
 from planner.plan import Plan, make_plan, resolve_cluster
-from planner.solve.solvers import DEFAULT_ILP_MAX_BINARIES
+from planner.solve.names import DEFAULT_ILP_MAX_BINARIES
 
 
 def make_placement(*, profile: Profile, profile_path: str | os.PathLike, workers: int | None,
@@ -38,7 +38,7 @@ def placement_document(plan: Plan, *, profile_path: str | os.PathLike,
                        memory_cap: int | None = None) -> dict:
     """The dpkfac.placement/1 document of a plan (CONTRACTS.md fields and more). Its predicted
     seconds and bytes are the step model's (planner.model.step), as the what-if's."""
-    profile, solution, pred = plan.profile, plan.solution, plan.prediction
+    profile, solution = plan.profile, plan.solution
     doc = {
         "schema": PLACEMENT_SCHEMA_ID,
         "model": profile.model,
@@ -83,16 +83,16 @@ def _predicted(plan: Plan) -> dict:
     """The `predicted` section: the step, its parts, the cycle, the critical path, per worker."""
     pred, cycle, profile = plan.prediction, plan.prediction.cycle, plan.profile
     busy, idle, comm_s = (cycle.mean_per_worker(f) for f in ("busy_s", "idle_s", "comm_s"))
-    sent = [sum(layer.grad_numel * profile.dtype_bytes
-                for layer, owner in zip(profile.layers, pred.owners) if owner == rank)
-            for rank in range(pred.workers)]
+    sent = per_owner([layer.grad_numel * profile.dtype_bytes for layer in profile.layers],
+                     pred.owners, pred.workers)
+    owned = pred.layers_owned
     per_worker = [
         {"rank": rank, "compute_s": pred.compute_s[rank], "memory_bytes": pred.state_bytes[rank],
          "total_memory_bytes": pred.state_bytes[rank] + plan.common_bytes,
          "memory_cap_bytes": plan.caps[rank] if plan.caps is not None else None,
          "speed": plan.cluster.speeds[rank],
          "busy_s": busy[rank], "comm_s": comm_s[rank], "idle_s": idle[rank],
-         "layers": pred.layers_owned[rank], "broadcast_bytes": sent[rank],
+         "layers": owned[rank], "broadcast_bytes": int(sent[rank]),
          "comm_bytes": pred.comm_bytes_per_step}
         for rank in range(pred.workers)]
     worst = cycle.steps[cycle.worst_step]

@@ -14,14 +14,20 @@ from typing import Sequence
 from dpkfac.core.cluster import Cluster, flat_cluster
 from dpkfac.core.errors import InputError
 from dpkfac.core.profile import Profile
-from planner.model.costs import (PlanConfig, common_memory_bytes, layer_state_bytes,
-                                 layer_works_s, second_order_lower_bound_s)
+from planner.model.costs import (
+    PlanConfig,
+    common_memory_bytes,
+    layer_state_bytes,
+    layer_works_s,
+    second_order_lower_bound_s,
+)
 from planner.model.network import Network
 from planner.model.stagger import per_slot_makespan_s, stagger_decompositions
 from planner.model.step import StepPrediction, predict_step
 from planner.model.topology import cluster_network, state_caps
-from planner.solve.owners import OWNER_MODES, OwnerTrial, search_owners
-from planner.solve.solvers import DEFAULT_ILP_MAX_BINARIES, Solution, solve
+from planner.solve.names import DEFAULT_ILP_MAX_BINARIES, OWNER_MODES
+from planner.solve.owners import OwnerTrial, search_owners
+from planner.solve.solvers import Solution, solve
 
 
 @dataclass(frozen=True)

@@ -121,3 +121,24 @@ def test_placement_whatif_and_a_measured_run_agree_on_the_step(placement, tmp_pa
     for kind, nbytes in predicted["comm_bytes_by_kind"].items():
         assert measured[kind] == nbytes, kind
         assert row[f"comm_{kind}_bytes"] == nbytes, kind
+
+
+def test_whatif_of_a_placement_is_that_placements_prediction(tmp_path):
+    """`whatif --placement` puts that placement's owners in the dp-kfac row at its world size:
+    the row's seconds and bytes are the placement's own, for any solver that made it."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = tmp_path / "rr.json"
+    assert _dpkfac("plan", "--profile", str(PROFILE), "--workers", "3", "--solver",
+                   "round-robin", "--inv-update-freq", "5", "--out", str(out),
+                   env=env).returncode == 0
+    result = _dpkfac("whatif", "--profile", str(PROFILE), "--workers", "2,3",
+                     "--inv-update-freq", "5", "--placement", str(out), "--format", "json",
+                     env=env)
+    assert result.returncode == 0, result.stderr
+    row = next(r for r in json.loads(result.stdout)["rows"]
+               if r["algorithm"] == "dp-kfac" and r["workers"] == 3)
+    predicted = json.loads(out.read_text())["predicted"]
+    assert row["step_time_s"] == predicted["step_time_s"]
+    assert row["comm_bytes_per_step"] == predicted["comm_bytes_per_step"]
+    assert row["second_order_memory_bytes"] == max(w["memory_bytes"]
+                                                   for w in predicted["per_worker"])

@@ -11,17 +11,10 @@ from pathlib import Path
 import pytest
 
 from dpkfac.core.placement import load_placement
+from dpkfac.cli import main as cli_main
 
 from planner_fixtures import run_planner_cli, synthetic_profile_dict, write_profile
 
-try:
-    import executor.commands  # noqa: F401  (dpkfac.cli registers it too)
-    from dpkfac.cli import main as cli_main
-    HAVE_CLI = True
-except ImportError:  # executor not written yet
-    HAVE_CLI = False
-
-needs_cli = pytest.mark.skipif(not HAVE_CLI, reason="executor.commands cannot be imported")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -29,7 +22,7 @@ planner_main = run_planner_cli
 
 
 RUNNERS = [pytest.param(planner_main, id="planner-parser"),
-           pytest.param(lambda argv: cli_main(argv), id="dpkfac-cli", marks=needs_cli)]
+           pytest.param(lambda argv: cli_main(argv), id="dpkfac-cli")]
 
 
 @pytest.fixture

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import math
 import re
-from typing import Callable
 from decimal import Decimal
+from typing import Callable
 
 from .errors import InputError
 

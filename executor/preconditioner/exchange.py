@@ -18,8 +18,13 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.distributed as dist
 
-from dpkfac.core.step import (NUMERICS_ELEMENTS, SECOND_ORDER_TRAFFIC, decomposition_numel,
-                              decomposition_shapes, ring_allreduce_bytes)
+from dpkfac.core.step import (
+    NUMERICS_ELEMENTS,
+    SECOND_ORDER_TRAFFIC,
+    decomposition_numel,
+    decomposition_shapes,
+    ring_allreduce_bytes,
+)
 
 from ..kfac import ComputeMethod, KFACBlock
 from ..runtime.distributed import allreduce_mean_, world_rank_and_size

@@ -19,8 +19,14 @@ from ..models import build_model
 from ..runtime.cpu_runtime import flushed_denormals, keep_freed_memory
 from ..runtime.distributed import WorldInfo, broadcast_object
 from .collectives import message_sizes, profile_comm
-from .kernels import (accumulate_factors, layer_record, one_rank_preconditioner,
-                      profile_batches, step_record, time_steps)
+from .kernels import (
+    accumulate_factors,
+    layer_record,
+    one_rank_preconditioner,
+    profile_batches,
+    step_record,
+    time_steps,
+)
 from .options import ProfileOptions
 
 

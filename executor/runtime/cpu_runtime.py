@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-
 from contextlib import contextmanager
 from typing import Iterator
 

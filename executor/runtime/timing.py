@@ -1,10 +1,9 @@
 """Wall-clock timing of named phases, with optional device synchronisation."""
 from __future__ import annotations
 
-import statistics
 import time
 from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -44,23 +43,3 @@ class PhaseTimer:
     def times(self) -> dict[str, float]:
         """Seconds per phase since the last reset."""
         return dict(self._seconds)
-
-
-def median_time(fn: Callable[[], object], *, warmup: int = 3, repeats: int = 15,
-                min_total_s: float = 0.05) -> tuple[float, float]:
-    """Median and interquartile spread of `fn`'s wall time in seconds, after warm-up.
-
-    Repeats until both `repeats` runs and `min_total_s` seconds of measurement are done
-    (capped at 20x repeats), synchronising the device around every run.
-    """
-    for _ in range(warmup):
-        fn()
-    samples: list[float] = []
-    while len(samples) < repeats or (sum(samples) < min_total_s and len(samples) < 20 * repeats):
-        synchronize_device()
-        start = time.perf_counter()
-        fn()
-        synchronize_device()
-        samples.append(time.perf_counter() - start)
-    quartiles = statistics.quantiles(samples, n=4)
-    return statistics.median(samples), quartiles[2] - quartiles[0]

@@ -7,8 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dpkfac.core.errors import InputError
-from dpkfac.core.strategy import (STRATEGY_OF, TRAIN_ALGORITHMS, Strategy, parse_fraction,
-                                  variant_of)
+from dpkfac.core.strategy import STRATEGY_OF, TRAIN_ALGORITHMS, Strategy, parse_fraction, variant_of
 
 from ..runtime.distributed import WorldInfo
 from .checkpoints import CHECKPOINT_NAME, checkpoint_exists

@@ -29,12 +29,16 @@ from ..kfac import kfac_layers
 from ..models import build_model_checked, input_spec
 from ..preconditioner import KFACPreconditioner
 from ..runtime.cpu_runtime import flushed_denormals, keep_freed_memory
-from ..runtime.distributed import (WorldInfo, average_gradients_, broadcast_parameters,
-                                   init_distributed, shutdown_distributed)
+from ..runtime.distributed import (
+    WorldInfo,
+    average_gradients_,
+    broadcast_parameters,
+    init_distributed,
+    shutdown_distributed,
+)
 from ..runtime.faults import RunFault, RunPosition, fault_message
 from ..runtime.timing import synchronize_device
-from .config import (TrainConfig, batch_size, check_config, check_world, resume_mode,
-                     run_strategy)
+from .config import TrainConfig, batch_size, check_config, check_world, resume_mode, run_strategy
 from .fingerprint import agree_on_fingerprint, run_fingerprint
 from .metrics import MetricsLog, advance, progress_bar, truncate_metrics
 from .resume import save_run, start_state

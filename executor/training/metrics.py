@@ -51,8 +51,13 @@ def progress_bar(wanted: bool | None, world: WorldInfo, total: int, done: int):
     wanted = wanted if wanted is not None else sys.stderr.isatty()
     if world.rank != 0 or not wanted:
         return nullcontext(None)
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.description}"), TimeRemainingColumn(), transient=False)

@@ -11,8 +11,15 @@ import torch
 from dpkfac.core.errors import InputError
 
 from ..runtime.distributed import WorldInfo, all_gather_object, broadcast_object
-from .checkpoints import (CHECKPOINT_NAME, checkpoint_exists, load_checkpoint,
-                          remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state)
+from .checkpoints import (
+    CHECKPOINT_NAME,
+    checkpoint_exists,
+    load_checkpoint,
+    remove_stale_temporaries,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from .fingerprint import check_trajectory
 
 

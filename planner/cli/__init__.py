@@ -80,6 +80,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     whatif.add_argument("--plot", metavar="FILE.png",
                         help="also draw step time, memory and traffic against workers (log "
                              "axes, one line per algorithm; the first setting of the sweep)")
+    whatif.add_argument("--placement", metavar="FILE",
+                        help="a placement for this profile: at its world size the dp-kfac row "
+                             "takes its owners (the row then equals the placement's prediction)")
     whatif.add_argument("--out", metavar="FILE",
                         help="write csv/json here instead of standard output")
     whatif.set_defaults(func=_command("whatif"))

@@ -12,8 +12,13 @@ from dpkfac.core.placement import load_placement
 from dpkfac.core.profile import load_profile, profile_to_dict
 from dpkfac.core.strategy import VARIANTS
 from planner.cli.common import checked_output, make_console
-from planner.model.calibrate import (calibrate, compare, load_run_summary, measured_phases,
-                                     predicted_phases)
+from planner.model.calibrate import (
+    calibrate,
+    compare,
+    load_run_summary,
+    measured_phases,
+    predicted_phases,
+)
 from planner.report.tables import validation_table
 
 

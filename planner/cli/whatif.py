@@ -10,12 +10,21 @@ import sys
 from dpkfac.core.cluster import load_cluster
 from dpkfac.core.errors import InputError
 from dpkfac.core.jsonio import write_atomic, write_json_atomic
-from dpkfac.core.profile import load_profile
+from dpkfac.core.placement import load_placement, owners_by_layer
+from dpkfac.core.profile import Profile, load_profile
 from dpkfac.core.units import parse_float_list, parse_int_list
 from planner.cli.common import checked_output, make_console
 from planner.report.tables import print_whatif_table, setting_title, write_whatif_plot
-from planner.whatif.sweep import (ROW_KEYS, WHATIF_SCHEMA_ID, Sweep, Topology, expand_workers,
-                                  knees, setting_groups, sweep_rows)
+from planner.whatif.sweep import (
+    ROW_KEYS,
+    WHATIF_SCHEMA_ID,
+    Sweep,
+    Topology,
+    expand_workers,
+    knees,
+    setting_groups,
+    sweep_rows,
+)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -24,8 +33,8 @@ def run(args: argparse.Namespace) -> int:
     plot = checked_output(args.plot) if args.plot is not None else None
     if out is not None and args.format == "table":
         raise InputError("--out needs --format csv or json (the table goes to the terminal)")
-    sweep = _whatif_sweep(args)
     profile = load_profile(args.profile)
+    sweep = _whatif_sweep(args, profile)
     rows = sweep_rows(profile, sweep)
     document = {"schema": WHATIF_SCHEMA_ID, "profile": args.profile,
                 "config": {"factor_update_freq": sweep.factor_update_freqs[0],
@@ -60,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _whatif_sweep(args: argparse.Namespace) -> Sweep:
+def _whatif_sweep(args: argparse.Namespace, profile: Profile) -> Sweep:
     """The sweep the whatif flags describe (InputError for malformed lists or files)."""
     topology = None
     if args.cluster is not None:
@@ -69,7 +78,14 @@ def _whatif_sweep(args: argparse.Namespace) -> Sweep:
                             inter_node=cluster.inter_node)
     batches = (parse_int_list(args.batch_sizes, what="--batch-sizes")
                if args.batch_sizes is not None else None)
+    owners, placed_workers = None, None
+    if args.placement is not None:
+        placement = load_placement(args.placement)
+        owners = owners_by_layer(placement, [layer.name for layer in profile.layers],
+                                 source=f"placement {args.placement!r}")
+        placed_workers = placement["world_size"]
     return Sweep(workers=expand_workers(args.workers), batch_sizes=batches,
+                 placement_owners=owners, placement_workers=placed_workers,
                  bandwidth_scales=parse_float_list(args.bandwidth_scale, what="--bandwidth-scale"),
                  factor_update_freqs=parse_int_list(args.factor_update_freq,
                                                     what="--factor-update-freq"),

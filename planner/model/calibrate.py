@@ -9,12 +9,12 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from planner.model.costs import PlanConfig
 from dpkfac.core.errors import InputError
 from dpkfac.core.jsonio import read_json
 from dpkfac.core.placement import owners_by_layer
 from dpkfac.core.profile import Profile
 from dpkfac.core.step import PHASES
+from planner.model.costs import PlanConfig
 from planner.model.step import predict_step
 
 SUMMARY_FIELDS = ("world_size", "mean_step_time_s", "phase_means_by_rank_s")

@@ -33,8 +33,14 @@ import numpy as np
 from dpkfac.core.profile import Profile
 from dpkfac.core.step import NUMERICS_ELEMENTS, PHASES
 from dpkfac.core.strategy import DP_KFAC, FactorMode, SharedResult, Strategy
-from planner.model.costs import (PlanConfig, decomposition_sizes, factor_bytes,
-                                 gradient_allreduce_s, network_of, per_owner)
+from planner.model.costs import (
+    PlanConfig,
+    decomposition_sizes,
+    factor_bytes,
+    gradient_allreduce_s,
+    network_of,
+    per_owner,
+)
 from planner.model.network import Network
 from planner.solve.instance import check_speeds
 

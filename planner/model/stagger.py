@@ -2,8 +2,8 @@
 the K steps of the cycle (its slot) so that no single step carries all of them.
 
 Each step ends with a collective (broadcasts, then the next all-reduce), so a cycle costs the sum
-over its steps of the busiest worker's compute. The executor today decomposes every layer on the
-same step (step % K == 0): that step pays each worker's whole decomposition work at once. The
+over its steps of the busiest worker's compute. By default the executor decomposes every layer
+on the same step (step % K == 0): that step pays each worker's whole decomposition work at once. The
 amortised makespan max_w(sum_l work_l / speed_w), which the solvers minimise, is reached only if
 each worker spreads its decompositions evenly over the K steps; this module spreads them, per
 worker, by longest processing time first onto the K slots on top of that slot's fixed work
@@ -16,8 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
-from planner.model.costs import PlanConfig
 from dpkfac.core.profile import Profile
+from planner.model.costs import PlanConfig
 
 
 def slot_base_s(profile: Profile, *, owners: Sequence[int], workers: int,

@@ -11,11 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
+
 from dpkfac.core.profile import Profile
 from dpkfac.core.step import comm_bytes_total
 from dpkfac.core.strategy import STRATEGY_OF, FactorMode, SharedResult, Strategy
-from planner.model.costs import (PlanConfig, per_owner, state_bytes_per_worker,
-                                 traffic_by_kind)
+from planner.model.costs import PlanConfig, per_owner, state_bytes_per_worker, traffic_by_kind
 from planner.model.network import Network
 from planner.model.simulate import CycleResult, simulate_cycle
 from planner.solve.instance import check_speeds
@@ -61,7 +62,8 @@ class StepPrediction:
     @property
     def layers_owned(self) -> tuple[int, ...]:
         """Layers each rank owns."""
-        return tuple(self.owners.count(rank) for rank in range(self.workers))
+        return tuple(np.bincount(np.asarray(self.owners, dtype=int),
+                                 minlength=self.workers).tolist())
 
 
 def predict_step(profile: Profile, *, variant: str, owners: Sequence[int], workers: int,

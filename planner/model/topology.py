@@ -14,7 +14,6 @@ import networkx as nx
 from dpkfac.core.cluster import Cluster
 from dpkfac.core.errors import InputError
 from dpkfac.core.profile import AlphaBeta
-
 from planner.model.network import Network
 
 

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 from dpkfac.core.cluster import Cluster
-from planner.model.costs import PlanConfig
 from dpkfac.core.errors import InputError
-from planner.plan import make_plan
 from dpkfac.core.profile import Profile
-from planner.solve.solvers import METHODS
+from planner.model.costs import PlanConfig
+from planner.plan import make_plan
+from planner.solve.names import METHODS
 
 
 def compare_rows(*, profile: Profile, cluster: Cluster, config: PlanConfig,

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from planner.solve.bounds import pigeonhole_lower_bound_s
 from planner.model.costs import layer_work_s
 from planner.plan import Plan
 from planner.report.tables import format_bytes, format_seconds
+from planner.solve.bounds import pigeonhole_lower_bound_s
 
 
 def explain_lines(plan: Plan, *, top: int = 8) -> list[str]:

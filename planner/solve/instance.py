@@ -6,7 +6,6 @@ same work in half the time), caps in bytes of layer state per worker (None: no c
 from __future__ import annotations
 
 import itertools
-
 import math
 import numbers
 from dataclasses import dataclass

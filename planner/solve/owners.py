@@ -17,9 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 from dpkfac.core.errors import InputError
-from planner.solve.names import OWNER_MODES
 from planner.solve.solvers import Solution, solve
-
 
 
 @dataclass(frozen=True)

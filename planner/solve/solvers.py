@@ -25,16 +25,21 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
+from dpkfac.core.errors import InputError
 from planner.solve import ilp as ilp_module
 from planner.solve.bounds import makespan_lower_bound_s, trivial_lower_bound_s
-from dpkfac.core.errors import InputError
 from planner.solve.heuristics import HEURISTIC_RULES
 from planner.solve.ilp import OPTIMALITY_GAP, binary_count
-from planner.solve.instance import (Instance, instance_makespan_s, make_instance, makespan_s, memory_loads,
-                       worker_loads_s)
-from planner.solve.names import (DEFAULT_ILP_MAX_BINARIES, HEURISTICS, METHODS,
-                                 auto_time_limit_s)
+from planner.solve.instance import (
+    Instance,
+    instance_makespan_s,
+    make_instance,
+    makespan_s,
+    memory_loads,
+    worker_loads_s,
+)
 from planner.solve.localsearch import balance_memory, refine_makespan
+from planner.solve.names import DEFAULT_ILP_MAX_BINARIES, HEURISTICS, METHODS, auto_time_limit_s
 
 __all__ = ["METHODS", "HEURISTICS", "OPTIMALITY_GAP", "Solution", "solve", "worker_loads_s",
            "makespan_s", "makespan_lower_bound_s", "trivial_lower_bound_s", "memory_loads",

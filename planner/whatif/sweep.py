@@ -23,13 +23,13 @@ import itertools
 from dataclasses import dataclass
 from typing import Sequence
 
-from planner.whatif.baselines import ALGORITHMS, algorithm_cost
 from dpkfac.core.cluster import Cluster, Link
-from planner.model.network import Network
-from planner.model.topology import cluster_network
-from planner.model.costs import PlanConfig
 from dpkfac.core.errors import InputError
 from dpkfac.core.profile import AlphaBeta, Profile
+from planner.model.costs import PlanConfig
+from planner.model.network import Network
+from planner.model.topology import cluster_network
+from planner.whatif.baselines import ALGORITHMS, algorithm_cost
 
 WHATIF_SCHEMA_ID = "dpkfac.whatif/1"
 ROW_KEYS = ("workers", "algorithm", "step_time_s", "second_order_s", "comm_bytes_per_step",
@@ -70,6 +70,8 @@ class Sweep:
     inv_update_freqs: tuple[int, ...] = (1,)
     topology: Topology | None = None
     algorithms: tuple[str, ...] = ALGORITHMS
+    placement_owners: tuple[int, ...] | None = None  # dp-kfac's owners at placement_workers
+    placement_workers: int | None = None
 
     def __post_init__(self) -> None:
         for p in self.workers:
@@ -118,7 +120,8 @@ def _scaled_network(network: Network, scale: float) -> Network:
 def sweep_rows(profile: Profile, sweep: Sweep) -> list[dict]:
     """One row per (point, algorithm): ROW_KEYS, SETTING_KEYS, and the per-kind breakdown.
 
-    Rows come grouped by settings, then worker count, then algorithm (sweep.algorithms order)."""
+    Rows come grouped by settings, then worker count, then algorithm (sweep.algorithms order).
+    dp-kfac runs on the planner's owners, or on sweep.placement_owners at its worker count."""
     rows: list[dict] = []
     batches = sweep.batch_sizes or (profile.batch_size,)
     for batch, scale, ffreq, ifreq in itertools.product(
@@ -132,18 +135,13 @@ def sweep_rows(profile: Profile, sweep: Sweep) -> list[dict]:
             network = None
             if sweep.topology is not None:
                 network = _scaled_network(sweep.topology.network(p), scale)
-            for cost in _point_costs(point_profile, workers=p, config=config, network=network,
-                                     algorithms=sweep.algorithms):
+            placed = sweep.placement_owners if p == sweep.placement_workers else None
+            for name in sweep.algorithms:
+                cost = algorithm_cost(point_profile, algorithm=name, workers=p, config=config,
+                                      network=network,
+                                      owners=placed if name == "dp-kfac" else None)
                 rows.append({**cost.as_row(), **settings})
     return rows
-
-
-def _point_costs(profile: Profile, *, workers: int, config: PlanConfig,
-                 network: Network | None, algorithms: Sequence[str]):
-    """Every algorithm's cost at one point; dp-kfac on the planner's placement."""
-    for name in algorithms:
-        yield algorithm_cost(profile, algorithm=name, workers=workers, config=config,
-                             network=network)
 
 
 def scaling_knee(rows: Sequence[dict], *, efficiency: float = 0.5) -> int | None:
