@@ -34,16 +34,20 @@ def make_placement(*, profile: Profile, profile_path: str | os.PathLike, workers
     return placement_document(plan, profile_path=profile_path, memory_cap=memory_cap)
 
 
-def placement_document(plan: Plan, *, profile_path: str | os.PathLike,
-                       memory_cap: int | None = None) -> dict:
+def placement_document(plan: Plan, *, profile_path: str | os.PathLike | None = None,
+                       profile_ref: dict | None = None, memory_cap: int | None = None) -> dict:
     """The dpkfac.placement/1 document of a plan (CONTRACTS.md fields and more). Its predicted
-    seconds and bytes are the step model's (planner.model.step), as the what-if's."""
+    seconds and bytes are the step model's (planner.model.step), as the what-if's. The profile
+    is named by its file (`profile_path`: path and SHA-256 of its bytes) or by `profile_ref`
+    ({"path", "sha256"}, e.g. of a profile held in memory)."""
+    if profile_ref is None:
+        profile_ref = {"path": str(profile_path), "sha256": file_sha256(profile_path)}
     profile, solution = plan.profile, plan.solution
     doc = {
         "schema": PLACEMENT_SCHEMA_ID,
         "model": profile.model,
         "world_size": plan.cluster.workers,
-        "profile": {"path": str(profile_path), "sha256": file_sha256(profile_path)},
+        "profile": dict(profile_ref),
         "solver": solution.method,
         "status": solution.status,
         "config": {"factor_update_freq": plan.config.factor_update_freq,

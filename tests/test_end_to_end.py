@@ -84,12 +84,32 @@ def test_plan_train_whatif_round_trip(profile_path, workdir):
                 "decompose_s", "precondition_s", "broadcast_s"):
         assert key in metrics[0]
     assert (run_dir / "checkpoint.pt").is_file()
+    _check_model_file(run_dir, summary)
 
     result = _run("whatif", "--profile", str(profile_path), "--workers", "1,2,4", "--format", "json")
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)["rows"]
     assert {r["algorithm"] for r in rows} >= {"sgd", "dp-kfac"}
     assert {r["workers"] for r in rows} == {1, 2, 4}
+
+
+def _check_model_file(run_dir: Path, summary: dict) -> None:
+    """model.pt loads strictly into a fresh model and gives summary.json's test figures."""
+    import torch
+    import torch.nn.functional as F
+
+    from executor.data import load_digits_split
+    from executor.models import build_model
+
+    model = build_model("digits-mlp")
+    model.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True), strict=True)
+    model.eval()
+    test = load_digits_split().test
+    x, y = test.tensors
+    with torch.no_grad():
+        output = model(x)
+    assert int((output.argmax(dim=1) == y).sum()) / len(y) == summary["test_accuracy"]
+    assert float(F.cross_entropy(output, y)) == pytest.approx(summary["test_loss"], rel=1e-5)
 
 
 def test_profile_unknown_model_is_a_clean_error(tmp_path):

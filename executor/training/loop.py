@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
-from dpkfac.core.jsonio import write_json_atomic
+from dpkfac.core.jsonio import write_atomic, write_json_atomic
 from dpkfac.core.placement import check_placement_matches, load_placement
 from dpkfac.core.step import SECOND_ORDER_PHASES
 
@@ -45,6 +46,7 @@ from .resume import save_run, start_state
 from .summary import job_numerics, summarise
 
 # Phases in which a RuntimeError means a collective failed (not a bug in local computation).
+MODEL_NAME = "model.pt"  # the final weights, always written by rank 0
 COLLECTIVE_PHASES = ("start-up", "resume", "allreduce", "second_order/broadcast", "checkpoint",
                      "summary")
 
@@ -169,8 +171,17 @@ def _train(cfg: TrainConfig, placement: dict, model_name: str, world: WorldInfo,
     summary = summarise(cfg, world, model, precond, records, step, grad_bytes, split, skipped)
     summary["cpu_runtime"] = cpu_runtime
     if world.rank == 0:
+        save_model(out / MODEL_NAME, model)
         write_json_atomic(out / "summary.json", summary)
     return summary
+
+
+def save_model(path: Path, model: nn.Module) -> None:
+    """The model's state_dict (unwrapped from DDP), written atomically: loadable with
+    torch.load(weights_only=True) and load_state_dict(strict=True) into the same model."""
+    module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    write_atomic(path, lambda fh: torch.save(state, fh), binary=True)
 
 
 def train_step(model, optimizer, precond, x, y, world: WorldInfo, clock: StepClock,

@@ -6,6 +6,7 @@ import hashlib
 import statistics
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dpkfac.core.step import NUMERICS_COUNTERS, SECOND_ORDER_TRAFFIC, ring_allreduce_bytes
@@ -42,13 +43,14 @@ def summarise(cfg, world, model, precond, records, steps, grad_bytes, split, ski
             for key, value in counts.items():
                 totals[key] = totals.get(key, 0) + int(value)
     losses = [r["loss"] for r in records if r["loss"] is not None]
+    test_loss, test_accuracy = evaluate(model, split.test, world.device)
     return {
         "world_size": world.world_size, "algorithm": cfg.algorithm,
         "variant": run_variant(cfg, world.world_size), "steps": steps,
         "final_loss": losses[-1] if losses else None,
         "numerics": totals,
         "numerics_per_layer": {n: c for r in per_rank for n, c in r["numerics"].items() if c},
-        "test_accuracy": evaluate(model, split.test, world.device),
+        "test_loss": test_loss, "test_accuracy": test_accuracy,
         "mean_step_time_s": statistics.fmean(r["step_time_s"] for r in steady) if steady else None,
         "steady_state": f"mean over steps after the first {cfg.warmup_steps} of this run",
         "phase_means_s": phases,
@@ -74,16 +76,19 @@ def comm_breakdown(allreduce: int, kinds: dict[str, float]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset, device) -> float:
-    """Top-1 accuracy on the whole test set."""
+def evaluate(model: nn.Module, dataset, device) -> tuple[float, float]:
+    """(mean cross-entropy loss, top-1 accuracy) over the whole test set, with the model's
+    current weights."""
     model.eval()
-    correct = total = 0
+    loss_sum, correct, total = 0.0, 0, 0
     for x, y in test_loader(dataset):
-        pred = model(x.to(device)).argmax(dim=1)
-        correct += int((pred == y.to(device)).sum())
+        x, y = x.to(device), y.to(device)
+        output = model(x)
+        loss_sum += float(F.cross_entropy(output, y, reduction="sum"))
+        correct += int((output.argmax(dim=1) == y).sum())
         total += len(y)
     model.train()
-    return correct / total
+    return loss_sum / total, correct / total
 
 
 def parameter_digest(model: nn.Module) -> str:
