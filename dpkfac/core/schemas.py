@@ -55,6 +55,12 @@ PROFILE_SCHEMA: dict = {
                            "pack_s": _SECONDS, "apply_s": _SECONDS},
         },
         "model_grad_numel": POSITIVE_INTEGER,
+        "other_layers": {  # trainable modules K-FAC leaves alone (plain averaged gradients)
+            "type": "array",
+            "items": {"type": "object", "required": ["name", "kind", "numel"],
+                      "properties": {"name": {"type": "string"}, "kind": _NAME,
+                                     "numel": POSITIVE_INTEGER}},
+        },
         "comm": {
             "type": "object",
             "required": ["backend", "world_size", "allreduce", "broadcast"],

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dpkfac.core.errors import InputError
 from dpkfac.core.step import decomposition_shapes
 
 from .decomposition import ComputeMethod, DecomposeOutcome, decompose_safely
@@ -244,6 +245,28 @@ def kfac_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
         if make_block(module, name) is not None and module.weight.requires_grad:
             found.append((name, module))
     return found
+
+
+def uncovered_layers(model: nn.Module) -> list[dict]:
+    """Modules with trainable parameters of their own that K-FAC does not precondition
+    (embeddings, norms, anything but the K-FAC layers): their gradients stay the plain averaged
+    ones. Each as {"name": qualified name, "kind": class name, "numel": trainable elements}."""
+    covered = {name for name, _ in kfac_layers(model)}
+    found = []
+    for name, module in model.named_modules():
+        numel = sum(p.numel() for p in module.parameters(recurse=False) if p.requires_grad)
+        if numel and name not in covered:
+            found.append({"name": name, "kind": type(module).__name__, "numel": numel})
+    return found
+
+
+def require_kfac_layers(model: nn.Module, *, what: str) -> list[tuple[str, nn.Module]]:
+    """kfac_layers(model); InputError naming `what` when it has none."""
+    layers = kfac_layers(model)
+    if not layers:
+        raise InputError(f"{what} has no K-FAC layer (an nn.Linear or nn.Conv2d with trainable "
+                         "weights): nothing to precondition; train it with --algorithm sgd")
+    return layers
 
 
 def _running_average(old: torch.Tensor | None, new: torch.Tensor, decay: float) -> torch.Tensor:

@@ -10,7 +10,7 @@ from torch import nn
 from dpkfac.core.placement import check_placement_matches, load_placement
 from dpkfac.core.strategy import DP_KFAC, Strategy
 
-from ..kfac import ComputeMethod, kfac_layers, make_block
+from ..kfac import ComputeMethod, make_block, require_kfac_layers
 from .assignment import WorkAssignment
 from .base import BaseKFACPreconditioner
 from .exchange import Exchange
@@ -58,7 +58,7 @@ class KFACPreconditioner(BaseKFACPreconditioner):
         self.placement = load_placement(placement)
         config = self.placement["config"]
         exchange = Exchange.over(process_group)
-        layers = kfac_layers(module)
+        layers = require_kfac_layers(module, what="the model")
         names = [name for name, _ in layers]
         check_placement_matches(self.placement, layer_names=names,
                                 world_size=exchange.world_size, source="placement")

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from dpkfac.core.schemas import PROFILE_SCHEMA_ID
 
+from ..kfac import require_kfac_layers, uncovered_layers
 from ..models import build_model
 from ..runtime.cpu_runtime import flushed_denormals, keep_freed_memory
 from ..runtime.distributed import WorldInfo, broadcast_object
@@ -50,6 +51,7 @@ def _profile_model(model_name: str, batch_size: int, world: WorldInfo, options: 
                    progress: bool, flushing: bool) -> dict:
     torch.manual_seed(0)
     model = build_model(model_name).to(world.device)
+    require_kfac_layers(model, what=f"model {model_name!r}")
     batches = profile_batches(model_name, batch_size, options.factor_batches, world.device)
     precond = one_rank_preconditioner(model, options)
     rows = accumulate_factors(model, precond, batches)
@@ -72,6 +74,7 @@ def _profile_model(model_name: str, batch_size: int, world: WorldInfo, options: 
         "device": _device_name(world.device), "dtype": "float32",
         "compute_method": precond.method.value, "measured": True, "layers": layers,
         "step": step, "comm": comm, "model_grad_numel": grad_numel,
+        "other_layers": uncovered_layers(model),
         "environment": dict(_environment(world, options), flush_denormal=flushing),
     }
 
