@@ -23,6 +23,7 @@ Traffic is counted as bytes a rank SENDS PLUS RECEIVES: a ring all-reduce of n b
 """
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 from .strategy import FactorMode, SharedResult, Strategy
@@ -74,13 +75,8 @@ def decomposition_shapes(dim_a: int, dim_g: int, compute_method: str
 
 def decomposition_numel(dim_a: int, dim_g: int, compute_method: str) -> int:
     """Elements of a layer's decomposition: eigen dim^2 + dim per factor, inverse dim^2."""
-    total = 0
-    for _, shape in decomposition_shapes(dim_a, dim_g, compute_method):
-        size = 1
-        for d in shape:
-            size *= d
-        total += size
-    return total
+    return sum(math.prod(shape)
+               for _, shape in decomposition_shapes(dim_a, dim_g, compute_method))
 
 
 def traffic_by_kind(*, strategy: Strategy | None, workers: int, dtype_bytes: int,

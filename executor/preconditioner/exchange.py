@@ -13,6 +13,7 @@ rank (a ring all-reduce of n bytes counts 4 (p-1)/p n, a broadcast n on every ra
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Iterable
 
 import torch
@@ -150,7 +151,7 @@ def unpack_decomposition(block: KFACBlock, method: ComputeMethod, chunk: torch.T
     """The decomposition tensors of a flat chunk in wire order, each a fresh copy."""
     tensors, offset = {}, 0
     for key, shape in decomposition_shapes(block.dim_a, block.dim_g, method.value):
-        numel = _numel(shape)
+        numel = math.prod(shape)
         tensors[key] = chunk[offset:offset + numel].reshape(shape).clone()
         offset += numel
     return tensors
@@ -158,13 +159,6 @@ def unpack_decomposition(block: KFACBlock, method: ComputeMethod, chunk: torch.T
 
 def _decomposition_numel(block: KFACBlock, method: ComputeMethod) -> int:
     return decomposition_numel(block.dim_a, block.dim_g, method.value)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for side in shape:
-        count *= side
-    return count
 
 
 def _reference(blocks: dict[str, KFACBlock]) -> torch.Tensor:

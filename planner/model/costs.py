@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
+
 from dpkfac.core import step as core_step
 from dpkfac.core.errors import InputError
 from dpkfac.core.profile import LayerCost, Profile
@@ -48,12 +50,10 @@ def layer_state_bytes(profile: Profile) -> tuple[int, ...]:
     return tuple(layer.state_bytes for layer in profile.layers)
 
 
-def per_owner(values: Sequence[float], owners: Sequence[int], workers: int) -> list[float]:
-    """Sum of `values` per owner rank."""
-    totals = [0.0] * workers
-    for value, owner in zip(values, owners):
-        totals[owner] += value
-    return totals
+def per_owner(values: Sequence[float], owners: Sequence[int], workers: int) -> np.ndarray:
+    """Sum of `values` per owner rank (floats, indexed by rank)."""
+    return np.bincount(np.asarray(owners, dtype=int), weights=np.asarray(values, dtype=float),
+                       minlength=workers)
 
 
 def grad_bytes(layer: LayerCost, *, profile: Profile) -> int:

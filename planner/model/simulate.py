@@ -185,7 +185,8 @@ def simulate_step(profile: Profile, *, owners: Sequence[int], workers: int, conf
     net = network_of(profile, network)
     line = _Timeline(workers, trace=trace)
     line.compute("forward_backward", profile.forward_backward_s / speed)
-    line.collective("allreduce", gradient_allreduce_s(profile, workers=workers, network=network))
+    allreduce_s = gradient_allreduce_s(profile, workers=workers, network=network)
+    line.collective("allreduce", allreduce_s)
     ar_end = float(line.t[0])
     broadcast_s, second_order_end = 0.0, ar_end
     if strategy is not None:
@@ -200,8 +201,7 @@ def simulate_step(profile: Profile, *, owners: Sequence[int], workers: int, conf
     return StepResult(
         step_time_s=step_time, second_order_s=second_order_end - ar_end,
         compute_makespan_s=float(kfac.max()),
-        allreduce_s=gradient_allreduce_s(profile, workers=workers, network=network),
-        broadcast_s=broadcast_s,
+        allreduce_s=allreduce_s, broadcast_s=broadcast_s,
         busy_s=tuple(line.busy.tolist()), comm_s=tuple(line.comm.tolist()),
         idle_s=tuple(np.maximum(step_time - line.busy - line.comm, 0.0).tolist()),
         critical_path=line.critical_path(),
@@ -222,7 +222,7 @@ def _second_order(line: _Timeline, profile: Profile, *, strategy: Strategy,
     local = strategy.factors is FactorMode.LOCAL
     if factors_due:
         if local:
-            work, counts = _owned([l.factor_s for l in layers], owners, workers), owned
+            work, counts = per_owner([l.factor_s for l in layers], owners, workers), owned
         else:
             work, counts = np.full(workers, sum(l.factor_s for l in layers)), [len(layers)] * workers
         line.compute("factors", work / speed, counts)
@@ -230,8 +230,8 @@ def _second_order(line: _Timeline, profile: Profile, *, strategy: Strategy,
             nbytes = sum(factor_bytes(l, dtype_bytes=profile.dtype_bytes) for l in layers)
             line.collective("factor_allreduce", net.allreduce_s(ranks=workers, nbytes=nbytes))
     due = [l.decompose_s if d else 0.0 for l, d in zip(layers, decomposing)]
-    line.compute("decompose", _owned(due, owners, workers) / speed,
-                 _owned([float(d) for d in decomposing], owners, workers))
+    line.compute("decompose", per_owner(due, owners, workers) / speed,
+                 per_owner([float(d) for d in decomposing], owners, workers))
     counters = NUMERICS_ELEMENTS * profile.dtype_bytes
     if strategy.shared is SharedResult.DECOMPOSITION:
         seconds = 0.0
@@ -241,14 +241,10 @@ def _second_order(line: _Timeline, profile: Profile, *, strategy: Strategy,
         line.compute("precondition", np.full(workers, sum(l.precondition_s for l in layers))
                      / speed, [len(layers)] * workers)
         return seconds
-    line.compute("precondition", _owned([l.precondition_s for l in layers], owners, workers)
+    line.compute("precondition", per_owner([l.precondition_s for l in layers], owners, workers)
                  / speed, owned)
     sizes = per_owner([l.grad_numel * profile.dtype_bytes for l in layers], owners, workers)
     return _broadcasts(line, net, sizes, owned, workers, counters)
-
-
-def _owned(values: Sequence[float], owners: Sequence[int], workers: int) -> np.ndarray:
-    return np.asarray(per_owner(values, owners, workers), dtype=float)
 
 
 def _broadcasts(line: _Timeline, net: Network, sizes: Sequence[float], owned: np.ndarray,

@@ -75,11 +75,11 @@ def predict_step(profile: Profile, *, variant: str, owners: Sequence[int], worke
     owners[i] among `workers` ranks of `speeds` (default all 1.0), on `network` (default: the
     profile's measured collectives). trace: find each step's critical path (False for sweeps:
     the same numbers, faster)."""
-    if len(owners) != len(profile.layers) and STRATEGY_OF[variant] is not None:
+    strategy = STRATEGY_OF[variant]
+    if len(owners) != len(profile.layers) and strategy is not None:
         raise ValueError(f"{len(owners)} owners for {len(profile.layers)} layers")
     if any(not 0 <= o < workers for o in owners):
         raise ValueError(f"owner rank out of range 0..{workers - 1}")
-    strategy = STRATEGY_OF[variant]
     owners = tuple(int(o) for o in owners)
     cycle = simulate_cycle(profile, owners=owners, workers=workers, config=config,
                            strategy=strategy, speeds=speeds, network=network,

@@ -20,7 +20,7 @@ from typing import Sequence
 from dpkfac.core.profile import Profile
 from dpkfac.core.step import TRAFFIC_KINDS
 from dpkfac.core.strategy import VARIANTS
-from planner.model.costs import PlanConfig
+from planner.model.costs import PlanConfig, layer_works_s
 from planner.model.network import Network
 from planner.model.step import StepPrediction, predict_step
 from planner.solve.solvers import solve
@@ -75,7 +75,8 @@ def default_owners(profile: Profile, *, algorithm: str, workers: int, config: Pl
     if algorithm.startswith("kaisa"):
         return kaisa_owners(profile, workers=workers)
     if algorithm == "dp-kfac-round-robin":
-        return tuple(i % workers for i in range(len(profile.layers)))
+        return solve("round-robin", work=layer_works_s(profile, config=config),
+                     workers=workers).owners
     from planner.plan import plan_owners  # the pipeline imports this module's rows
 
     return plan_owners(profile, workers=workers, config=config, network=network)
