@@ -21,10 +21,19 @@ def _register_profile(subparsers) -> None:
                               description="Measure, on this machine, each K-FAC layer's factor "
                               "construction, decomposition and preconditioning time and memory; "
                               "under torchrun with >1 process also fit alpha-beta collective costs.")
-    p.add_argument("--model", required=True, help="zoo name (digits-cnn, digits-mlp) or "
-                   "package.module:callable")
+    p.add_argument("--model", required=True, help="zoo name (digits-cnn, digits-mlp, resnet20, "
+                   "resnet32, resnet50, bert-mini) or package.module:callable")
     p.add_argument("--batch-size", type=int, required=True, help="per-worker batch size")
     p.add_argument("--out", required=True, help="profile file to write (JSON)")
+    _add_workload_flags(p)
+    p.add_argument("--input-shape", type=_shape, default=None, metavar="D1,D2,...",
+                   help="profile on synthetic inputs of this per-sample shape (no data at hand); "
+                   "e.g. 3,224,224, or a sequence length with --vocab-size")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="with --input-shape: class labels in 0..N-1 (default: the model's "
+                   "output size)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="with --input-shape: inputs are token ids in 0..V-1")
     p.add_argument("--compute-method", choices=("eigen", "inverse"), default="eigen")
     p.add_argument("--repeats", type=int, default=15, help="timed runs per kernel (median)")
     p.add_argument("--warmup", type=int, default=3, help="untimed runs before timing")
@@ -35,9 +44,9 @@ def _register_profile(subparsers) -> None:
 
 def _register_train(subparsers) -> None:
     p = subparsers.add_parser("train", help="train with DP-KFAC under a placement",
-                              description="Train the placement's model on the digits data set, "
-                              "one process per worker (launch with torchrun; without it, world "
-                              "size 1).")
+                              description="Train the placement's model on its data (or --model "
+                              "/ --data), one process per worker (launch with torchrun; without "
+                              "it, world size 1). Writes metrics.jsonl, summary.json and model.pt.")
     p.add_argument("--placement", required=True, help="placement file (dpkfac.placement/1)")
     p.add_argument("--out", required=True, help="run folder: metrics.jsonl, summary.json, "
                    "checkpoint.pt")
@@ -55,8 +64,16 @@ def _register_train(subparsers) -> None:
                    "the result); e.g. 1, 0.5, 1/4. HYBRID fractions in between are not "
                    "implemented and are refused")
     p.add_argument("--model", default=None, help="override the placement's model")
+    _add_workload_flags(p, train=True)
     p.add_argument("--batch-size", type=int, default=None,
-                   help="per-worker batch size (default: the placement's)")
+                   help="per-worker (micro-)batch size (default: the placement's)")
+    p.add_argument("--accumulate", type=int, default=1, metavar="K",
+                   help="micro-batches per optimizer step: gradients summed over K backwards "
+                   "(each loss divided by K), K-FAC factors built from all K, the gradient "
+                   "preconditioned once per step (default 1)")
+    p.add_argument("--autocast", choices=("bf16", "fp16"), default=None,
+                   help="run the forward under torch.autocast at this dtype (bf16 on CPU; fp16 "
+                   "adds a GradScaler); K-FAC factors and decompositions stay fp32")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: 0.1)")
     p.add_argument("--damping", type=float, default=None)
     p.add_argument("--kl-clip", type=float, default=None)
@@ -78,6 +95,31 @@ def _register_train(subparsers) -> None:
     p.set_defaults(func=_run_train)
 
 
+def _add_workload_flags(p: argparse.ArgumentParser, *, train: bool = False) -> None:
+    """--data and --loss, which `profile` records and `train` takes from the placement."""
+    default = "the placement's" if train else "the model's own: digits for digits-*, " \
+        "synthetic for the other zoo models and digits for a user's model"
+    p.add_argument("--data", default=None, metavar="SPEC",
+                   help="digits, synthetic, a .npz file with x_train, y_train, x_test, y_test, "
+                   "or package.module:callable returning (train_dataset, test_dataset) of "
+                   f"(input, target) pairs (default: {default})")
+    p.add_argument("--loss", default=None, metavar="CALLABLE",
+                   help="package.module:callable called as loss(output, target) -> scalar "
+                   f"(default: {'the placement' + chr(39) + 's, else ' if train else ''}"
+                   "cross-entropy over the last dimension)")
+
+
+def _shape(text: str) -> list[int]:
+    """`3,32,32` -> [3, 32, 32] (positive integers)."""
+    try:
+        dims = [int(d) for d in text.replace("x", ",").split(",") if d.strip()]
+    except ValueError:
+        dims = []
+    if not dims or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 3,32,32, got {text!r}")
+    return dims
+
+
 def _add_cpu_runtime_flags(p: argparse.ArgumentParser) -> None:
     """The CPU speed settings `train` and `profile` share (executor/runtime/cpu_runtime.py)."""
     p.add_argument("--keep-denormals", action="store_true",
@@ -96,21 +138,33 @@ def _run_profile(args: argparse.Namespace) -> int:
         raise InputError(f"--batch-size must be a positive integer, got {args.batch_size}")
     if args.repeats < 3 or args.warmup < 0:
         raise InputError("--repeats must be >= 3 and --warmup >= 0")
+    for flag, value in (("--num-classes", args.num_classes), ("--vocab-size", args.vocab_size)):
+        if value is not None and value < 1:
+            raise InputError(f"{flag} must be a positive integer, got {value}")
+    import torch
+
     from dpkfac.core.jsonio import write_json_atomic
     from dpkfac.core.profile import profile_from_dict
 
-    from .models import build_model_checked
-    from .profiling import ProfileOptions, profile_model
+    from .profiling import ProfileOptions, profile_module
     from .runtime.distributed import init_distributed, shutdown_distributed
+    from .workload import data_entry, prepare_workload
+    from .workload.loaders import consecutive_batches
 
-    build_model_checked(args.model)  # an unknown model fails before any process group forms
+    torch.manual_seed(0)
+    entry = data_entry(args.data, args.model, input_shape=args.input_shape,
+                       num_classes=args.num_classes, vocab_size=args.vocab_size)
+    work = prepare_workload(args.model, entry, args.loss)  # bad input fails before the group
+    options = ProfileOptions(compute_method=args.compute_method, warmup=args.warmup,
+                             repeats=args.repeats, flush_denormal=not args.keep_denormals,
+                             keep_freed_memory=not args.release_freed_memory)
     world = init_distributed(device=args.device)
     try:
-        options = ProfileOptions(compute_method=args.compute_method, warmup=args.warmup,
-                                 repeats=args.repeats, flush_denormal=not args.keep_denormals,
-                                 keep_freed_memory=not args.release_freed_memory)
-        doc = profile_model(args.model, args.batch_size, world, options=options,
-                            progress=world.rank == 0 and sys.stderr.isatty())
+        batches = consecutive_batches(work.split.train, args.batch_size, options.factor_batches,
+                                      world.device)
+        doc = profile_module(work.model.to(world.device), batches, world, loss_fn=work.loss_fn,
+                             workload=work.record(), options=options,
+                             progress=world.rank == 0 and sys.stderr.isatty())
     finally:
         shutdown_distributed()
     if world.rank == 0:
@@ -156,7 +210,9 @@ def _run_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(placement=args.placement, out_dir=args.out, epochs=args.epochs,
                       max_steps=args.max_steps, seed=args.seed, algorithm=args.algorithm,
                       grad_worker_fraction=args.grad_worker_fraction,
-                      model=args.model, batch_size=args.batch_size,
+                      model=args.model, data=args.data, loss=args.loss,
+                      accumulate=args.accumulate, autocast=args.autocast,
+                      batch_size=args.batch_size,
                       checkpoint_every=args.checkpoint_every, resume=args.resume,
                       timeout_s=args.timeout,
                       precise_timing=args.precise_timing,
@@ -175,9 +231,12 @@ def _print_summary(summary: dict, out: str) -> None:
         return
     loss, step_s = summary["final_loss"], summary["mean_step_time_s"]
     numerics = {k: v for k, v in summary.get("numerics", {}).items() if v}
-    print(f"{summary.get('variant', summary['algorithm'])} on {summary['world_size']} worker(s): {summary['steps']} steps, "
-          f"final loss {'n/a' if loss is None else f'{loss:.4f}'}, test accuracy "
-          f"{100 * summary['test_accuracy']:.2f}%, mean step "
+    accuracy = summary["test_accuracy"]
+    tested = f"test loss {summary['test_loss']:.4f}" + \
+        (f", accuracy {100 * accuracy:.2f}%" if accuracy is not None else "")
+    print(f"{summary.get('variant', summary['algorithm'])} on {summary['world_size']} "
+          f"worker(s): {summary['steps']} steps, "
+          f"final loss {'n/a' if loss is None else f'{loss:.4f}'}, {tested}, mean step "
           f"{'n/a' if step_s is None else f'{1e3 * step_s:.2f} ms'}, "
           f"second-order memory per rank {summary['second_order_memory_bytes']} B, "
           f"traffic {summary['comm_bytes_per_step']['total']:,.0f} B/step"

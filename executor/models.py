@@ -7,7 +7,6 @@ there to be profiled and planned, at their real layer shapes.
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -16,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpkfac.core.errors import InputError
+
+from .workload.callables import call_checked, is_callable_spec, load_callable
 
 
 @dataclass(frozen=True)
@@ -26,15 +27,6 @@ class InputSpec:
     dtype: torch.dtype = torch.float32
     dataset: str = "synthetic"  # "digits" or "synthetic"
     vocab_size: int = 0         # for integer token inputs
-
-    def random_batch(self, batch_size: int, *, generator: torch.Generator | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A batch of random inputs and labels of this shape."""
-        labels = torch.randint(0, self.num_classes, (batch_size,), generator=generator)
-        if self.dtype == torch.long:
-            return torch.randint(0, self.vocab_size, (batch_size, *self.shape),
-                                 generator=generator), labels
-        return torch.randn(batch_size, *self.shape, generator=generator), labels
 
 
 # -- digits ---------------------------------------------------------------------------------------
@@ -218,40 +210,17 @@ ZOO: dict[str, ZooEntry] = {
 }
 
 DEFAULT_MODEL = "digits-cnn"
-DIGITS_INPUTS = InputSpec((1, 8, 8), 10, dataset="digits")
-
-
-def input_spec(name: str) -> InputSpec:
-    """What model `name` eats: the zoo's spec, or 8x8 digits for a user's own model."""
-    return ZOO[name].inputs if name in ZOO else DIGITS_INPUTS
 
 
 def build_model(name: str) -> nn.Module:
-    """Instantiate a zoo model or a `package.module:callable`; unknown names raise InputError."""
+    """Instantiate a zoo model or a user's `package.module:callable`; InputError for an unknown
+    name, an unimportable module, a failing call or something that is not an nn.Module."""
     if name in ZOO:
         return ZOO[name].factory()
-    if ":" not in name:
+    if not is_callable_spec(name):
         raise InputError(f"unknown model {name!r}: expected one of {', '.join(sorted(ZOO))} "
                          "or package.module:callable")
-    module_name, _, attr = name.partition(":")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise InputError(f"cannot load model {name!r}: {exc}") from None
-    model = factory()
+    model = call_checked(load_callable(name, what="model"), what="model", spec=name)
     if not isinstance(model, nn.Module):
         raise InputError(f"model {name!r} returned {type(model).__name__}, not an nn.Module")
     return model
-
-
-def build_model_checked(name: str) -> nn.Module:
-    """build_model, with any failure of a user's `package.module:callable` (an exception in its
-    import or its call) turned into an InputError naming the model."""
-    try:
-        return build_model(name)
-    except InputError:
-        raise
-    except Exception as exc:  # a user's module can raise anything while importing or building
-        detail = " ".join(str(exc).split())[:200]
-        raise InputError(f"model {name!r} could not be built: {type(exc).__name__}: "
-                         f"{detail}") from None

@@ -29,8 +29,8 @@ def plan(profile: dict | str | os.PathLike, workers: int | None = None, *,
     "512MiB"); time_limit_s: solver budget in seconds (default as `dpkfac plan`'s); solver and
     owners as `dpkfac plan --solver/--owners`. Bad input raises dpkfac.core.errors.InputError.
 
-    The solvers stop at time limits, so two processes may not plan alike: under torchrun plan
-    on one rank and hand the dict to the others (torch.distributed.broadcast_object_list)."""
+    The solvers stop at time limits, so two processes may not plan alike: under torchrun use
+    dpkfac.plan_for_group, which plans on rank 0 and hands the dict to the others."""
     doc, ref = _profile_document(profile)
     prof = profile_from_dict(doc, source=f"profile {ref['path']!r}")
     cap = parse_bytes(memory_cap, what="memory_cap") if isinstance(memory_cap, str) else memory_cap

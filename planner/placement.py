@@ -46,6 +46,7 @@ def placement_document(plan: Plan, *, profile_path: str | os.PathLike | None = N
     doc = {
         "schema": PLACEMENT_SCHEMA_ID,
         "model": profile.model,
+        **{k: profile.extra[k] for k in ("data", "loss") if k in profile.extra},
         "world_size": plan.cluster.workers,
         "profile": dict(profile_ref),
         "solver": solution.method,

@@ -11,6 +11,21 @@ POSITIVE_INTEGER = {"type": "integer", "minimum": 1}
 NONNEGATIVE_INTEGER = {"type": "integer", "minimum": 0}
 _NAME = {"type": "string", "minLength": 1}
 
+# What a profile was measured on and a placement trains on (the data SPEC; the shape and dtype of
+# one input sample; for synthetic data its class and vocabulary sizes), and the loss SPEC.
+DATA_ENTRY = {
+    "type": "object",
+    "required": ["spec"],
+    "properties": {
+        "spec": _NAME,
+        "input_shape": {"type": "array", "items": POSITIVE_INTEGER},
+        "input_dtype": _NAME,
+        "num_classes": {"type": ["integer", "null"], "minimum": 1},
+        "vocab_size": {"type": ["integer", "null"], "minimum": 1},
+    },
+}
+LOSS_ENTRY = _NAME
+
 _ALPHA_BETA = {
     "type": "object",
     "required": ["alpha_s", "beta_s_per_byte"],
@@ -55,6 +70,8 @@ PROFILE_SCHEMA: dict = {
                            "pack_s": _SECONDS, "apply_s": _SECONDS},
         },
         "model_grad_numel": POSITIVE_INTEGER,
+        "data": DATA_ENTRY,
+        "loss": LOSS_ENTRY,
         "other_layers": {  # trainable modules K-FAC leaves alone (plain averaged gradients)
             "type": "array",
             "items": {"type": "object", "required": ["name", "kind", "numel"],
@@ -84,6 +101,8 @@ PLACEMENT_SCHEMA: dict = {
     "properties": {
         "schema": {"const": PLACEMENT_SCHEMA_ID},
         "model": _NAME,
+        "data": DATA_ENTRY,
+        "loss": LOSS_ENTRY,
         "world_size": POSITIVE_INTEGER,
         "profile": {
             "type": "object",

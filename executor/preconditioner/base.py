@@ -5,9 +5,10 @@ precondition_layer) that `step()` runs over this rank's layers, and that the pro
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Iterable
 
 import torch
+from torch import nn
 
 from dpkfac.core.step import SECOND_ORDER_PHASES
 from dpkfac.core.strategy import FactorMode, SharedResult
@@ -30,13 +31,40 @@ class BaseKFACPreconditioner:
     (None: no clip); factor_update_freq / inv_update_freq: steps between factor / decomposition
     updates; precise_timing: synchronise the device around each phase; stagger_decompositions:
     whether `work` follows the placement's staggered schedule.
+
+    factor_dtype (default torch.float32): the dtype of the factors, their decompositions and
+    the preconditioning. Captured inputs and output gradients (bf16 under autocast) are cast to
+    it before the factors are built, gradients are cast to it to be preconditioned, and the
+    result is cast back to the gradient's dtype. step() runs with autocast disabled.
+
+    grad_scaler (default None): the torch.amp.GradScaler whose scaled loss the backward passes
+    used. The captured output gradients then carry the loss scale s = grad_scaler.get_scale(),
+    so each batch G factor is multiplied by 1 / s**2 (A is unaffected). Call
+    grad_scaler.unscale_(optimizer) BEFORE step(), so the gradients step() preconditions are
+    unscaled, then grad_scaler.step(optimizer) and grad_scaler.update(). With a scaler, step()
+    first checks that every gradient of `parameters` is finite (one fused check); if one is
+    not, it drops the captured tensors, does nothing else (no factor, no collective, `steps`
+    unchanged), counts the skip in `skipped_steps` and returns False.
+
+    parameters: the parameters whose gradients that check covers (default: the K-FAC layers'),
+    kept as `params`.
+
+    Gradient accumulation: the factors of a step are those of the concatenation (along the
+    batch dimension) of every micro-batch captured since the last step (see Capture). With K
+    micro-batches of B samples whose losses are each their batch mean divided by K (backward K
+    times, then step() once), every output gradient carries 1/(K*B) and the blocks' G
+    multiplies by the concatenated batch size K*B, so A and G equal exactly those of one
+    backward over the whole K*B batch with a mean loss. Micro-batches must have equal sizes for
+    G to be exact.
     """
 
     def __init__(self, blocks: dict[str, KFACBlock], work: WorkAssignment, exchange: Exchange,
                  *, lr: float | Callable[[], float], damping: float, factor_decay: float,
                  kl_clip: float | None, factor_update_freq: int, inv_update_freq: int,
                  compute_method: ComputeMethod, precise_timing: bool = False,
-                 stagger_decompositions: bool = False) -> None:
+                 stagger_decompositions: bool = False, factor_dtype: torch.dtype = torch.float32,
+                 grad_scaler: Any = None, parameters: Iterable[nn.Parameter] | None = None
+                 ) -> None:
         self.blocks = blocks
         self.work = work
         self.exchange = exchange
@@ -49,7 +77,13 @@ class BaseKFACPreconditioner:
         self.inv_update_freq = inv_update_freq
         self.method = compute_method
         self.stagger_decompositions = stagger_decompositions
+        self.factor_dtype = factor_dtype
+        self.grad_scaler = grad_scaler
+        self.params = list(parameters if parameters is not None else
+                           (p for b in blocks.values() for p in b.module.parameters()))
+        self._check_decomposition_wire_dtype()
         self.steps = 0  # K-FAC steps taken, restored by load_state_dict
+        self.skipped_steps = 0  # steps skipped for non-finite gradients, restored too
         self.calls = 0  # step() calls in this process (traffic is counted since construction)
         self.timer = PhaseTimer(SECOND_ORDER_PHASES, synchronize=precise_timing)
         self.ledger = NumericsLedger(work.owner, work.rank)
@@ -58,11 +92,23 @@ class BaseKFACPreconditioner:
 
     # -- the step -------------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self) -> None:
-        """Precondition every K-FAC layer's gradient in place (all ranks end with the same grads)."""
+    def step(self) -> bool:
+        """Precondition every K-FAC layer's gradient in place (all ranks end with the same
+        grads); True, or False for a step skipped for non-finite gradients (with a
+        grad_scaler only)."""
         self.timer.reset()
+        if self.grad_scaler is not None and not self.gradients_finite():
+            self.capture.clear()
+            self.skipped_steps += 1
+            return False
+        with torch.autocast(self._device_type(), enabled=False):
+            self._step()
+        return True
+
+    def _step(self) -> None:
         with self.timer.phase("factors"):
-            fresh = {name: (self.batch_factor(name, "a"), self.batch_factor(name, "g"))
+            g_scale = self.g_factor_scale()
+            fresh = {name: (self.batch_factor(name, "a"), self.batch_factor(name, "g", g_scale))
                      for name in self.capture.complete(self.work.factor_layers)}
             self.capture.clear()
         if self.strategy.factors is FactorMode.ALLREDUCED:
@@ -82,6 +128,7 @@ class BaseKFACPreconditioner:
             with self.timer.phase("broadcast"):
                 self.exchange.share_decompositions(self.blocks, self.work.layers_of_rank,
                                                    self.method, self.ledger)
+                self._decompositions_to_factor_dtype()
         with self.timer.phase("precondition"):
             results = {name: self.precondition_layer(name)
                        for name in self.work.preconditioned_layers}
@@ -93,13 +140,34 @@ class BaseKFACPreconditioner:
         self.steps += 1
         self.calls += 1
 
+    def gradients_finite(self) -> bool:
+        """Whether every gradient of `params` is free of NaN/inf: one fused max-norm over
+        all of them and one device sync."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return True
+        norms = torch._foreach_norm(grads, float("inf"))
+        device = grads[0].device
+        return bool(torch.stack([n.to(device) for n in norms]).isfinite().all())
+
+    def g_factor_scale(self) -> float:
+        """What batch G factors are multiplied by: 1 / s**2 for the grad_scaler's current loss
+        scale s (the output gradients carry s), else 1."""
+        if self.grad_scaler is None:
+            return 1.0
+        return 1.0 / float(self.grad_scaler.get_scale()) ** 2
+
     # -- one layer, one phase --------------------------------------------------------------------
-    def batch_factor(self, name: str, side: str) -> torch.Tensor:
-        """Layer `name`'s factor A (side "a") or G ("g") of the captured batch."""
+    def batch_factor(self, name: str, side: str, g_scale: float | None = None) -> torch.Tensor:
+        """Layer `name`'s factor A (side "a") or G ("g"), in factor_dtype, of the concatenation
+        of the micro-batches captured since the last step; G is multiplied by `g_scale`
+        (default g_factor_scale(), which undoes a grad_scaler's loss scale)."""
         block = self.blocks[name]
         if side == "a":
-            return block.compute_factor_a(self.capture.inputs[name])
-        return block.compute_factor_g(self.capture.grad_outputs[name])
+            return block.compute_factor_a(self.capture.batch_inputs(name).to(self.factor_dtype))
+        factor = block.compute_factor_g(self.capture.batch_grad_outputs(name).to(self.factor_dtype))
+        scale = self.g_factor_scale() if g_scale is None else g_scale
+        return factor if scale == 1.0 else factor.mul_(scale)
 
     def fold_factors(self, name: str, a: torch.Tensor, g: torch.Tensor) -> None:
         """Fold batch factors into layer `name`'s running averages; drop non-finite ones."""
@@ -130,9 +198,10 @@ class BaseKFACPreconditioner:
         if block.module.weight.grad is None:
             return grad
         if block.ready(self.method):
-            result = block.precondition_if_finite(grad, self.method, self.damping)
+            result = block.precondition_if_finite(grad.to(self.factor_dtype), self.method,
+                                                  self.damping)
             if result is not None:
-                return result
+                return result.to(grad.dtype)
         self.ledger.count(name, "plain_gradient", 1)
         return grad
 
@@ -145,6 +214,26 @@ class BaseKFACPreconditioner:
     def discard_captured(self) -> None:
         """Forget this step's captured inputs and output gradients (a skipped step)."""
         self.capture.clear()
+
+    def _device_type(self) -> str:
+        """The device type ("cpu", "cuda", ...) of the K-FAC layers' weights."""
+        return next(iter(self.blocks.values())).module.weight.device.type
+
+    def _decompositions_to_factor_dtype(self) -> None:
+        """Cast shared decompositions (they travel in the weights' dtype) back to factor_dtype."""
+        for block in self.blocks.values():
+            block.decomposition = {k: v.to(self.factor_dtype)
+                                   for k, v in block.decomposition.items()}
+
+    def _check_decomposition_wire_dtype(self) -> None:
+        """Shared decompositions travel in the weights' dtype: it must hold factor_dtype exactly."""
+        if (self.strategy.shared is not SharedResult.DECOMPOSITION or not self.blocks
+                or self.exchange.world_size == 1):
+            return
+        wire = next(iter(self.blocks.values())).module.weight.dtype
+        if torch.promote_types(wire, self.factor_dtype) != wire:
+            raise ValueError(f"factor_dtype {self.factor_dtype} is wider than the weights' "
+                             f"dtype {wire}, in which shared decompositions are broadcast")
 
     def remove_hooks(self) -> None:
         """Detach from the model."""
@@ -203,14 +292,17 @@ class BaseKFACPreconditioner:
         state for (its own layers; all layers' factors when factors are all-reduced)."""
         owned = set(self.work.owned)
         held = {n: b.state_tensors() for n, b in self.blocks.items()}
-        return {"steps": self.steps, "world_size": self.world_size, "rank": self.rank,
+        return {"steps": self.steps, "skipped_steps": self.skipped_steps,
+                "world_size": self.world_size, "rank": self.rank,
                 "blocks": {n: {k: v.clone() for k, v in tensors.items()}
                            for n, tensors in held.items() if tensors or n in owned},
                 "numerics": self.ledger.state()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what state_dict() returned on this same rank."""
+        """Restore what state_dict() returned on this same rank (tensors cast to factor_dtype;
+        a state without skipped_steps counts 0)."""
         self.steps = int(state["steps"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         holds_any = (self.strategy.factors is FactorMode.ALLREDUCED
                      or self.strategy.shared is SharedResult.DECOMPOSITION)
         owned = set(self.work.owned)
@@ -218,5 +310,5 @@ class BaseKFACPreconditioner:
             if name not in self.blocks or (name not in owned and not holds_any):
                 raise ValueError(f"checkpoint holds layer {name!r} that rank {self.rank} "
                                  "does not own")
-            self.blocks[name].load_state(tensors)
+            self.blocks[name].load_state({k: v.to(self.factor_dtype) for k, v in tensors.items()})
         self.ledger.load(state.get("numerics", {}))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from dpkfac.core.placement import check_placement_matches, load_placement
@@ -35,6 +36,18 @@ class KFACPreconditioner(BaseKFACPreconditioner):
         precise_timing: synchronise the device around each phase so phase times are exact.
         stagger_decompositions: follow the placement's `decomposition_step` schedule (spread
             each owner's decompositions over the inv_update_freq steps of a cycle).
+        factor_dtype: dtype of the factors, decompositions and preconditioning (default
+            float32); captured tensors (bf16 under autocast) are cast to it, and preconditioned
+            gradients back to the gradients' dtype.
+        grad_scaler: the torch.amp.GradScaler of the backward passes, or None. Its loss scale s
+            is divided out of G (1 / s**2); call grad_scaler.unscale_(optimizer) before
+            step(). step() then skips (returns False, `skipped_steps` += 1, `steps` unchanged,
+            captured tensors dropped) when any gradient of the model is NaN/inf.
+
+    Gradient accumulation: backward K times (the loss of each micro-batch of B samples being
+    its mean divided by K; under DDP, all but the last in `model.no_sync()`), then step()
+    once: the factors are those of the concatenated K*B samples, equal to one backward over the
+    whole batch. Captured activations of all K micro-batches are held until step().
     """
 
     def __init__(
@@ -53,6 +66,8 @@ class KFACPreconditioner(BaseKFACPreconditioner):
         process_group: Any = None,
         precise_timing: bool = False,
         stagger_decompositions: bool = False,
+        factor_dtype: torch.dtype = torch.float32,
+        grad_scaler: Any = None,
     ) -> None:
         module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         self.placement = load_placement(placement)
@@ -70,7 +85,8 @@ class KFACPreconditioner(BaseKFACPreconditioner):
             factor_update_freq=factor_update_freq or config["factor_update_freq"],
             inv_update_freq=inv_update_freq or config["inv_update_freq"],
             compute_method=ComputeMethod(compute_method or config.get("compute_method", "eigen")),
-            precise_timing=precise_timing, stagger_decompositions=stagger_decompositions)
+            precise_timing=precise_timing, stagger_decompositions=stagger_decompositions,
+            factor_dtype=factor_dtype, grad_scaler=grad_scaler, parameters=module.parameters())
 
 
 DPKFAC = KFACPreconditioner  # the public name: DP-KFAC is the default strategy

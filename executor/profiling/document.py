@@ -1,4 +1,5 @@
-"""`dpkfac profile`: the profile document (dpkfac.profile/1) of a model on this machine.
+"""The profile document (dpkfac.profile/1) of a model on this machine, for `dpkfac profile` and
+dpkfac.profile.
 
 Per layer it times the preconditioner's own per-layer phase methods on real batches, after
 warm-up, as medians of repeats (kernels); under torchrun with more than one process it also times
@@ -11,12 +12,11 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
+from torch import nn
 
 from dpkfac.core.schemas import PROFILE_SCHEMA_ID
 
 from ..kfac import require_kfac_layers, uncovered_layers
-from ..models import build_model
 from ..runtime.cpu_runtime import flushed_denormals, keep_freed_memory
 from ..runtime.distributed import WorldInfo, broadcast_object
 from .collectives import message_sizes, profile_comm
@@ -24,59 +24,69 @@ from .kernels import (
     accumulate_factors,
     layer_record,
     one_rank_preconditioner,
-    profile_batches,
     step_record,
     time_steps,
 )
+from ..workload.loaders import Batches
+from ..workload.loss import LossFn
 from .options import ProfileOptions
 
 
-def profile_model(model_name: str, batch_size: int, world: WorldInfo, *,
-                  options: ProfileOptions = ProfileOptions(), progress: bool = False) -> dict:
-    """Measure `model_name` at `batch_size` per worker; the profile document (dpkfac.profile/1).
+def profile_module(model: nn.Module, batches: Batches, world: WorldInfo, *, loss_fn: LossFn,
+                   workload: dict, options: ProfileOptions = ProfileOptions(),
+                   progress: bool = False) -> dict:
+    """Measure `model` (on world.device) on `batches` (per-worker batches of (input, target));
+    the profile document (dpkfac.profile/1), the same on every rank. `workload` holds the
+    entries that say what was measured: "model" (its name), "data" (the data entry) and "loss".
 
-    After folding `factor_batches` batches into the factors (so decompositions see full-rank
-    factors, as in training), rank 0 alone (the others wait) runs warm-up + repeats
-    training-like steps (kernels.time_steps); medians over the repeats. Then every rank times
-    the collectives.
+    After folding the batches into the factors (so decompositions see full-rank factors, as in
+    training), rank 0 alone (the others wait) runs warm-up + repeats training-like steps
+    (kernels.time_steps); medians over the repeats. Then every rank times the collectives.
     """
     malloc = keep_freed_memory() if options.keep_freed_memory else {}
     with flushed_denormals(options.flush_denormal) as flushing:
-        doc = _profile_model(model_name, batch_size, world, options, progress, flushing)
-    doc["environment"]["malloc"] = malloc
-    return doc
+        doc = _profile(model, batches, world, loss_fn, options, progress)
+    doc.update(model=workload["model"], data=workload["data"], loss=workload["loss"])
+    doc["environment"].update(malloc=malloc, flush_denormal=flushing)
+    return broadcast_object(doc, world)
 
 
-def _profile_model(model_name: str, batch_size: int, world: WorldInfo, options: ProfileOptions,
-                   progress: bool, flushing: bool) -> dict:
-    torch.manual_seed(0)
-    model = build_model(model_name).to(world.device)
-    require_kfac_layers(model, what=f"model {model_name!r}")
-    batches = profile_batches(model_name, batch_size, options.factor_batches, world.device)
+def _profile(model: nn.Module, batches: Batches, world: WorldInfo, loss_fn: LossFn,
+             options: ProfileOptions, progress: bool) -> dict:
+    require_kfac_layers(model, what="the model")
     precond = one_rank_preconditioner(model, options)
-    rows = accumulate_factors(model, precond, batches)
-    with _progress_bar(progress, options.warmup + options.repeats + 1) as bar:
-        samples = _on_rank_zero_alone(world, lambda: time_steps(
-            model, precond, batches, options, advance=lambda: _advance(bar, "steps")))
+    try:
+        rows = accumulate_factors(model, precond, batches, loss_fn)
+        with _progress_bar(progress, options.warmup + options.repeats + 1) as bar:
+            samples = _on_rank_zero_alone(world, lambda: time_steps(
+                model, precond, batches, loss_fn, options,
+                advance=lambda: _advance(bar, "steps")))
+            precond.remove_hooks()
+            x, y = batches[0]
+            comm = profile_comm(world, options, message_sizes(4 * _grad_numel(model)),
+                                before=lambda: loss_fn(model(x), y).backward(),
+                                owner_bytes=4 * _kfac_numel(precond) // world.world_size)
+            _advance(bar, "collectives")
+    finally:
         precond.remove_hooks()
-        layers = [layer_record(block, samples[name], rows[name])
-                  for name, block in precond.blocks.items()]
-        step = step_record(samples["step"])
-        grad_numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        x, y = batches[0]
-        kfac_bytes = 4 * sum(block.grad_numel for block in precond.blocks.values())
-        comm = profile_comm(world, options, message_sizes(4 * grad_numel),
-                            before=lambda: F.cross_entropy(model(x), y).backward(),
-                            owner_bytes=kfac_bytes // world.world_size)
-        _advance(bar, "collectives")
     return {
-        "schema": PROFILE_SCHEMA_ID, "model": model_name, "batch_size": batch_size,
+        "schema": PROFILE_SCHEMA_ID, "batch_size": int(batches[0][0].shape[0]),
         "device": _device_name(world.device), "dtype": "float32",
-        "compute_method": precond.method.value, "measured": True, "layers": layers,
-        "step": step, "comm": comm, "model_grad_numel": grad_numel,
-        "other_layers": uncovered_layers(model),
-        "environment": dict(_environment(world, options), flush_denormal=flushing),
+        "compute_method": precond.method.value, "measured": True,
+        "layers": [layer_record(block, samples[name], rows[name])
+                   for name, block in precond.blocks.items()],
+        "step": step_record(samples["step"]), "comm": comm,
+        "model_grad_numel": _grad_numel(model), "other_layers": uncovered_layers(model),
+        "environment": _environment(world, options),
     }
+
+
+def _grad_numel(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _kfac_numel(precond) -> int:
+    return sum(block.grad_numel for block in precond.blocks.values())
 
 
 def _on_rank_zero_alone(world: WorldInfo, measure):

@@ -8,21 +8,18 @@ from contextlib import contextmanager
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..data import load_digits_split
 from ..kfac import ComputeMethod, KFACBlock, kfac_layers, make_block
-from ..models import input_spec
 from ..preconditioner import BaseKFACPreconditioner, Exchange, WorkAssignment
 from ..runtime.distributed import average_gradients_
 from ..runtime.timing import synchronize_device
+from ..workload.loaders import Batches
+from ..workload.loss import LossFn
 from .options import ProfileOptions
 
 LAYER_KERNELS = ("factor_a", "factor_g", "decompose_a", "decompose_g", "precondition")
 STEP_PHASES = ("forward_backward", "pack", "apply", "optimizer")
-
-Batches = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def one_rank_preconditioner(model: nn.Module, options: ProfileOptions) -> BaseKFACPreconditioner:
@@ -36,38 +33,24 @@ def one_rank_preconditioner(model: nn.Module, options: ProfileOptions) -> BaseKF
         compute_method=ComputeMethod(options.compute_method))
 
 
-def profile_batches(model_name: str, batch_size: int, count: int,
-                    device: torch.device) -> Batches:
-    """`count` distinct batches: consecutive digits (wrapping around) for digits models, seeded
-    random inputs of the model's input shape for the others."""
-    spec = input_spec(model_name)
-    if spec.dataset == "digits":
-        train = load_digits_split().train
-        indices = [(torch.arange(batch_size) + i * batch_size) % len(train) for i in range(count)]
-        batches = [train[index] for index in indices]
-    else:
-        generator = torch.Generator().manual_seed(0)
-        batches = [spec.random_batch(batch_size, generator=generator) for _ in range(count)]
-    return [(x.to(device), y.to(device)) for x, y in batches]
-
-
-def accumulate_factors(model: nn.Module, precond: BaseKFACPreconditioner,
-                       batches: Batches) -> dict[str, int]:
+def accumulate_factors(model: nn.Module, precond: BaseKFACPreconditioner, batches: Batches,
+                       loss_fn: LossFn) -> dict[str, int]:
     """Fold every batch's factors into the running averages, as training does (so the
     decompositions are timed on realistic, full-rank factors); returns each layer's factor rows
     (block.factor_rows) of the last batch."""
     for x, y in batches:
         model.zero_grad()
-        F.cross_entropy(model(x), y).backward()
+        precond.capture.clear()  # capture keeps every micro-batch until cleared
+        loss_fn(model(x), y).backward()
         for name in precond.blocks:
             precond.fold_factors(name, precond.batch_factor(name, "a"),
                                  precond.batch_factor(name, "g"))
-    return {name: block.factor_rows(precond.capture.grad_outputs[name])
+    return {name: block.factor_rows(precond.capture.batch(name)[1])
             for name, block in precond.blocks.items()}
 
 
 def time_steps(model: nn.Module, precond: BaseKFACPreconditioner, batches: Batches,
-               options: ProfileOptions, advance: Callable[[], None]
+               loss_fn: LossFn, options: ProfileOptions, advance: Callable[[], None]
                ) -> dict[str, dict[str, list[float]]]:
     """Seconds of every kernel in each timed step: {layer name or "step": {kernel: [s, ...]}}.
 
@@ -87,9 +70,10 @@ def time_steps(model: nn.Module, precond: BaseKFACPreconditioner, batches: Batch
     for i in range(options.warmup + options.repeats):
         keep = i >= options.warmup
         x, y = batches[i % len(batches)]
+        precond.capture.clear()
         with _timed(step["forward_backward"], keep):
             optimizer.zero_grad(set_to_none=False)
-            loss = F.cross_entropy(model(x), y)
+            loss = loss_fn(model(x), y)
             loss.backward()
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         with _timed(step["pack"], keep):

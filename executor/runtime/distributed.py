@@ -49,6 +49,16 @@ def init_distributed(*, timeout_s: float = 600.0, device: str | None = None) -> 
                      local_rank=local_rank, device=dev, backend=backend)
 
 
+def current_world(device: torch.device) -> WorldInfo:
+    """This process's place in the already initialised default group (world size 1 when there
+    is none), computing on `device`."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return WorldInfo(rank=0, world_size=1, local_rank=0, device=device, backend=None)
+    return WorldInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
+                     local_rank=int(os.environ.get("LOCAL_RANK", "0")), device=device,
+                     backend=dist.get_backend())
+
+
 def shutdown_distributed() -> None:
     """Leave the process group if one was joined."""
     if dist.is_available() and dist.is_initialized():

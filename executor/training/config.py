@@ -10,7 +10,9 @@ from dpkfac.core.errors import InputError
 from dpkfac.core.strategy import STRATEGY_OF, TRAIN_ALGORITHMS, Strategy, parse_fraction, variant_of
 
 from ..runtime.distributed import WorldInfo
+from ..workload.data import data_entry
 from .checkpoints import CHECKPOINT_NAME, checkpoint_exists
+from .precision import AUTOCAST_DTYPES
 
 RESUME_MODES = ("never", "always", "auto")
 
@@ -26,6 +28,10 @@ class TrainConfig:
     algorithm: str = "dp-kfac"
     grad_worker_fraction: str | None = None  # KAISA only: "1" (COMM-OPT, default) or "1/P"
     model: str | None = None
+    data: str | None = None      # --data SPEC (default: the placement's)
+    loss: str | None = None      # --loss package.module:callable (default: the placement's)
+    accumulate: int = 1          # micro-batches per optimizer step
+    autocast: str | None = None  # "bf16" or "fp16": the forward under torch.autocast
     batch_size: int | None = None
     lr: float = 0.1
     momentum: float = 0.9
@@ -56,9 +62,12 @@ def check_config(cfg: TrainConfig) -> None:
         parse_fraction(cfg.grad_worker_fraction)
     for flag, value in (("--epochs", cfg.epochs), ("--max-steps", cfg.max_steps),
                         ("--checkpoint-every", cfg.checkpoint_every),
-                        ("--batch-size", cfg.batch_size)):
+                        ("--batch-size", cfg.batch_size), ("--accumulate", cfg.accumulate)):
         if value is not None and value < 1:
             raise InputError(f"{flag} must be a positive integer, got {value}")
+    if cfg.autocast not in (None, *AUTOCAST_DTYPES):
+        raise InputError(f"--autocast {cfg.autocast!r}: expected one of "
+                         f"{', '.join(AUTOCAST_DTYPES)}")
     if not (isinstance(cfg.resume, bool) or cfg.resume in RESUME_MODES):
         raise InputError(f"--resume {cfg.resume!r}: expected one of {', '.join(RESUME_MODES)}")
     if not 0 < cfg.timeout_s < float("inf"):
@@ -104,6 +113,14 @@ def launched_world_is_multi() -> bool:
 def batch_size(cfg: TrainConfig, placement: dict) -> int:
     """Samples per worker per step: --batch-size, else the placement's, else 32."""
     return cfg.batch_size or placement["config"].get("batch_size", 32)
+
+
+def run_data_entry(cfg: TrainConfig, placement: dict, model_name: str) -> dict:
+    """The data a run trains on: --data, else the placement's when the model is the
+    placement's, else the model's own (workload.data_entry)."""
+    if cfg.data is None and "data" in placement and model_name == placement["model"]:
+        return placement["data"]
+    return data_entry(cfg.data, model_name)
 
 
 def run_variant(cfg: TrainConfig, world_size: int) -> str:

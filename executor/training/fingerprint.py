@@ -13,22 +13,26 @@ from .config import TrainConfig, batch_size, resume_mode
 
 # Fields a resumed run must share with the run that wrote the checkpoint (the rest, e.g. epochs
 # or max_steps, may change between the two).
-TRAJECTORY_KEYS = ("plan_sha256", "model", "layers_sha256", "world_size", "algorithm",
-                   "grad_worker_fraction", "seed", "batch_size", "lr", "momentum", "weight_decay",
-                   "damping", "kl_clip", "factor_decay")
+TRAJECTORY_KEYS = ("plan_sha256", "model", "data", "loss", "layers_sha256", "world_size",
+                   "algorithm", "grad_worker_fraction", "seed", "batch_size", "accumulate",
+                   "autocast", "lr", "momentum", "weight_decay", "damping", "kl_clip",
+                   "factor_decay")
 
 
-def run_fingerprint(cfg: TrainConfig, placement: dict, model_name: str,
+def run_fingerprint(cfg: TrainConfig, placement: dict, workload: dict,
                     layer_names: list[str], world: WorldInfo) -> dict:
-    """What every rank of one run must agree on, hashed where long."""
+    """What every rank of one run must agree on, hashed where long; `workload` holds the
+    model's name and the data and loss entries (Workload.record())."""
     plan = {"assignment": placement["assignment"], "config": placement["config"]}
     return {
         "placement_sha256": _sha256_json(placement), "plan_sha256": _sha256_json(plan),
-        "model": model_name, "layers_sha256": _sha256_json(layer_names),
+        "model": workload["model"], "data": workload["data"], "loss": workload["loss"],
+        "layers_sha256": _sha256_json(layer_names),
         "world_size": world.world_size, "algorithm": cfg.algorithm,
         "grad_worker_fraction": cfg.grad_worker_fraction if cfg.algorithm == "kaisa" else None,
         "seed": cfg.seed,
-        "batch_size": batch_size(cfg, placement),
+        "batch_size": batch_size(cfg, placement), "accumulate": cfg.accumulate,
+        "autocast": cfg.autocast,
         "lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay,
         "damping": cfg.damping, "kl_clip": cfg.kl_clip, "factor_decay": cfg.factor_decay,
         "epochs": cfg.epochs, "max_steps": cfg.max_steps,

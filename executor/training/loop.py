@@ -18,16 +18,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from dpkfac.core.jsonio import write_atomic, write_json_atomic
 from dpkfac.core.placement import check_placement_matches, load_placement
 from dpkfac.core.step import SECOND_ORDER_PHASES
 
-from ..data import load_split, train_loader
 from ..kfac import kfac_layers
-from ..models import build_model_checked, input_spec
 from ..preconditioner import KFACPreconditioner
 from ..runtime.cpu_runtime import flushed_denormals, keep_freed_memory
 from ..runtime.distributed import (
@@ -39,7 +36,19 @@ from ..runtime.distributed import (
 )
 from ..runtime.faults import RunFault, RunPosition, fault_message
 from ..runtime.timing import synchronize_device
-from .config import TrainConfig, batch_size, check_config, check_world, resume_mode, run_strategy
+from ..workload import Workload, prepare_workload
+from ..workload.loaders import train_loader
+from ..workload.loss import cross_entropy
+from .config import (
+    TrainConfig,
+    batch_size,
+    check_config,
+    check_world,
+    resume_mode,
+    run_data_entry,
+    run_strategy,
+)
+from .precision import Precision
 from .fingerprint import agree_on_fingerprint, run_fingerprint
 from .metrics import MetricsLog, advance, progress_bar, truncate_metrics
 from .resume import save_run, start_state
@@ -72,7 +81,10 @@ def run_training(cfg: TrainConfig) -> dict:
     check_config(cfg)
     placement = load_placement(cfg.placement)
     model_name = cfg.model or placement["model"]
-    layer_names = [n for n, _ in kfac_layers(build_model_checked(model_name))]
+    torch.manual_seed(cfg.seed)  # before the model is built: the same initial weights everywhere
+    work = prepare_workload(model_name, run_data_entry(cfg, placement, model_name),
+                            cfg.loss or placement.get("loss"))  # bad input: before the group
+    layer_names = [n for n, _ in kfac_layers(work.model)]
     check_placement_matches(placement, layer_names=layer_names,
                             world_size=None, source=f"placement {cfg.placement!r}")
     world = init_distributed(timeout_s=cfg.timeout_s)
@@ -80,11 +92,11 @@ def run_training(cfg: TrainConfig) -> dict:
     broken = False  # a failed collective leaves the process group unusable
     try:
         check_world(placement, world, cfg)
-        fingerprint = run_fingerprint(cfg, placement, model_name, layer_names, world)
+        fingerprint = run_fingerprint(cfg, placement, work.record(), layer_names, world)
         agree_on_fingerprint(fingerprint, world)
         malloc = keep_freed_memory() if cfg.keep_freed_memory else {}
         with flushed_denormals(cfg.flush_denormal) as flushing:
-            return _train(cfg, placement, model_name, world, position, fingerprint,
+            return _train(cfg, placement, work, world, position, fingerprint,
                           dict(flush_denormal=flushing, malloc=malloc))
     except RuntimeError as exc:
         if world.world_size > 1 and _is_collective_failure(exc, position):
@@ -104,16 +116,16 @@ def _is_collective_failure(exc: RuntimeError, position: RunPosition) -> bool:
         position.phase in COLLECTIVE_PHASES
 
 
-def _train(cfg: TrainConfig, placement: dict, model_name: str, world: WorldInfo,
+def _train(cfg: TrainConfig, placement: dict, work: Workload, world: WorldInfo,
            position: RunPosition, fingerprint: dict, cpu_runtime: dict) -> dict:
-    torch.manual_seed(cfg.seed)
-    model = build_model_checked(model_name).to(world.device)  # built after seeding: same init
+    model = work.model.to(world.device)
     broadcast_parameters(model, world)
-    split = load_split(input_spec(model_name))
+    split = work.split
     loader, sampler = train_loader(split.train, batch_size=batch_size(cfg, placement),
                                    rank=world.rank, world_size=world.world_size, seed=cfg.seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
+    precision = Precision.of(cfg.autocast, world.device)
     precond = None
     strategy = run_strategy(cfg, world.world_size)
     if strategy is not None:
@@ -121,20 +133,24 @@ def _train(cfg: TrainConfig, placement: dict, model_name: str, world: WorldInfo,
                                      lr=lambda: optimizer.param_groups[0]["lr"],
                                      damping=cfg.damping, factor_decay=cfg.factor_decay,
                                      kl_clip=cfg.kl_clip, precise_timing=cfg.precise_timing,
-                                     stagger_decompositions=cfg.stagger_decompositions)
+                                     stagger_decompositions=cfg.stagger_decompositions,
+                                     grad_scaler=precision.scaler)
     out = Path(cfg.out_dir)
     position.at("resume")
     start = start_state(resume_mode(cfg), cfg.checkpoint_every, out, world, model, optimizer,
-                        precond, fingerprint)
+                        precond, fingerprint, scaler=precision.scaler)
     out.mkdir(parents=True, exist_ok=True)
-    total_steps = len(loader) * cfg.epochs
+    per_epoch = len(loader) // cfg.accumulate  # optimizer steps per epoch
+    usable = per_epoch * cfg.accumulate        # loader batches those steps consume
+    total_steps = per_epoch * cfg.epochs
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
     resumed = start["step"] > 0 or start["resumed"]
     if resumed and world.rank == 0:
         truncate_metrics(out / "metrics.jsonl", before_step=start["step"])
     log = MetricsLog(out / "metrics.jsonl", enabled=world.rank == 0, append=resumed)
-    clock = StepClock(cfg.precise_timing)
+    step_run = StepRun(model, optimizer, precond, world, StepClock(cfg.precise_timing),
+                       position, work.loss_fn, precision)
     step, grad_bytes, skipped = start["step"], 0, start["skipped_steps"]
     here = (start["epoch"], start["batch_in_epoch"])  # where the next step's batch is
     records: list[dict] = []
@@ -142,34 +158,41 @@ def _train(cfg: TrainConfig, placement: dict, model_name: str, world: WorldInfo,
         for epoch in range(start["epoch"], cfg.epochs):
             sampler.set_epoch(epoch)
             skip = start["batch_in_epoch"] if epoch == start["epoch"] else 0
+            micro: list[tuple[torch.Tensor, torch.Tensor]] = []
             for batch_index, (x, y) in enumerate(loader):
                 if batch_index < skip:
                     continue
-                if step >= total_steps:
+                if step >= total_steps or batch_index >= usable:
                     break
+                micro.append((x.to(world.device), y.to(world.device)))
+                if len(micro) < cfg.accumulate:
+                    continue
                 position.at("forward_backward", step)
-                record, grad_bytes = train_step(model, optimizer, precond, x.to(world.device),
-                                                y.to(world.device), world, clock, position)
+                record, grad_bytes = step_run(micro)
+                micro = []
                 skipped += int(record["skipped"])
                 record.update(step=step, epoch=epoch, numerics=job_numerics(precond, skipped))
                 records.append(record)
                 log.write(record)
                 step += 1
-                here = _next_position(epoch, batch_index, len(loader))
+                here = _next_position(epoch, batch_index, usable)
                 advance(bar, record["loss"])
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                     position.at("checkpoint")
                     save_run(out, world, model, optimizer, precond, step, here, fingerprint,
-                             skipped)
+                             skipped, scaler=precision.scaler)
             if step >= total_steps:
                 break
     log.close()
     position.at("checkpoint")
     if cfg.checkpoint_every or resumed:
-        save_run(out, world, model, optimizer, precond, step, here, fingerprint, skipped)
+        save_run(out, world, model, optimizer, precond, step, here, fingerprint, skipped,
+                 scaler=precision.scaler)
     position.at("summary")
-    summary = summarise(cfg, world, model, precond, records, step, grad_bytes, split, skipped)
-    summary["cpu_runtime"] = cpu_runtime
+    summary = summarise(cfg, world, model, precond, records, step, grad_bytes, split, skipped,
+                        loss_fn=work.loss_fn)
+    summary.update(cpu_runtime=cpu_runtime, loss=work.loss, accumulate=cfg.accumulate,
+                   autocast=cfg.autocast)
     if world.rank == 0:
         save_model(out / MODEL_NAME, model)
         write_json_atomic(out / "summary.json", summary)
@@ -184,44 +207,72 @@ def save_model(path: Path, model: nn.Module) -> None:
     write_atomic(path, lambda fh: torch.save(state, fh), binary=True)
 
 
+class StepRun:
+    """One training step at a time: the K micro-batches' forwards (under autocast when asked)
+    and backwards, the fused gradient all-reduce, the preconditioner, the optimizer."""
+
+    def __init__(self, model, optimizer, precond, world: WorldInfo, clock: StepClock,
+                 position: RunPosition, loss_fn=cross_entropy,
+                 precision: Precision = Precision()) -> None:
+        self.model, self.optimizer, self.precond = model, optimizer, precond
+        self.world, self.clock, self.position = world, clock, position
+        self.loss_fn, self.precision = loss_fn, precision
+
+    def __call__(self, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[dict, int]:
+        """One step over `micro` (this rank's micro-batches, each loss divided by their count);
+        returns its metrics record and the gradient all-reduce buffer bytes.
+
+        A step whose averaged loss or gradients hold NaN/inf is skipped: no preconditioner or
+        optimizer step, captured activations dropped (a loss scaler still lowers its scale).
+        The averaged buffer is bit-identical on every rank, so every rank skips the same steps.
+        """
+        model, optimizer, precond, scaler = self.model, self.optimizer, self.precond, \
+            self.precision.scaler
+        t0 = self.clock.mark()
+        optimizer.zero_grad(set_to_none=False)
+        loss_sum = torch.zeros((), device=self.world.device)
+        for x, y in micro:
+            with self.precision.autocast():
+                loss = self.loss_fn(model(x), y)
+            scaled = loss / len(micro)
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            loss_sum += loss.detach().float()
+        t1 = self.clock.mark()
+        self.position.at("allreduce")
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        loss_buf = (loss_sum / len(micro)).reshape(1)
+        grad_bytes, finite = average_gradients_(grads + [loss_buf], self.world.world_size)
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # records inf/NaN for scaler.update()
+        t2 = self.clock.mark()
+        self.position.at("second_order")
+        if precond is not None and finite:
+            try:
+                precond.step()
+            finally:
+                self.position.at(f"second_order/{precond.current_phase or 'apply'}")
+        elif precond is not None:
+            precond.discard_captured()
+        t3 = self.clock.mark()
+        self.position.at("optimizer")
+        if finite:
+            optimizer.step()
+        if scaler is not None:
+            scaler.update()
+        t4 = self.clock.mark()
+        ran = precond is not None and finite
+        phases = precond.phase_times if ran else dict.fromkeys(SECOND_ORDER_PHASES, 0.0)
+        record = {"loss": float(loss_buf) if finite else None, "skipped": not finite,
+                  "step_time_s": t4 - t0, "forward_backward_s": t1 - t0,
+                  "allreduce_s": t2 - t1, "second_order_s": t3 - t2, "optimizer_s": t4 - t3,
+                  **{f"{k}_s": v for k, v in phases.items()}}
+        return record, grad_bytes
+
+
 def train_step(model, optimizer, precond, x, y, world: WorldInfo, clock: StepClock,
                position: RunPosition):
-    """One step; returns its metrics record and the gradient all-reduce buffer bytes.
-
-    A step whose averaged loss or gradients hold NaN/inf is skipped: no preconditioner or
-    optimizer step, captured activations dropped. The averaged buffer is bit-identical on every
-    rank, so every rank skips the same steps.
-    """
-    t0 = clock.mark()
-    optimizer.zero_grad(set_to_none=False)
-    loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    t1 = clock.mark()
-    position.at("allreduce")
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    loss_buf = loss.detach().reshape(1).clone()
-    grad_bytes, finite = average_gradients_(grads + [loss_buf], world.world_size)
-    t2 = clock.mark()
-    position.at("second_order")
-    if precond is not None and finite:
-        try:
-            precond.step()
-        finally:
-            position.at(f"second_order/{precond.current_phase or 'apply'}")
-    elif precond is not None:
-        precond.discard_captured()
-    t3 = clock.mark()
-    position.at("optimizer")
-    if finite:
-        optimizer.step()
-    t4 = clock.mark()
-    ran = precond is not None and finite
-    phases = precond.phase_times if ran else dict.fromkeys(SECOND_ORDER_PHASES, 0.0)
-    record = {"loss": float(loss_buf) if finite else None, "skipped": not finite,
-              "step_time_s": t4 - t0, "forward_backward_s": t1 - t0,
-              "allreduce_s": t2 - t1, "second_order_s": t3 - t2, "optimizer_s": t4 - t3,
-              **{f"{k}_s": v for k, v in phases.items()}}
-    return record, grad_bytes
+    """One step on one batch with cross-entropy (StepRun without accumulation or autocast)."""
+    return StepRun(model, optimizer, precond, world, clock, position)([(x, y)])
 
 
 def _next_position(epoch: int, batch_index: int, per_epoch: int) -> tuple[int, int]:

@@ -24,12 +24,14 @@ from .fingerprint import check_trajectory
 
 
 def save_run(out: Path, world: WorldInfo, model, optimizer, precond, step: int,
-             here: tuple[int, int], fingerprint: dict, skipped: int) -> None:
+             here: tuple[int, int], fingerprint: dict, skipped: int, *, scaler=None) -> None:
     """Write DIR/checkpoint.pt after `step` steps; `here` is (epoch, batch index) of the next
-    step's batch, `skipped` the steps skipped so far."""
+    step's batch, `skipped` the steps skipped so far, `scaler` a loss scaler (fp16) or None."""
     common = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
               "epoch": here[0], "batch_in_epoch": here[1], "skipped_steps": skipped,
               "fingerprint": fingerprint}
+    if scaler is not None:
+        common["grad_scaler"] = scaler.state_dict()
     per_rank = {"preconditioner": precond.state_dict() if precond is not None else None,
                 "rng": rng_state()}
     save_checkpoint(out, rank=world.rank, world_size=world.world_size, common=common,
@@ -37,7 +39,7 @@ def save_run(out: Path, world: WorldInfo, model, optimizer, precond, step: int,
 
 
 def start_state(mode: str, checkpoint_every: int | None, out: Path, world: WorldInfo, model,
-                optimizer, precond, fingerprint: dict) -> dict:
+                optimizer, precond, fingerprint: dict, *, scaler=None) -> dict:
     """Where training starts: step 0, or the restored checkpoint's position (exact resume).
     `mode` is the resume mode ("never", "always", "auto")."""
     payload = _shared_checkpoint(out, world, mode)
@@ -48,7 +50,7 @@ def start_state(mode: str, checkpoint_every: int | None, out: Path, world: World
         return fresh
     where = f"checkpoint {str(out / CHECKPOINT_NAME)!r}"
     check_trajectory(payload["fingerprint"], fingerprint, where)
-    agree(world, lambda: _restore(payload, world, model, optimizer, precond, where))
+    agree(world, lambda: _restore(payload, world, model, optimizer, precond, where, scaler))
     if world.rank == 0 and payload.get("threads", torch.get_num_threads()) != torch.get_num_threads():
         print(f"warning: {where} was written with {payload['threads']} thread(s) per process, "
               f"this run has {torch.get_num_threads()}: the continuation may differ from an "
@@ -76,12 +78,15 @@ def _shared_checkpoint(out: Path, world: WorldInfo, mode: str) -> dict | None:
     return value
 
 
-def _restore(payload: dict, world: WorldInfo, model, optimizer, precond, where: str) -> None:
+def _restore(payload: dict, world: WorldInfo, model, optimizer, precond, where: str,
+             scaler=None) -> None:
     """Load the checkpoint's state into this rank's objects; a misfit is an InputError."""
     mine = payload["ranks"][world.rank]
     steps = [("model", lambda: model.load_state_dict(payload["model"])),
              ("optimizer", lambda: optimizer.load_state_dict(payload["optimizer"])),
              (f"ranks/{world.rank}/rng", lambda: set_rng_state(mine["rng"]))]
+    if scaler is not None:
+        steps.append(("grad_scaler", lambda: scaler.load_state_dict(payload["grad_scaler"])))
     if precond is not None:
         steps.append((f"ranks/{world.rank}/preconditioner",
                       lambda: precond.load_state_dict(mine["preconditioner"]

@@ -6,12 +6,12 @@ import hashlib
 import statistics
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dpkfac.core.step import NUMERICS_COUNTERS, SECOND_ORDER_TRAFFIC, ring_allreduce_bytes
 
-from ..data import test_loader
+from ..workload.loaders import test_loader
+from ..workload.loss import IGNORE_INDEX, LossFn, cross_entropy
 from ..runtime.distributed import all_gather_object
 from .config import run_variant
 
@@ -23,7 +23,8 @@ def job_numerics(precond, skipped: int) -> dict[str, int]:
     return {**counters, "skipped_steps": skipped}
 
 
-def summarise(cfg, world, model, precond, records, steps, grad_bytes, split, skipped) -> dict:
+def summarise(cfg, world, model, precond, records, steps, grad_bytes, split, skipped,
+              loss_fn: LossFn = cross_entropy) -> dict:
     """The summary of a run of `steps` steps with per-step `records` (collective over every
     rank); `grad_bytes`: bytes of the fused gradient all-reduce buffer."""
     steady = records[cfg.warmup_steps:] or records
@@ -43,7 +44,7 @@ def summarise(cfg, world, model, precond, records, steps, grad_bytes, split, ski
             for key, value in counts.items():
                 totals[key] = totals.get(key, 0) + int(value)
     losses = [r["loss"] for r in records if r["loss"] is not None]
-    test_loss, test_accuracy = evaluate(model, split.test, world.device)
+    test_loss, test_accuracy = evaluate(model, split.test, world.device, loss_fn)
     return {
         "world_size": world.world_size, "algorithm": cfg.algorithm,
         "variant": run_variant(cfg, world.world_size), "steps": steps,
@@ -55,7 +56,7 @@ def summarise(cfg, world, model, precond, records, steps, grad_bytes, split, ski
         "steady_state": f"mean over steps after the first {cfg.warmup_steps} of this run",
         "phase_means_s": phases,
         "phase_means_by_rank_s": [r["phases"] for r in per_rank],
-        "dataset": split.name,
+        "dataset": split.name, "data": split.entry,
         "staggered_decompositions": bool(precond is not None and precond.stagger_decompositions),
         "comm_bytes_per_step": comm_breakdown(allreduce, mine["comm"]),
         "second_order_memory_bytes": [r["memory"] for r in per_rank],
@@ -76,19 +77,32 @@ def comm_breakdown(allreduce: int, kinds: dict[str, float]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset, device) -> tuple[float, float]:
-    """(mean cross-entropy loss, top-1 accuracy) over the whole test set, with the model's
-    current weights."""
+def evaluate(model: nn.Module, dataset, device, loss_fn: LossFn = cross_entropy
+             ) -> tuple[float, float | None]:
+    """(mean loss per sample, accuracy) over the whole test set with the model's current
+    weights: each batch's loss weighted by its samples; accuracy = argmax over the output's last
+    dimension against integer class-label targets (positions labelled -100 left out), None when
+    the targets are not class labels."""
     model.eval()
-    loss_sum, correct, total = 0.0, 0, 0
+    loss_sum, samples, correct, labelled = 0.0, 0, 0, 0
     for x, y in test_loader(dataset):
         x, y = x.to(device), y.to(device)
         output = model(x)
-        loss_sum += float(F.cross_entropy(output, y, reduction="sum"))
-        correct += int((output.argmax(dim=1) == y).sum())
-        total += len(y)
+        loss_sum += float(loss_fn(output, y)) * len(x)
+        samples += len(x)
+        if labelled is not None and _class_labels(output, y):
+            counted = y != IGNORE_INDEX
+            correct += int(((output.argmax(dim=-1) == y) & counted).sum())
+            labelled += int(counted.sum())
+        else:
+            labelled = None
     model.train()
-    return loss_sum / total, correct / total
+    return loss_sum / samples, (correct / labelled if labelled else None)
+
+
+def _class_labels(output: torch.Tensor, target: torch.Tensor) -> bool:
+    """Integer targets shaped like the output without its last (class) dimension."""
+    return not target.is_floating_point() and tuple(target.shape) == tuple(output.shape[:-1])
 
 
 def parameter_digest(model: nn.Module) -> str:
