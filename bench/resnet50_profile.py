@@ -3,7 +3,7 @@ with analytic costs calibrated to the published D-KFAC breakdown on 64 GPUs (mea
 
 Why analytic: `dpkfac profile --model resnet50` measures on this machine's 2-core CPU, which
 says nothing about the seed's 64 V100-class GPUs and takes very long. What is real here: every
-layer's name, kind, dim_a, dim_g, grad_numel (from the zoo's ResNet-50, executor/models.py) and
+layer's name, kind, dim_a, dim_g, grad_numel (from the zoo's ResNet-50, executor/workload/models.py) and
 the rows each factor is built from (batch x output positions, from one forward pass at 224x224),
 and the whole model's parameter count. What is assumed is recorded in the file's "assumptions".
 
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from executor.kfac import kfac_layers, make_block  # noqa: E402
-from executor.models import build_model  # noqa: E402
+from executor.workload.models import build_model  # noqa: E402
 from dpkfac.core.jsonio import write_json_atomic  # noqa: E402
 from dpkfac.core.profile import profile_from_dict  # noqa: E402
 from dpkfac.core.schemas import PROFILE_SCHEMA_ID  # noqa: E402
@@ -89,7 +89,7 @@ def build() -> dict:
         "model_grad_numel": params,
         "assumptions": {
             "source": "layer shapes, rows and parameter count from the zoo's ResNet-50 "
-                      "(executor/models.py, torchvision-style v1.5, 224x224, 1000 classes); costs "
+                      "(executor/workload/models.py, torchvision-style v1.5, 224x224, 1000 classes); costs "
                       "analytic; bench/resnet50_profile.py writes this file",
             "factor_construction": f"2 rows d^2 flops per factor at {matmul_rate:.3g} flop/s, "
                                    f"chosen so building all 54 layers' factors at batch {BATCH} "

@@ -98,13 +98,13 @@ def _check_model_file(run_dir: Path, summary: dict) -> None:
     import torch
     import torch.nn.functional as F
 
-    from executor.data import load_digits_split
-    from executor.models import build_model
+    from executor.workload.models import build_model
+    from executor.workload import load_data
 
     model = build_model("digits-mlp")
     model.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True), strict=True)
     model.eval()
-    test = load_digits_split().test
+    test = load_data({"spec": "digits"}, model).test
     x, y = test.tensors
     with torch.no_grad():
         output = model(x)

@@ -73,3 +73,39 @@ def test_dpkfac_gives_the_executors_preconditioner():
     assert dpkfac.DPKFAC is DPKFAC
     with pytest.raises(AttributeError):
         dpkfac.no_such_thing  # noqa: B018
+
+
+def _profile_and_plan_in_a_group(rank: int, world_size: int) -> tuple[dict, dict]:
+    import torch
+
+    from executor.profiling import ProfileOptions
+    from executor_fixtures import small_cnn
+
+    torch.manual_seed(0)
+    model = small_cnn()
+    gen = torch.Generator().manual_seed(rank)  # each rank its own batch, as in training
+    batch = (torch.randn(8, 1, 8, 8, generator=gen), torch.randint(0, 10, (8,), generator=gen))
+    doc = dpkfac.profile(model, batch, name="tests:small_cnn",
+                         options=ProfileOptions(warmup=0, repeats=3, factor_batches=2))
+    return doc, dpkfac.plan_for_group(doc, time_limit_s=2.0)
+
+
+def test_profile_and_plan_for_group_under_two_processes():
+    """Every rank calls dpkfac.profile (collectives measured over the group) and
+    dpkfac.plan_for_group: both ranks hold the same profile and the same placement."""
+    from distributed_helpers import run_distributed
+
+    (doc0, plan0), (doc1, plan1) = run_distributed(_profile_and_plan_in_a_group, 2)
+    assert doc0 == doc1 and plan0 == plan1
+    assert doc0["comm"]["world_size"] == 2 and doc0["comm"]["source"] == "measured"
+    assert plan0["world_size"] == 2 and plan0["model"] == "tests:small_cnn"
+    assert plan0["data"]["spec"] == "in-process" and plan0["loss"] == "cross-entropy"
+    load_placement(plan0)
+
+
+def test_plan_for_group_without_a_group_is_plan():
+    doc = json.loads(PROFILE.read_text())
+    assert dpkfac.plan_for_group(doc, workers=2)["assignment"] == \
+        dpkfac.plan(doc, 2)["assignment"]
+    with pytest.raises(InputError, match="memory"):
+        dpkfac.plan_for_group(doc, workers=2, memory_cap=1)

@@ -8,7 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dpkfac.core.strategy import KAISA_COMM_OPT
 from executor import DPKFAC
+from executor.kfac import ComputeMethod, kfac_layers, make_block
+from executor.preconditioner import BaseKFACPreconditioner, Exchange, WorkAssignment
 
 from distributed_helpers import run_distributed
 from executor_fixtures import placement_dict, random_batches
@@ -89,11 +92,10 @@ def test_bf16_autocast_builds_float32_factors():
     precond = one_rank(model)
     (x, y), = random_batches(2, 1, batch=2 * B)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = F.cross_entropy(model(x).float(), y)
-    loss.backward()
-    assert precond.capture.inputs["3"][0].dtype == torch.bfloat16
-    assert precond.capture.grad_outputs["5"][0].dtype == torch.bfloat16
-    assert precond.step() is True
+        F.cross_entropy(model(x).float(), y).backward()
+        assert precond.capture.inputs["3"][0].dtype == torch.bfloat16
+        assert precond.capture.grad_outputs["5"][0].dtype == torch.bfloat16
+        assert precond.step() is True  # inside autocast too: step() turns it off
     for block in precond.blocks.values():
         assert block.factor_a.dtype == block.factor_g.dtype == torch.float32
         assert all(t.dtype == torch.float32 for t in block.decomposition.values())
@@ -109,6 +111,20 @@ def test_float64_factors_leave_float32_gradients():
     precond.step()
     assert all(b.factor_g.dtype == torch.float64 for b in precond.blocks.values())
     assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_shared_decompositions_need_a_wire_dtype_that_holds_factor_dtype():
+    """KAISA COMM-OPT broadcasts decompositions in the weights' dtype (bf16 here)."""
+    model = conv_linear().to(torch.bfloat16)
+    blocks = {name: make_block(module, name) for name, module in kfac_layers(model)}
+    work = WorkAssignment(rank=0, strategy=KAISA_COMM_OPT, owner={"0": 0, "3": 1, "5": 0},
+                          decomposition_slot=dict.fromkeys(LAYERS, 0))
+    hyper = {"lr": 0.1, "damping": 0.01, "factor_decay": 0.95, "kl_clip": None,
+             "factor_update_freq": 1, "inv_update_freq": 1, "compute_method": ComputeMethod.EIGEN}
+    with pytest.raises(ValueError, match="factor_dtype"):
+        BaseKFACPreconditioner(blocks, work, Exchange(rank=0, world_size=2), **hyper)
+    BaseKFACPreconditioner(blocks, work, Exchange(rank=0, world_size=2), **hyper,
+                           factor_dtype=torch.bfloat16).remove_hooks()
 
 
 def test_sgd_with_dpkfac_under_bf16_autocast_lowers_the_loss():

@@ -6,7 +6,10 @@ import pytest
 import torch
 
 from executor.runtime.distributed import WorldInfo
-from executor.profiling import ProfileOptions, profile_model
+import dpkfac
+from executor.workload.models import build_model
+from executor.profiling import ProfileOptions
+from executor.workload import load_data
 from executor.profiling.alphabeta import fit_alpha_beta
 from executor.profiling.collectives import message_sizes, time_collectives
 from executor.runtime.timing import PhaseTimer
@@ -35,9 +38,19 @@ def test_alpha_beta_fit_recovers_known_parameters():
 
 
 def test_profile_of_a_real_model_is_a_valid_profile():
-    world = WorldInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None)
-    doc = profile_model("digits-mlp", 16, world,
-                        options=ProfileOptions(warmup=1, repeats=3, factor_batches=4))
+    """dpkfac.profile in process: a valid profile of the model on the batches, which leaves the
+    model's weights, buffers and gradients as they were."""
+    model = build_model("digits-mlp")
+    digits = load_data({"spec": "digits"}, model).train
+    batches = [digits[16 * i:16 * (i + 1)] for i in range(4)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    doc = dpkfac.profile(model, batches, name="digits-mlp",
+                         options=ProfileOptions(warmup=1, repeats=3, factor_batches=4))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    assert doc["model"] == "digits-mlp" and doc["loss"] == "cross-entropy"
+    assert doc["data"] == {"spec": "in-process", "input_shape": [1, 8, 8],
+                           "input_dtype": "float32"}
     profile = profile_from_dict(doc)
     assert [layer.name for layer in profile.layers] == ["1", "3", "5"]
     assert all(layer.decompose_a_s > 0 and layer.factor_g_s > 0 for layer in profile.layers)

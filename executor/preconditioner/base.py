@@ -84,7 +84,7 @@ class BaseKFACPreconditioner:
         self._check_decomposition_wire_dtype()
         self.steps = 0  # K-FAC steps taken, restored by load_state_dict
         self.skipped_steps = 0  # steps skipped for non-finite gradients, restored too
-        self.calls = 0  # step() calls in this process (traffic is counted since construction)
+        self.calls = 0  # step() calls that ran (skips excluded) in this process, since construction
         self.timer = PhaseTimer(SECOND_ORDER_PHASES, synchronize=precise_timing)
         self.ledger = NumericsLedger(work.owner, work.rank)
         self.capture = Capture({name: blocks[name].module for name in work.factor_layers},
@@ -217,7 +217,7 @@ class BaseKFACPreconditioner:
 
     def _device_type(self) -> str:
         """The device type ("cpu", "cuda", ...) of the K-FAC layers' weights."""
-        return next(iter(self.blocks.values())).module.weight.device.type
+        return next((b.module.weight.device.type for b in self.blocks.values()), "cpu")
 
     def _decompositions_to_factor_dtype(self) -> None:
         """Cast shared decompositions (they travel in the weights' dtype) back to factor_dtype."""

@@ -1,6 +1,6 @@
-"""What a run trains: the model's data (data, loaders), its loss (loss), a user's
-`package.module:callable` (callables), the checks that they fit one another (checks), and all of it built for a run
-(prepared)."""
+"""What a run trains: the model (models: the zoo or a user's), its data (data, loaders), its
+loss (loss), a user's `package.module:callable` (callables), the checks that they fit one
+another (checks), and all of it built for a run (prepared)."""
 from .checks import check_workload
 from .data import DataSplit, data_entry, load_data
 from .loss import DEFAULT_LOSS, cross_entropy, load_loss

@@ -13,6 +13,7 @@ from torch.utils.data import Dataset, TensorDataset
 from dpkfac.core.errors import InputError
 
 from .callables import call_checked, is_callable_spec, load_callable
+from .models import ZOO
 
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0
@@ -41,8 +42,6 @@ def data_entry(spec: str | None, model_name: str, *, input_shape=None, num_class
     if input_shape is None and (num_classes is not None or vocab_size is not None) \
             and spec != "synthetic":
         raise InputError("--num-classes and --vocab-size go with --input-shape")
-    from ..models import ZOO  # the zoo imports workload.callables: import it when used
-
     zoo = ZOO[model_name].inputs if model_name in ZOO else None
     if spec is None:
         spec = "synthetic" if input_shape is not None else (zoo.dataset if zoo else "digits")

@@ -16,7 +16,7 @@ from torch import nn
 
 from dpkfac.core.errors import InputError
 
-from .workload.callables import call_checked, is_callable_spec, load_callable
+from .callables import call_checked, is_callable_spec, load_callable
 
 
 @dataclass(frozen=True)
