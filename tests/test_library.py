@@ -78,7 +78,6 @@ def test_dpkfac_gives_the_executors_preconditioner():
 def _profile_and_plan_in_a_group(rank: int, world_size: int) -> tuple[dict, dict]:
     import torch
 
-    from executor.profiling import ProfileOptions
     from executor_fixtures import small_cnn
 
     torch.manual_seed(0)
@@ -86,7 +85,7 @@ def _profile_and_plan_in_a_group(rank: int, world_size: int) -> tuple[dict, dict
     gen = torch.Generator().manual_seed(rank)  # each rank its own batch, as in training
     batch = (torch.randn(8, 1, 8, 8, generator=gen), torch.randint(0, 10, (8,), generator=gen))
     doc = dpkfac.profile(model, batch, name="tests:small_cnn",
-                         options=ProfileOptions(warmup=0, repeats=3, factor_batches=2))
+                         warmup=0, repeats=3, factor_batches=2)
     return doc, dpkfac.plan_for_group(doc, time_limit_s=2.0)
 
 

@@ -45,7 +45,7 @@ def test_profile_of_a_real_model_is_a_valid_profile():
     batches = [digits[16 * i:16 * (i + 1)] for i in range(4)]
     before = {k: v.clone() for k, v in model.state_dict().items()}
     doc = dpkfac.profile(model, batches, name="digits-mlp",
-                         options=ProfileOptions(warmup=1, repeats=3, factor_batches=4))
+                         warmup=1, repeats=3, factor_batches=4, keep_freed_memory=True)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
     assert doc["model"] == "digits-mlp" and doc["loss"] == "cross-entropy"

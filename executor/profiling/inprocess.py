@@ -20,8 +20,7 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 def profile(model: nn.Module, batch: Batch | Sequence[Batch], *, loss_fn: LossFn | None = None,
-            name: str | None = None, options: ProfileOptions | None = None,
-            progress: bool = False) -> dict:
+            name: str | None = None, progress: bool = False, **options) -> dict:
     """The profile document (a dict, schema dpkfac.profile/1) of `model` on this machine.
 
     model: the user's model (unwrapped or DDP-wrapped), on the device to profile; its
@@ -30,8 +29,9 @@ def profile(model: nn.Module, batch: Batch | Sequence[Batch], *, loss_fn: LossFn
         decompositions realistic, full-rank factors); batch_size is its first dimension.
     loss_fn: loss(output, target) -> scalar; default cross-entropy over the last dimension.
     name: the profile's `model` entry (default: the model's class name).
-    options: how carefully to measure (ProfileOptions; by default this process's malloc is left
-        as it is).
+    options: how carefully to measure, as ProfileOptions' fields (warmup, repeats,
+        factor_batches, compute_method, damping, ...); this process's malloc settings are left
+        as they are unless keep_freed_memory=True.
     Under an initialised torch.distributed group every rank must call it; the kernels are timed
     on rank 0, the collectives on all ranks, and every rank gets rank 0's document.
     """
@@ -39,7 +39,7 @@ def profile(model: nn.Module, batch: Batch | Sequence[Batch], *, loss_fn: LossFn
     device = next(module.parameters()).device
     batches = _as_batches(batch, device)
     loss_fn = loss_fn or cross_entropy
-    options = options or ProfileOptions(keep_freed_memory=False)
+    options = _options(options)
     x, y = batches[0]
     check_loss_value(loss_fn, output_of(module, x, what="the batch").float(), y,
                      loss=loss_name(loss_fn))
@@ -53,6 +53,14 @@ def profile(model: nn.Module, batch: Batch | Sequence[Batch], *, loss_fn: LossFn
                               options=options, progress=progress)
     finally:
         _restore(module, saved)
+
+
+def _options(given: dict) -> ProfileOptions:
+    unknown = sorted(set(given) - set(ProfileOptions.__dataclass_fields__))
+    if unknown:
+        raise InputError(f"dpkfac.profile: unknown option(s) {', '.join(unknown)}; expected "
+                         f"{', '.join(ProfileOptions.__dataclass_fields__)}")
+    return ProfileOptions(**{"keep_freed_memory": False, **given})
 
 
 def _as_batches(batch, device: torch.device) -> list[Batch]:
