@@ -229,11 +229,18 @@ def test_input_shape_profiles_without_data_and_trains_on_it(lab):
     (("--input-shape", "3,12,12", "--data", "images.npz"), "--input-shape describes synthetic"),
 ], ids=["missing-array", "missing-file", "wrong-shape", "labels", "vector-loss", "nan-loss",
         "unimportable-data", "unimportable-loss", "shape-and-data"])
-def test_profile_bad_input(lab, flags, expect):
+def test_profile_bad_input(lab, flags, expect, monkeypatch, capsys):
+    """In process (dpkfac.cli.main, the user's module on sys.path, run from the lab folder)."""
+    from dpkfac.cli import main
+
+    monkeypatch.syspath_prepend(str(lab))
+    monkeypatch.chdir(lab)
     out = lab / "bad.profile.json"
-    result = _run(lab, "profile", "--model", "mylab:image_model", "--batch-size", "8",
-                  "--out", str(out), *flags)
-    _clean_error(result, expect)
+    status = main(["profile", "--model", "mylab:image_model", "--batch-size", "8",
+                   "--out", str(out), *flags])
+    stderr = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1].startswith("error:") and expect in stderr, stderr
     assert not out.exists()
 
 

@@ -186,7 +186,7 @@ CASES = [
          "NaN is not allowed"),
     Case("model-unknown-name", _train(_model("resnet-9000")), "unknown model 'resnet-9000'"),
     Case("model-bad-import-path", _train(_model("no_such_pkg.models:build")), "cannot load model"),
-    Case("model-callable-raises", _train(_model("json:loads")), "could not be built"),
+    Case("model-callable-raises", _train(_model("json:loads")), "failed: TypeError"),
     Case("model-not-a-module", _train(_model("os:getcwd")), "not an nn.Module"),
     # -- flags -------------------------------------------------------------------------------
     Case("train-out-is-a-file", lambda t: [*_train()(t), "--out", str(_write(t, "f", "x"))],
