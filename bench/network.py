@@ -1,0 +1,216 @@
+"""DP-KFAC on real links: an emulated cluster (dpkfac.emulation: one network namespace per node,
+tbf-shaped veth links through a bridge, one torchrun agent per node) instead of loopback.
+
+Per node count, the model is profiled across the nodes at the base rate (the profile's
+collectives are the shaped link's), planned, and trained with every algorithm at every rate;
+the prediction of each run comes from that one profile alone, no calibration run: at the
+base rate as measured, at another rate through the what-if's bandwidth scaling (seconds per
+byte / scale, `dpkfac whatif --bandwidth-scale`). Also, per node count, the prediction from a
+cluster file that describes the emulated cluster (its link rate, no measurement) beside the
+profile's.
+
+Floors (exit 1 below them): dp-kfac at least --min-speedup (2x) faster per step than mpd-kfac
+for the first node count at the base rate, and every prediction within --max-error (10%) of
+the measured mean step.
+
+    python bench/network.py [--nodes 2,3] [--rates 100mbit,400mbit] [--model digits-cnn]
+                            [--steps 80] [--docs-out docs/results/network.md | --no-docs]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+
+from common import ResultsDoc, add_docs_arguments, docs_out, rich_table
+from dpkfac.core.placement import load_placement
+from dpkfac.core.profile import load_profile
+from dpkfac.emulation import EmulatedCluster, emulation_unavailable
+from planner.model.calibrate import predicted_phases
+from planner.whatif.sweep import scale_bandwidth
+
+# (row name, dpkfac train --algorithm flags, placement, variant the step model predicts)
+ALGORITHMS = (
+    ("sgd", ("--algorithm", "sgd"), "planned", "sgd"),
+    ("dp-kfac", ("--algorithm", "dp-kfac"), "planned", "dp-kfac"),
+    ("dp-kfac round-robin", ("--algorithm", "dp-kfac"), "round-robin", "dp-kfac"),
+    ("mpd-kfac", ("--algorithm", "mpd-kfac"), "planned", "mpd-kfac"),
+    ("kaisa comm-opt", ("--algorithm", "kaisa", "--grad-worker-fraction", "1"), "planned",
+     "kaisa-comm-opt"),
+    ("kaisa mem-opt", ("--algorithm", "kaisa", "--grad-worker-fraction", "1/P"), "planned",
+     "kaisa-mem-opt"),
+)
+ENV = {"OMP_NUM_THREADS": "1"}
+
+
+def mbit(rate: str) -> float:
+    """tc rate text ("100mbit", "1gbit") in Mbit/s."""
+    units = {"kbit": 1e-3, "mbit": 1.0, "gbit": 1e3}
+    for suffix, factor in units.items():
+        if rate.lower().endswith(suffix):
+            return float(rate[:-len(suffix)]) * factor
+    raise ValueError(f"rate {rate!r}: expected a number with kbit, mbit or gbit")
+
+
+def dpkfac_on(cluster: EmulatedCluster, *args: str, timeout_s: float = 900.0) -> None:
+    """`dpkfac ARGS` with one process per emulated node; raise with the output on failure."""
+    results = cluster.torchrun(["-m", "dpkfac.cli", *args], env=ENV, timeout_s=timeout_s)
+    failed = [r for r in results if r.returncode != 0]
+    if failed:
+        raise RuntimeError(f"dpkfac {args[0]} failed on node {failed[0].node}:\n"
+                           f"{failed[0].stderr[-3000:]}")
+
+
+def plan(profile: Path, out: Path, workers: int, solver: str = "best") -> Path:
+    from dpkfac.cli import main
+
+    if main(["plan", "--profile", str(profile), "--workers", str(workers), "--solver", solver,
+             "--out", str(out)]) != 0:
+        raise RuntimeError(f"dpkfac plan --solver {solver} failed")
+    return out
+
+
+def cluster_file(work: Path, nodes: int, rate: str) -> Path:
+    """A dpkfac cluster file of the emulated cluster: one worker per node, the link's rate."""
+    path = work / f"cluster-{nodes}.json"
+    path.write_text(json.dumps({
+        "schema": "dpkfac.cluster/1", "nodes": nodes, "gpus_per_node": 1,
+        "inter_node": {"bandwidth_bytes_per_s": mbit(rate) * 1e6 / 8, "latency_s": 1e-4},
+        "intra_node": {"bandwidth_bytes_per_s": 1e10, "latency_s": 1e-5}}))
+    return path
+
+
+def measure_nodes(work: Path, nodes: int, rates: list[str], args) -> list[dict]:
+    """Every (rate, algorithm) row of one node count: predicted and measured mean step."""
+    rows = []
+    with EmulatedCluster(nodes=nodes, rate=rates[0]) as cluster:
+        profile_path = work / f"profile-{nodes}.json"
+        dpkfac_on(cluster, "profile", "--model", args.model, "--batch-size",
+                  str(args.batch_size), "--out", str(profile_path))
+        profile = load_profile(profile_path)
+        placements = {"planned": plan(profile_path, work / f"planned-{nodes}.json", nodes),
+                      "round-robin": plan(profile_path, work / f"rr-{nodes}.json", nodes,
+                                          "round-robin")}
+        for rate in rates:
+            if rate != cluster.rate:
+                cluster.set_rate(rate)
+            scaled = scale_bandwidth(profile, mbit(rate) / mbit(rates[0]))
+            for name, flags, which, variant in ALGORITHMS:
+                if name not in args.algorithms.split(","):
+                    continue
+                run = work / f"run-{nodes}-{rate}-{name.replace(' ', '-')}"
+                dpkfac_on(cluster, "train", "--placement", str(placements[which]), "--out",
+                          str(run), "--max-steps", str(args.steps), "--epochs", "1000",
+                          "--no-progress", *(f.replace("P", str(nodes)) for f in flags))
+                summary = json.loads((run / "summary.json").read_text())
+                placement = load_placement(placements[which])
+                predicted = predicted_phases(scaled, placement, variant=variant)["step_time"][0]
+                rows.append({"nodes": nodes, "rate": rate, "algorithm": name,
+                             "predicted_s": predicted,
+                             "measured_s": summary["mean_step_time_s"],
+                             "bytes": summary["comm_bytes_per_step"]["total"]})
+    return rows
+
+
+def cluster_rows(work: Path, nodes: int, rate: str) -> dict:
+    """dp-kfac's predicted step from the profile measured on the emulated cluster and from a
+    cluster file of it (same model, same owners count)."""
+    profile_path = work / f"profile-{nodes}.json"
+    from dpkfac.cli import main
+
+    out = work / f"from-cluster-{nodes}.json"
+    assert main(["plan", "--profile", str(profile_path), "--cluster",
+                 str(cluster_file(work, nodes, rate)), "--out", str(out)]) == 0
+    measured = load_placement(work / f"planned-{nodes}.json")["predicted"]["step_time_s"]
+    described = load_placement(out)["predicted"]["step_time_s"]
+    return {"nodes": nodes, "profile_s": measured, "cluster_file_s": described}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--nodes", default="2,3")
+    parser.add_argument("--rates", default="100mbit,400mbit",
+                        help="link rates; the first is the profile's")
+    parser.add_argument("--model", default="digits-cnn")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--algorithms", default=",".join(a[0] for a in ALGORITHMS),
+                        help="rows to run (comma-separated names of the table's algorithms)")
+    parser.add_argument("--work", default=None, metavar="DIR",
+                        help="keep profiles, placements and runs here (default: a temporary "
+                        "folder, removed)")
+    parser.add_argument("--max-error", type=float, default=0.10)
+    parser.add_argument("--min-speedup", type=float, default=2.0)
+    add_docs_arguments(parser, "network")
+    args = parser.parse_args()
+    reason = emulation_unavailable()
+    if reason:
+        print(f"error: no emulated cluster here: {reason}", file=sys.stderr)
+        return 2
+    nodes = [int(n) for n in args.nodes.split(",")]
+    rates = args.rates.split(",")
+    with tempfile.TemporaryDirectory(prefix="dpkfac-network-") as tmp:
+        work = Path(args.work or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        rows = [row for n in nodes for row in measure_nodes(work, n, rates, args)]
+        described = [cluster_rows(work, n, rates[0]) for n in nodes]
+    return report(rows, described, args, nodes, rates)
+
+
+def report(rows: list[dict], described: list[dict], args, nodes: list[int],
+           rates: list[str]) -> int:
+    failures = []
+    headers = ["nodes", "link", "algorithm", "predicted ms", "measured ms", "error",
+               "traffic KB/step"]
+    cells = []
+    for r in rows:
+        error = r["predicted_s"] / r["measured_s"] - 1
+        if abs(error) > args.max_error:
+            failures.append(f"{r['algorithm']} on {r['nodes']} nodes at {r['rate']}: "
+                            f"prediction off by {100 * error:+.1f}%")
+        cells.append([str(r["nodes"]), r["rate"], r["algorithm"],
+                      f"{1e3 * r['predicted_s']:.1f}", f"{1e3 * r['measured_s']:.1f}",
+                      f"{100 * error:+.1f}%", f"{r['bytes'] / 1e3:,.0f}"])
+    step = {(r["nodes"], r["rate"], r["algorithm"]): r["measured_s"] for r in rows}
+    speedup = step.get((nodes[0], rates[0], "mpd-kfac"), float("nan")) / \
+        step.get((nodes[0], rates[0], "dp-kfac"), float("nan"))
+    if not speedup >= args.min_speedup:
+        failures.append(f"dp-kfac only {speedup:.2f}x faster than mpd-kfac on {nodes[0]} nodes "
+                        f"at {rates[0]} (floor {args.min_speedup}x)")
+    file_cells = []
+    for d in described:
+        error = d["cluster_file_s"] / d["profile_s"] - 1
+        if abs(error) > args.max_error:
+            failures.append(f"cluster file on {d['nodes']} nodes: {100 * error:+.1f}% from the "
+                            "profile's prediction")
+        file_cells.append([str(d["nodes"]), f"{1e3 * d['profile_s']:.1f}",
+                           f"{1e3 * d['cluster_file_s']:.1f}", f"{100 * error:+.1f}%"])
+    console = Console(width=120)
+    title = (f"{args.model} (batch {args.batch_size}/worker), {args.steps} steps per run: "
+             "predicted (profile at the first rate, no calibration) vs measured mean step")
+    console.print(rich_table(title, headers, cells, left=("link", "algorithm")))
+    file_headers = ["nodes", "from the profile ms", "from a cluster file ms", "difference"]
+    console.print(rich_table("dp-kfac: predicted step from the measured profile vs from a "
+                             "cluster file of the emulated cluster", file_headers, file_cells))
+    console.print(f"dp-kfac vs mpd-kfac on {nodes[0]} nodes at {rates[0]}: {speedup:.2f}x")
+    for failure in failures:
+        console.print(f"[red]FAIL[/red] {failure}")
+    path = docs_out(args)
+    if path is not None:
+        doc = ResultsDoc("network", "DP-KFAC on emulated links", floors=(
+            f"dp-kfac at least {args.min_speedup}x faster per step than mpd-kfac on "
+            f"{nodes[0]} nodes at {rates[0]}; every prediction within "
+            f"{100 * args.max_error:.0f}% of the measured mean step."))
+        doc.table(headers, cells, title=title, left=("link", "algorithm"))
+        doc.table(file_headers, file_cells, title="dp-kfac from a cluster file")
+        doc.text(f"dp-kfac vs mpd-kfac on {nodes[0]} nodes at {rates[0]}: {speedup:.2f}x.")
+        doc.write(path, failures)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

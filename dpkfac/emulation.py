@@ -1,0 +1,184 @@
+"""An emulated cluster on one Linux host: N nodes as network namespaces joined through a bridge
+by veth links rate-limited with tc tbf, and one torchrun agent per node (c10d rendezvous), so a
+multi-node job meets a real, shaped link instead of loopback. Needs root (or CAP_NET_ADMIN),
+`ip` and `tc`; `emulation_unavailable()` says why not where they are missing. The standard
+library only: no torch here.
+
+    with EmulatedCluster(nodes=2, rate="100mbit") as cluster:
+        results = cluster.torchrun(["-m", "dpkfac.cli", "profile", ...])
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+RENDEZVOUS_PORT = 29400
+TBF_BURST = "64kb"       # tokens a link may send at line rate after an idle spell
+TBF_LATENCY = "200ms"    # how long a packet may queue before tbf drops it
+
+
+@dataclass(frozen=True)
+class NodeResult:
+    """One node's torchrun agent: exit status and what it printed."""
+    node: int
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def emulation_unavailable() -> str | None:
+    """Why an emulated cluster cannot be built here (None when it can): not root, no `ip` or
+    `tc`, network namespaces or tbf not permitted."""
+    if not sys.platform.startswith("linux"):
+        return "network namespaces need Linux"
+    if os.geteuid() != 0:
+        return "network namespaces and tc need root"
+    missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
+    if missing:
+        return f"{' and '.join(missing)} not found (iproute2)"
+    probe = EmulatedCluster(nodes=1, rate="100mbit", name=f"dpkprobe{os.getpid() % 100000}")
+    try:
+        probe.up()
+    except EmulationError as exc:
+        return f"cannot build a namespace with a tbf-shaped veth: {exc}"
+    finally:
+        probe.down()
+    return None
+
+
+class EmulationError(RuntimeError):
+    """A namespace, link or qdisc could not be made (the message holds the failing command)."""
+
+
+class EmulatedCluster:
+    """`nodes` network namespaces, node i at 10.77.0.(i+1)/24 on its `eth0`, all joined to a
+    bridge that lives in a hub namespace; every link shaped to `rate` (tc syntax: "100mbit") in
+    both directions. Use as a context manager (or up()/down()); down() always removes every
+    namespace it made, and so does interpreter exit."""
+
+    def __init__(self, nodes: int, rate: str = "100mbit", *, name: str | None = None) -> None:
+        if nodes < 1:
+            raise ValueError("an emulated cluster needs at least one node")
+        self.nodes = nodes
+        self.rate = rate
+        self.name = name or f"dpk{os.getpid() % 100000}"
+        self._made: list[str] = []
+
+    # -- namespaces and links ---------------------------------------------------------------
+    @property
+    def hub(self) -> str:
+        return f"{self.name}hub"
+
+    def namespace(self, node: int) -> str:
+        return f"{self.name}n{node}"
+
+    @staticmethod
+    def address(node: int) -> str:
+        """Node `node`'s address on the emulated network."""
+        return f"10.77.0.{node + 1}"
+
+    def up(self) -> "EmulatedCluster":
+        """Create the hub with its bridge, then each node with its shaped link."""
+        atexit.register(self.down)
+        try:
+            self._namespace(self.hub)
+            self._ip(self.hub, "link", "add", "br0", "type", "bridge")
+            self._ip(self.hub, "link", "set", "br0", "up")
+            for node in range(self.nodes):
+                self._add_node(node)
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def _add_node(self, node: int) -> None:
+        ns, port = self.namespace(node), f"v{node}"
+        self._namespace(ns)
+        _run(["ip", "link", "add", port, "netns", self.hub, "type", "veth", "peer", "name",
+              "eth0", "netns", ns])
+        self._ip(self.hub, "link", "set", port, "master", "br0", "up")
+        self._ip(ns, "addr", "add", f"{self.address(node)}/24", "dev", "eth0")
+        self._ip(ns, "link", "set", "eth0", "up")
+        self._ip(ns, "link", "set", "lo", "up")
+        self._shape("add", self.hub, port)   # towards the node
+        self._shape("add", ns, "eth0")       # from the node
+
+    def set_rate(self, rate: str) -> None:
+        """Reshape every link to `rate` without rebuilding the cluster."""
+        for node in range(self.nodes):
+            self._shape("change", self.hub, f"v{node}", rate)
+            self._shape("change", self.namespace(node), "eth0", rate)
+        self.rate = rate
+
+    def _shape(self, verb: str, ns: str, dev: str, rate: str | None = None) -> None:
+        _run(["ip", "netns", "exec", ns, "tc", "qdisc", verb, "dev", dev, "root", "tbf",
+              "rate", rate or self.rate, "burst", TBF_BURST, "latency", TBF_LATENCY])
+
+    def _namespace(self, ns: str) -> None:
+        _run(["ip", "netns", "add", ns])
+        self._made.append(ns)
+
+    @staticmethod
+    def _ip(ns: str, *args: str) -> None:
+        _run(["ip", "-n", ns, *args])
+
+    def down(self) -> None:
+        """Delete every namespace this cluster made (their links and qdiscs go with them)."""
+        while self._made:
+            subprocess.run(["ip", "netns", "del", self._made.pop()], capture_output=True)
+
+    def __enter__(self) -> "EmulatedCluster":
+        return self.up()
+
+    def __exit__(self, *exc) -> None:
+        self.down()
+
+    # -- jobs --------------------------------------------------------------------------------
+    def torchrun(self, args: list[str], *, nproc_per_node: int = 1, env: dict | None = None,
+                 timeout_s: float = 600.0, cwd: str | os.PathLike | None = None
+                 ) -> list[NodeResult]:
+        """Run `torchrun ... ARGS` with one agent per node (c10d rendezvous at node 0), all at
+        once; each node's exit status and output. On timeout every agent is killed."""
+        launcher = str(Path(sys.executable).parent / "torchrun")
+        procs = [subprocess.Popen(
+            ["ip", "netns", "exec", self.namespace(node), launcher,
+             "--nnodes", str(self.nodes), "--nproc_per_node", str(nproc_per_node),
+             "--rdzv_backend", "c10d", "--rdzv_endpoint",
+             f"{self.address(0)}:{RENDEZVOUS_PORT}", "--rdzv_id", self.name,
+             "--rdzv_conf", f"is_host={int(node == 0)}", "--local-addr", self.address(node),
+             *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
+            start_new_session=True,  # a process group per agent: a kill reaches its workers
+            env={**os.environ, **(env or {}), "GLOO_SOCKET_IFNAME": "eth0"})
+            for node in range(self.nodes)]
+        deadline = time.monotonic() + timeout_s
+        results = []
+        for node, proc in enumerate(procs):
+            try:
+                out, err = proc.communicate(timeout=max(deadline - time.monotonic(), 1.0))
+            except subprocess.TimeoutExpired:
+                for p in procs:
+                    _kill_group(p)
+                out, err = proc.communicate()
+                err += f"\nemulation: killed after {timeout_s:.0f} s"
+            results.append(NodeResult(node, proc.returncode, out, err))
+        return results
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, 9)
+    except ProcessLookupError:
+        pass
+
+
+def _run(cmd: list[str]) -> None:
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise EmulationError(f"{' '.join(cmd)}: {result.stderr.strip() or result.returncode}")
