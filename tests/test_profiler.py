@@ -118,3 +118,10 @@ def test_alpha_beta_fit_recovers_a_line_and_clamps_at_zero():
     assert fit["fit_mean_rel_error"] == pytest.approx(0.0, abs=1e-9)
     falling = fit_alpha_beta(sizes, [4e-3, 3e-3, 2e-3, 1e-3])  # no line with beta >= 0 fits
     assert falling["beta_s_per_byte"] == 0.0 and falling["alpha_s"] > 0
+
+
+def test_message_sizes_include_the_steps_own_messages():
+    sizes = message_sizes(150_000, extra=(150_004, 75_000, 1_100_000, 512, 1 << 30))
+    assert {150_004, 75_000, 1_100_000} <= set(sizes)
+    assert 512 not in sizes and (1 << 30) not in sizes  # only within 1 KiB..the largest
+    assert list(sizes) == sorted(set(sizes))

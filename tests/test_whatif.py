@@ -182,3 +182,20 @@ def test_dp_kfac_prediction_matches_the_planners_simulation():
     cost = algorithm_cost(profile, algorithm="dp-kfac", workers=3, config=config, owners=owners)
     cycle = simulate_cycle(profile, owners=owners, workers=3, config=config)
     assert cost.step_time_s == cycle.mean_step_time_s
+
+
+def test_bandwidth_scale_keeps_the_measured_curve_and_its_latency_floor():
+    """Scaling the bandwidth divides what a measured collective takes beyond its smallest
+    message's time, and keeps that floor (latency no bandwidth removes)."""
+    import dataclasses
+
+    from dpkfac.core.profile import MeasuredPoints
+    from planner.whatif.sweep import scale_bandwidth
+
+    points = MeasuredPoints((1024, 65536, 1 << 20), (0.003, 0.004, 0.091))
+    profile = load_profile(ROOT / "profiles" / "digits-cnn.b32.cpu2-gloo.json")
+    profile = dataclasses.replace(profile, comm=dataclasses.replace(
+        profile.comm, allreduce_points=points, broadcast_points=points))
+    faster = scale_bandwidth(profile, 4.0).comm.allreduce_points
+    assert faster.message_bytes == points.message_bytes
+    assert faster.seconds == pytest.approx((0.003, 0.00325, 0.003 + 0.088 / 4))

@@ -84,6 +84,14 @@ class MeasuredPoints:
         """Every time multiplied by `factor`."""
         return MeasuredPoints(self.message_bytes, tuple(t * factor for t in self.seconds))
 
+    def faster_link(self, scale: float) -> "MeasuredPoints":
+        """The curve on a link `scale` times the bandwidth: the time each size takes beyond the
+        smallest size's (the latency floor: wake-up, protocol, what no bandwidth shortens)
+        divided by `scale`; the floor kept."""
+        floor = self.seconds[0]
+        return MeasuredPoints(self.message_bytes,
+                              tuple(floor + max(t - floor, 0.0) / scale for t in self.seconds))
+
 
 @dataclass(frozen=True)
 class CommCosts:

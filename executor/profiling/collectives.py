@@ -19,15 +19,16 @@ MIN_LARGEST_MESSAGE = 4 << 20   # bytes: always time at least up to 4 MiB
 MAX_LARGEST_MESSAGE = 64 << 20  # bytes: and never beyond 64 MiB
 
 
-def message_sizes(model_grad_bytes: int) -> tuple[int, ...]:
+def message_sizes(model_grad_bytes: int, extra: tuple[int, ...] = ()) -> tuple[int, ...]:
     """Collective message sizes to time, bytes: powers of 4 from 1 KiB up to the model's whole
-    gradient (at least 4 MiB, at most 64 MiB)."""
+    gradient (at least 4 MiB, at most 64 MiB), and the `extra` sizes within that range (the
+    messages the step itself sends, so the curve is measured where it is read)."""
     largest = min(max(model_grad_bytes, MIN_LARGEST_MESSAGE), MAX_LARGEST_MESSAGE)
-    sizes, size = [], 1 << 10
+    sizes, size = {int(n) for n in extra if 1 << 10 < n < largest}, 1 << 10
     while size <= largest:
-        sizes.append(size)
+        sizes.add(size)
         size *= 4
-    return tuple(sizes)
+    return tuple(sorted(sizes))
 
 
 def profile_comm(world: WorldInfo, options: ProfileOptions, sizes: tuple[int, ...],

@@ -63,7 +63,7 @@ def _profile(model: nn.Module, batches: Batches, world: WorldInfo, loss_fn: Loss
                 advance=lambda: _advance(bar, "steps")))
             precond.remove_hooks()
             x, y = batches[0]
-            comm = profile_comm(world, options, message_sizes(4 * _grad_numel(model)),
+            comm = profile_comm(world, options, _step_message_sizes(model, precond, world),
                                 before=lambda: loss_fn(model(x), y).backward(),
                                 owner_bytes=4 * _kfac_numel(precond) // world.world_size)
             _advance(bar, "collectives")
@@ -79,6 +79,16 @@ def _profile(model: nn.Module, batches: Batches, world: WorldInfo, loss_fn: Loss
         "model_grad_numel": _grad_numel(model), "other_layers": uncovered_layers(model),
         "environment": _environment(world, options),
     }
+
+
+def _step_message_sizes(model: nn.Module, precond, world: WorldInfo) -> tuple[int, ...]:
+    """The sizes to time the collectives at, bytes: powers of 4 and what the step sends: the
+    gradient all-reduce (gradients and the loss), an owner's share of the preconditioned
+    gradients, all factors (when they are all-reduced)."""
+    factors = sum(b.dim_a ** 2 + b.dim_g ** 2 for b in precond.blocks.values())
+    extra = (4 * (_grad_numel(model) + 1), 4 * _kfac_numel(precond) // world.world_size,
+             4 * factors)
+    return message_sizes(4 * _grad_numel(model), extra)
 
 
 def _grad_numel(model: nn.Module) -> int:

@@ -8,7 +8,8 @@ keys (ROW_KEYS) and the settings of its point. Scaling assumptions, per point:
 * batch size b (per worker) instead of the profile's b0: forward/backward and factor
   construction scale by b / b0 (both linear in rows); decompositions, preconditioning, state and
   traffic do not depend on the batch;
-* bandwidth scale s: every collective's seconds per byte divided by s (latency unchanged);
+* bandwidth scale s: every collective's time beyond its latency floor (the smallest measured
+  message's time) divided by s, on the measured curve (the fits: seconds per byte / s);
 * cluster: workers sit node-major on nodes of `gpus_per_node` GPUs; the ring's slowest hop sets
   the collectives' costs (planner.cluster.cluster_network).
 
@@ -98,23 +99,30 @@ def scale_batch(profile: Profile, batch_size: int) -> Profile:
 
 
 def scale_bandwidth(profile: Profile, scale: float) -> Profile:
-    """The profile with every collective `scale` times the bandwidth (seconds per byte / scale)."""
+    """The profile on links `scale` times as fast: each collective's measured curve keeps its
+    latency floor (the smallest message's time) and divides the rest by `scale`
+    (MeasuredPoints.faster_link); the alpha-beta fits divide seconds per byte by `scale`."""
     if scale == 1.0:
         return profile
-    faster = lambda ab: AlphaBeta(alpha_s=ab.alpha_s,  # noqa: E731
-                                  beta_s_per_byte=ab.beta_s_per_byte / scale)
-    costs = dataclasses.replace(profile.comm, allreduce=faster(profile.comm.allreduce),
-                                broadcast=faster(profile.comm.broadcast),
-                                allreduce_points=None, broadcast_points=None)
+    comm = profile.comm
+    faster = lambda points: None if points is None else points.faster_link(scale)  # noqa: E731
+    costs = dataclasses.replace(comm, allreduce=_faster_fit(comm.allreduce, scale),
+                                broadcast=_faster_fit(comm.broadcast, scale),
+                                allreduce_points=faster(comm.allreduce_points),
+                                broadcast_points=faster(comm.broadcast_points))
     return dataclasses.replace(profile, comm=costs)
 
 
+def _faster_fit(fit: AlphaBeta, scale: float) -> AlphaBeta:
+    return AlphaBeta(alpha_s=fit.alpha_s, beta_s_per_byte=fit.beta_s_per_byte / scale)
+
+
 def _scaled_network(network: Network, scale: float) -> Network:
-    faster = lambda ab: AlphaBeta(alpha_s=ab.alpha_s,  # noqa: E731
-                                  beta_s_per_byte=ab.beta_s_per_byte / scale)
-    return dataclasses.replace(network, broadcast_hop=faster(network.broadcast_hop),
-                               allreduce_hop=faster(network.allreduce_hop),
-                               broadcast_points=None, allreduce_points=None)
+    faster = lambda points: None if points is None else points.faster_link(scale)  # noqa: E731
+    return dataclasses.replace(network, broadcast_hop=_faster_fit(network.broadcast_hop, scale),
+                               allreduce_hop=_faster_fit(network.allreduce_hop, scale),
+                               broadcast_points=faster(network.broadcast_points),
+                               allreduce_points=faster(network.allreduce_points))
 
 
 def sweep_rows(profile: Profile, sweep: Sweep) -> list[dict]:
