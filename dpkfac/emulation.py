@@ -140,23 +140,30 @@ class EmulatedCluster:
         self.down()
 
     # -- jobs --------------------------------------------------------------------------------
-    def torchrun(self, args: list[str], *, nproc_per_node: int = 1, env: dict | None = None,
-                 timeout_s: float = 600.0, cwd: str | os.PathLike | None = None
-                 ) -> list[NodeResult]:
-        """Run `torchrun ... ARGS` with one agent per node (c10d rendezvous at node 0), all at
-        once; each node's exit status and output. On timeout every agent is killed."""
+    def launch(self, args: list[str], *, nproc_per_node: int = 1, env: dict | None = None,
+               cwd: str | os.PathLike | None = None, rendezvous_id: str | None = None
+               ) -> list[subprocess.Popen]:
+        """Start `torchrun ... ARGS` with one agent per node (c10d rendezvous at node 0), each
+        in its own session (kill_node reaches its workers); the agents' processes by node."""
         launcher = str(Path(sys.executable).parent / "torchrun")
-        procs = [subprocess.Popen(
+        return [subprocess.Popen(
             ["ip", "netns", "exec", self.namespace(node), launcher,
              "--nnodes", str(self.nodes), "--nproc_per_node", str(nproc_per_node),
              "--rdzv_backend", "c10d", "--rdzv_endpoint",
-             f"{self.address(0)}:{RENDEZVOUS_PORT}", "--rdzv_id", self.name,
+             f"{self.address(0)}:{RENDEZVOUS_PORT}", "--rdzv_id", rendezvous_id or self.name,
              "--rdzv_conf", f"is_host={int(node == 0)}", "--local-addr", self.address(node),
              *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
-            start_new_session=True,  # a process group per agent: a kill reaches its workers
+            start_new_session=True,
             env={**os.environ, **(env or {}), "GLOO_SOCKET_IFNAME": "eth0"})
             for node in range(self.nodes)]
+
+    def torchrun(self, args: list[str], *, nproc_per_node: int = 1, env: dict | None = None,
+                 timeout_s: float = 600.0, cwd: str | os.PathLike | None = None
+                 ) -> list[NodeResult]:
+        """launch() and wait for every node; each node's exit status and output. On timeout
+        every agent and its workers are killed."""
+        procs = self.launch(args, nproc_per_node=nproc_per_node, env=env, cwd=cwd)
         deadline = time.monotonic() + timeout_s
         results = []
         for node, proc in enumerate(procs):
@@ -164,14 +171,15 @@ class EmulatedCluster:
                 out, err = proc.communicate(timeout=max(deadline - time.monotonic(), 1.0))
             except subprocess.TimeoutExpired:
                 for p in procs:
-                    _kill_group(p)
+                    kill_node(p)
                 out, err = proc.communicate()
                 err += f"\nemulation: killed after {timeout_s:.0f} s"
             results.append(NodeResult(node, proc.returncode, out, err))
         return results
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def kill_node(proc: subprocess.Popen) -> None:
+    """SIGKILL a node's torchrun agent and its workers (its whole session)."""
     try:
         os.killpg(proc.pid, 9)
     except ProcessLookupError:

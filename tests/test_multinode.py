@@ -1,80 +1,38 @@
-"""Two "nodes" as network namespaces joined by a veth pair (10.213.x.0/24, made and removed
-here), one torchrun agent each, c10d rendezvous: training gives identical parameters, and a job
-whose second node is killed restarts from its checkpoint bit-exactly. Skipped where `ip netns`
-is not permitted."""
+"""Two nodes of an emulated cluster (dpkfac.emulation: network namespaces through a bridge,
+links shaped to 1 Gbit/s), one torchrun agent each, c10d rendezvous: training gives identical
+parameters, and a job whose second node is killed restarts from its checkpoint bit-exactly.
+Skipped where the emulated cluster cannot be built."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from dpkfac.emulation import EmulatedCluster, emulation_unavailable
 from executor_fixtures import placement_dict
 from test_resume_kill import kill_tree
 
-TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent))
 STEPS, EVERY = 120, 7
-SUBNET = f"10.213.{os.getpid() % 200 + 20}"
-PORT = 29400 + os.getpid() % 500
-
-
-def _ip(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+ENV = {"OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
 def nodes():
-    """[(namespace, interface, address)] for two nodes; always cleaned up."""
-    if shutil.which("ip") is None:
-        pytest.skip("the `ip` command is not installed")
-    tag = f"{os.getpid() % 100000}"
-    made = [(f"dpkfac-a{tag}", f"dpka{tag}", f"{SUBNET}.1"),
-            (f"dpkfac-b{tag}", f"dpkb{tag}", f"{SUBNET}.2")]
-    try:
-        for ns, _, _ in made:
-            result = _ip("netns", "add", ns)
-            if result.returncode != 0:
-                pytest.skip(f"`ip netns add` is not permitted here: {result.stderr.strip()}")
-        (ns_a, if_a, addr_a), (ns_b, if_b, addr_b) = made
-        steps = [("link", "add", if_a, "type", "veth", "peer", "name", if_b),
-                 ("link", "set", if_a, "netns", ns_a), ("link", "set", if_b, "netns", ns_b),
-                 ("-n", ns_a, "addr", "add", f"{addr_a}/24", "dev", if_a),
-                 ("-n", ns_b, "addr", "add", f"{addr_b}/24", "dev", if_b),
-                 ("-n", ns_a, "link", "set", "lo", "up"), ("-n", ns_b, "link", "set", "lo", "up"),
-                 ("-n", ns_a, "link", "set", if_a, "up"), ("-n", ns_b, "link", "set", if_b, "up")]
-        for step in steps:
-            result = _ip(*step)
-            if result.returncode != 0:
-                pytest.skip(f"`ip {' '.join(step)}` is not permitted here: {result.stderr.strip()}")
-        yield made
-    finally:
-        for ns, _, _ in made:
-            _ip("netns", "del", ns)  # removes the veth ends inside it too
+    """Two emulated nodes; always removed."""
+    reason = emulation_unavailable()
+    if reason:
+        pytest.skip(f"no emulated cluster: {reason}")
+    with EmulatedCluster(nodes=2, rate="1gbit") as cluster:
+        yield cluster
 
 
-def _node(node: tuple[str, str, str], host: tuple[str, str, str], run_id: str,
-          args: list[str]) -> subprocess.Popen:
-    """One torchrun agent (1 process) inside the node's namespace, in its own session."""
-    ns, iface, addr = node
-    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME=iface)
-    cmd = ["ip", "netns", "exec", ns, TORCHRUN, "--nnodes", "2", "--nproc_per_node", "1",
-           "--rdzv_backend", "c10d", "--rdzv_endpoint", f"{host[2]}:{PORT}", "--rdzv_id", run_id,
-           "--rdzv_conf", f"is_host={int(node == host)}", "--local-addr", addr,
-           "-m", "dpkfac.cli", "train", *args]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+def _job(cluster: EmulatedCluster, run_id: str, args: list[str]) -> list:
+    return cluster.launch(["-m", "dpkfac.cli", "train", *args], env=ENV, rendezvous_id=run_id)
 
 
-def _job(nodes, run_id: str, args: list[str]) -> list[subprocess.Popen]:
-    return [_node(n, nodes[0], run_id, args) for n in nodes]
-
-
-def _finish(procs: list[subprocess.Popen], timeout: float = 240) -> None:
+def _finish(procs: list, timeout: float = 240) -> None:
     errors = [p.communicate(timeout=timeout)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n---\n".join(e[-2000:] for e in errors)
 
