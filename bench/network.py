@@ -24,9 +24,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from common import ResultsDoc, add_docs_arguments, docs_out, rich_table
 from rich.console import Console
 
-from common import ResultsDoc, add_docs_arguments, docs_out, rich_table
 from dpkfac.core.placement import load_placement
 from dpkfac.core.profile import load_profile
 from dpkfac.emulation import EmulatedCluster, emulation_unavailable

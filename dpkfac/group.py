@@ -6,8 +6,9 @@ from dpkfac.core.errors import InputError
 
 def plan_for_group(profile: dict | str, *, workers: int | None = None, **plan_kwargs) -> dict:
     """dpkfac.plan on rank 0 of the initialised torch.distributed default group, its placement
-    (or its InputError) broadcast to every rank; `workers` defaults to the group's size (unless a cluster is given). Without
-    a process group it is dpkfac.plan on this process alone."""
+    (or its InputError) broadcast to every rank; `workers` defaults to the group's size
+    (unless a cluster is given). Without a process group it is dpkfac.plan in this process."""
+
     import torch.distributed as dist
 
     grouped = dist.is_available() and dist.is_initialized()

@@ -68,6 +68,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--stop-after", type=int, default=None, metavar="EPOCHS",
                    help="stop after this many epochs (to try --resume)")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--placement", type=Path, default=None,
+                   help="train under this placement file instead of profiling and planning")
     p.add_argument("--micro-batch", type=int, default=16)
     p.add_argument("--accumulate", type=int, default=2)
     p.add_argument("--lr", type=float, default=0.05)
@@ -89,16 +91,16 @@ def main() -> None:
     # 1-2. Profile in process on this rank's first batch, plan on rank 0, share the placement.
     # A resumed run keeps the placement it started with (the checkpoints hold owners' state).
     placement_file = args.out / "placement.json"
-    if args.resume:
-        placement = json.loads(placement_file.read_text())
+    if args.resume or args.placement:
+        placement = json.loads((args.placement or placement_file).read_text())
     else:
         x, y = next(iter(loader))
         profile = dpkfac.profile(model, (x.to(device), y.to(device)), name="examples:Net",
                                  warmup=1, repeats=5)
         placement = dpkfac.plan_for_group(profile)
-        if rank == 0:
-            args.out.mkdir(parents=True, exist_ok=True)
-            placement_file.write_text(json.dumps(placement, indent=1))
+    if rank == 0 and not args.resume:
+        args.out.mkdir(parents=True, exist_ok=True)
+        placement_file.write_text(json.dumps(placement, indent=1))
 
     # 3. DDP averages the gradients; DP-KFAC preconditions them under the placement.
     ddp = DistributedDataParallel(model)

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from executor_fixtures import placement_dict
 
 USER_MODULE = textwrap.dedent('''

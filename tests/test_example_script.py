@@ -24,7 +24,9 @@ def _torchrun(*args: str) -> None:
 def test_example_trains_and_resumes_exactly(tmp_path):
     whole, halves = tmp_path / "whole", tmp_path / "halves"
     _torchrun("--out", str(whole), "--epochs", "3")
-    _torchrun("--out", str(halves), "--epochs", "3", "--stop-after", "1")
+    placement = str(whole / "placement.json")  # one placement: owners decide the numerics
+    _torchrun("--out", str(halves), "--epochs", "3", "--stop-after", "1",
+              "--placement", placement)
     _torchrun("--out", str(halves), "--epochs", "3", "--resume")
     result = json.loads((whole / "result.json").read_text())
     resumed = json.loads((halves / "result.json").read_text())

@@ -19,6 +19,8 @@ from dpkfac.core.schemas import PROFILE_SCHEMA_ID
 from ..kfac import require_kfac_layers, uncovered_layers
 from ..runtime.cpu_runtime import flushed_denormals, keep_freed_memory
 from ..runtime.distributed import WorldInfo, broadcast_object
+from ..workload.loaders import Batches
+from ..workload.loss import LossFn
 from .collectives import message_sizes, profile_comm
 from .kernels import (
     accumulate_factors,
@@ -27,8 +29,6 @@ from .kernels import (
     step_record,
     time_steps,
 )
-from ..workload.loaders import Batches
-from ..workload.loss import LossFn
 from .options import ProfileOptions
 
 

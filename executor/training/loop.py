@@ -48,9 +48,9 @@ from .config import (
     run_data_entry,
     run_strategy,
 )
-from .precision import Precision
 from .fingerprint import agree_on_fingerprint, run_fingerprint
 from .metrics import MetricsLog, advance, progress_bar, truncate_metrics
+from .precision import Precision
 from .resume import save_run, start_state
 from .summary import job_numerics, summarise
 

@@ -10,9 +10,9 @@ from torch import nn
 
 from dpkfac.core.step import NUMERICS_COUNTERS, SECOND_ORDER_TRAFFIC, ring_allreduce_bytes
 
+from ..runtime.distributed import all_gather_object
 from ..workload.loaders import test_loader
 from ..workload.loss import IGNORE_INDEX, LossFn, cross_entropy
-from ..runtime.distributed import all_gather_object
 from .config import run_variant
 
 

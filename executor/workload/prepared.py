@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .models import build_model
 from .checks import check_workload
 from .data import DataSplit, load_data
 from .loss import DEFAULT_LOSS, LossFn, load_loss
+from .models import build_model
 
 
 @dataclass
