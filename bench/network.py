@@ -65,12 +65,12 @@ def dpkfac_on(cluster: EmulatedCluster, *args: str, timeout_s: float = 900.0) ->
                            f"{failed[0].stderr[-3000:]}")
 
 
-def plan(profile: Path, out: Path, workers: int, solver: str = "best") -> Path:
+def plan(profile: Path, out: Path, *flags: str) -> Path:
+    """`dpkfac plan --profile PROFILE --out OUT FLAGS` in process; the placement's path."""
     from dpkfac.cli import main
 
-    if main(["plan", "--profile", str(profile), "--workers", str(workers), "--solver", solver,
-             "--out", str(out)]) != 0:
-        raise RuntimeError(f"dpkfac plan --solver {solver} failed")
+    if main(["plan", "--profile", str(profile), "--out", str(out), *flags]) != 0:
+        raise RuntimeError(f"dpkfac plan {' '.join(flags)} failed")
     return out
 
 
@@ -92,9 +92,10 @@ def measure_nodes(work: Path, nodes: int, rates: list[str], args) -> list[dict]:
         dpkfac_on(cluster, "profile", "--model", args.model, "--batch-size",
                   str(args.batch_size), "--out", str(profile_path))
         profile = load_profile(profile_path)
-        placements = {"planned": plan(profile_path, work / f"planned-{nodes}.json", nodes),
-                      "round-robin": plan(profile_path, work / f"rr-{nodes}.json", nodes,
-                                          "round-robin")}
+        workers = ("--workers", str(nodes))
+        placements = {"planned": plan(profile_path, work / f"planned-{nodes}.json", *workers),
+                      "round-robin": plan(profile_path, work / f"rr-{nodes}.json", *workers,
+                                          "--solver", "round-robin")}
         for rate in rates:
             if rate != cluster.rate:
                 cluster.set_rate(rate)
@@ -119,12 +120,8 @@ def measure_nodes(work: Path, nodes: int, rates: list[str], args) -> list[dict]:
 def cluster_rows(work: Path, nodes: int, rate: str) -> dict:
     """dp-kfac's predicted step from the profile measured on the emulated cluster and from a
     cluster file of it (same model, same owners count)."""
-    profile_path = work / f"profile-{nodes}.json"
-    from dpkfac.cli import main
-
-    out = work / f"from-cluster-{nodes}.json"
-    assert main(["plan", "--profile", str(profile_path), "--cluster",
-                 str(cluster_file(work, nodes, rate)), "--out", str(out)]) == 0
+    out = plan(work / f"profile-{nodes}.json", work / f"from-cluster-{nodes}.json",
+               "--cluster", str(cluster_file(work, nodes, rate)))
     measured = load_placement(work / f"planned-{nodes}.json")["predicted"]["step_time_s"]
     described = load_placement(out)["predicted"]["step_time_s"]
     return {"nodes": nodes, "profile_s": measured, "cluster_file_s": described}

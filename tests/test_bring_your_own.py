@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_helpers import ENV, run_dpkfac
 from executor_fixtures import placement_dict
 
 USER_MODULE = textwrap.dedent('''
@@ -104,15 +104,9 @@ def lab(tmp_path_factory) -> Path:
 
 
 def _run(lab: Path, *args: str, torchrun: int | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(lab), os.environ.get("PYTHONPATH", "")]))
-    if torchrun:
-        launcher = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-        cmd = [launcher, "--standalone", "--nproc_per_node", str(torchrun), "-m", "dpkfac.cli"]
-    else:
-        cmd = [sys.executable, "-m", "dpkfac.cli"]
-    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=300, env=env,
-                          cwd=lab)
+    """`dpkfac ARGS` in the lab folder, the user's module on PYTHONPATH."""
+    env = dict(ENV, PYTHONPATH=os.pathsep.join([str(lab), os.environ.get("PYTHONPATH", "")]))
+    return run_dpkfac(*args, torchrun=torchrun, env=env, cwd=lab)
 
 
 def _ok(result: subprocess.CompletedProcess) -> None:

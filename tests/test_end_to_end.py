@@ -3,28 +3,12 @@ and the executor's bad-input paths (one `error:` line, exit 2, no traceback, not
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
+from cli_helpers import run_dpkfac
 from executor_fixtures import placement_dict
-
-DPKFAC = [sys.executable, "-m", "dpkfac.cli"]
-ENV = dict(os.environ, OMP_NUM_THREADS="1")
-
-
-def _run(*args: str, torchrun: int | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    if torchrun:
-        torchrun_bin = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-        cmd = [torchrun_bin, "--standalone", "--nproc_per_node", str(torchrun),
-               "-m", "dpkfac.cli", *args]
-    else:
-        cmd = [*DPKFAC, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV)
 
 
 def _assert_clean_error(result: subprocess.CompletedProcess, *must_contain: str) -> None:
@@ -44,7 +28,7 @@ def workdir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def profile_path(workdir) -> Path:
     path = workdir / "profile.json"
-    result = _run("profile", "--model", "digits-mlp", "--batch-size", "16", "--out", str(path),
+    result = run_dpkfac("profile", "--model", "digits-mlp", "--batch-size", "16", "--out", str(path),
                   "--repeats", "3", "--warmup", "1", torchrun=2)
     assert result.returncode == 0, result.stderr
     return path
@@ -61,13 +45,13 @@ def test_profile_under_torchrun_fits_collectives(profile_path):
 
 def test_plan_train_whatif_round_trip(profile_path, workdir):
     placement = workdir / "placement.json"
-    result = _run("plan", "--profile", str(profile_path), "--workers", "2", "--out", str(placement))
+    result = run_dpkfac("plan", "--profile", str(profile_path), "--workers", "2", "--out", str(placement))
     assert result.returncode == 0, result.stderr
     doc = json.loads(placement.read_text())
     assert sorted(doc["assignment"]) == ["1", "3", "5"] and doc["world_size"] == 2
 
     run_dir = workdir / "run"
-    result = _run("train", "--placement", str(placement), "--out", str(run_dir), "--epochs", "1",
+    result = run_dpkfac("train", "--placement", str(placement), "--out", str(run_dir), "--epochs", "1",
                   "--max-steps", "12", "--checkpoint-every", "5", "--no-progress", torchrun=2)
     assert result.returncode == 0, result.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -86,7 +70,7 @@ def test_plan_train_whatif_round_trip(profile_path, workdir):
     assert (run_dir / "checkpoint.pt").is_file()
     _check_model_file(run_dir, summary)
 
-    result = _run("whatif", "--profile", str(profile_path), "--workers", "1,2,4", "--format", "json")
+    result = run_dpkfac("whatif", "--profile", str(profile_path), "--workers", "1,2,4", "--format", "json")
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)["rows"]
     assert {r["algorithm"] for r in rows} >= {"sgd", "dp-kfac"}
@@ -98,8 +82,8 @@ def _check_model_file(run_dir: Path, summary: dict) -> None:
     import torch
     import torch.nn.functional as F
 
-    from executor.workload.models import build_model
     from executor.workload import load_data
+    from executor.workload.models import build_model
 
     model = build_model("digits-mlp")
     model.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True), strict=True)
@@ -114,18 +98,18 @@ def _check_model_file(run_dir: Path, summary: dict) -> None:
 
 def test_profile_unknown_model_is_a_clean_error(tmp_path):
     out = tmp_path / "p.json"
-    _assert_clean_error(_run("profile", "--model", "no-such-model", "--batch-size", "8",
+    _assert_clean_error(run_dpkfac("profile", "--model", "no-such-model", "--batch-size", "8",
                              "--out", str(out)), "no-such-model")
     assert not out.exists()
 
 
 def test_profile_missing_output_folder(tmp_path):
-    _assert_clean_error(_run("profile", "--model", "digits-mlp", "--batch-size", "8",
+    _assert_clean_error(run_dpkfac("profile", "--model", "digits-mlp", "--batch-size", "8",
                              "--out", str(tmp_path / "nope" / "p.json")), "does not exist")
 
 
 def test_train_missing_placement(tmp_path):
-    _assert_clean_error(_run("train", "--placement", str(tmp_path / "missing.json"),
+    _assert_clean_error(run_dpkfac("train", "--placement", str(tmp_path / "missing.json"),
                              "--out", str(tmp_path / "run")), "missing.json")
     assert not (tmp_path / "run").exists()
 
@@ -134,7 +118,7 @@ def test_train_placement_for_other_world_size(tmp_path):
     path = tmp_path / "placement.json"
     names = {"1": 0, "3": 1, "5": 2}
     path.write_text(json.dumps(placement_dict("digits-mlp", names, 3)))
-    _assert_clean_error(_run("train", "--placement", str(path), "--out", str(tmp_path / "run")),
+    _assert_clean_error(run_dpkfac("train", "--placement", str(path), "--out", str(tmp_path / "run")),
                         "world_size")
     assert not (tmp_path / "run").exists()
 
@@ -142,7 +126,7 @@ def test_train_placement_for_other_world_size(tmp_path):
 def test_train_placement_for_other_model(tmp_path):
     path = tmp_path / "placement.json"
     path.write_text(json.dumps(placement_dict("digits-mlp", {"1": 0, "3": 0, "5": 0}, 1)))
-    _assert_clean_error(_run("train", "--placement", str(path), "--out", str(tmp_path / "run"),
+    _assert_clean_error(run_dpkfac("train", "--placement", str(path), "--out", str(tmp_path / "run"),
                              "--model", "digits-cnn"), "conv1")
     assert not (tmp_path / "run").exists()
 
@@ -150,7 +134,7 @@ def test_train_placement_for_other_model(tmp_path):
 def test_train_resume_without_checkpoint(tmp_path):
     path = tmp_path / "placement.json"
     path.write_text(json.dumps(placement_dict("digits-mlp", {"1": 0, "3": 0, "5": 0}, 1)))
-    _assert_clean_error(_run("train", "--placement", str(path), "--out", str(tmp_path / "run"),
+    _assert_clean_error(run_dpkfac("train", "--placement", str(path), "--out", str(tmp_path / "run"),
                              "--resume"), "checkpoint")
 
 
@@ -159,12 +143,12 @@ def test_train_resume_continues_exactly(tmp_path):
     path.write_text(json.dumps(placement_dict("digits-mlp", {"1": 0, "3": 0, "5": 0}, 1,
                                               inv_update_freq=3)))
     common = ["train", "--placement", str(path), "--epochs", "2", "--no-progress"]
-    full = _run(*common, "--out", str(tmp_path / "full"))
+    full = run_dpkfac(*common, "--out", str(tmp_path / "full"))
     assert full.returncode == 0, full.stderr
-    part = _run(*common, "--out", str(tmp_path / "part"), "--max-steps", "50",
+    part = run_dpkfac(*common, "--out", str(tmp_path / "part"), "--max-steps", "50",
                 "--checkpoint-every", "25")
     assert part.returncode == 0, part.stderr
-    resumed = _run(*common, "--out", str(tmp_path / "part"), "--resume")
+    resumed = run_dpkfac(*common, "--out", str(tmp_path / "part"), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     want = json.loads((tmp_path / "full" / "summary.json").read_text())
     got = json.loads((tmp_path / "part" / "summary.json").read_text())

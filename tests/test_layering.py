@@ -5,12 +5,12 @@ from __future__ import annotations
 import ast
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import run_dpkfac
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILE = ROOT / "profiles" / "digits-cnn.b32.cpu2-gloo.json"
@@ -27,17 +27,6 @@ def _blocked_env(tmp_path: Path, modules: tuple[str, ...]) -> dict:
             f"raise ImportError('{name} is made unimportable by the test')\n")
     path = os.pathsep.join([str(folder), str(ROOT)])
     return dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")
-
-
-def _dpkfac(*args: str, env: dict, torchrun: int | None = None, cwd: Path | None = None
-            ) -> subprocess.CompletedProcess:
-    if torchrun:
-        launcher = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-        cmd = [launcher, "--standalone", "--nproc_per_node", str(torchrun), "-m", "dpkfac.cli"]
-    else:
-        cmd = [sys.executable, "-m", "dpkfac.cli"]
-    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=300, env=env,
-                          cwd=cwd)
 
 
 def _imports(package: Path) -> set[str]:
@@ -66,7 +55,7 @@ def test_executor_imports_no_planner_and_planner_no_torch():
 def placement(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("layering") / "placement.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = _dpkfac("plan", "--profile", str(PROFILE), "--workers", "2", "--out", str(out),
+    result = run_dpkfac("plan", "--profile", str(PROFILE), "--workers", "2", "--out", str(out),
                      env=env)
     assert result.returncode == 0, result.stderr
     return out
@@ -78,7 +67,7 @@ def test_train_runs_without_the_solver_stack(placement, tmp_path):
                            capture_output=True, text=True)
     assert probe.returncode != 0 and "unimportable" in probe.stderr
     run = tmp_path / "run"
-    result = _dpkfac("train", "--placement", str(placement), "--out", str(run), "--max-steps",
+    result = run_dpkfac("train", "--placement", str(placement), "--out", str(run), "--max-steps",
                      "3", env=env, torchrun=2)
     assert result.returncode == 0, result.stderr
     summary = json.loads((run / "summary.json").read_text())
@@ -88,13 +77,13 @@ def test_train_runs_without_the_solver_stack(placement, tmp_path):
 def test_plan_whatif_and_validate_run_without_torch(placement, tmp_path):
     env = _blocked_env(tmp_path, ("torch",))
     out = tmp_path / "placement.json"
-    assert _dpkfac("plan", "--profile", str(PROFILE), "--workers", "3", "--out", str(out),
+    assert run_dpkfac("plan", "--profile", str(PROFILE), "--workers", "3", "--out", str(out),
                    env=env).returncode == 0
-    result = _dpkfac("whatif", "--profile", str(PROFILE), "--workers", "1,2,4",
+    result = run_dpkfac("whatif", "--profile", str(PROFILE), "--workers", "1,2,4",
                      "--format", "json", env=env)
     assert result.returncode == 0, result.stderr
     assert len(json.loads(result.stdout)["rows"]) == 3 * 6
-    missing = _dpkfac("validate", "--placement", str(out), "--run", str(tmp_path / "none"),
+    missing = run_dpkfac("validate", "--placement", str(out), "--run", str(tmp_path / "none"),
                       env=env)
     assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1].startswith("error:")
 
@@ -104,7 +93,7 @@ def test_placement_whatif_and_a_measured_run_agree_on_the_step(placement, tmp_pa
     and a measured run agree to the byte; the placement's and the row's seconds are equal."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     doc = json.loads(placement.read_text())
-    result = _dpkfac("whatif", "--profile", str(PROFILE), "--workers", "2", "--format", "json",
+    result = run_dpkfac("whatif", "--profile", str(PROFILE), "--workers", "2", "--format", "json",
                      env=env)
     assert result.returncode == 0, result.stderr
     row = next(r for r in json.loads(result.stdout)["rows"] if r["algorithm"] == "dp-kfac")
@@ -113,7 +102,7 @@ def test_placement_whatif_and_a_measured_run_agree_on_the_step(placement, tmp_pa
     assert row["second_order_s"] == predicted["second_order_s"]
     assert row["comm_bytes_per_step"] == predicted["comm_bytes_per_step"]
     run = tmp_path / "run"
-    trained = _dpkfac("train", "--placement", str(placement), "--out", str(run), "--max-steps",
+    trained = run_dpkfac("train", "--placement", str(placement), "--out", str(run), "--max-steps",
                       "4", env=env, torchrun=2)
     assert trained.returncode == 0, trained.stderr
     measured = json.loads((run / "summary.json").read_text())["comm_bytes_per_step"]
@@ -128,10 +117,10 @@ def test_whatif_of_a_placement_is_that_placements_prediction(tmp_path):
     the row's seconds and bytes are the placement's own, for any solver that made it."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = tmp_path / "rr.json"
-    assert _dpkfac("plan", "--profile", str(PROFILE), "--workers", "3", "--solver",
+    assert run_dpkfac("plan", "--profile", str(PROFILE), "--workers", "3", "--solver",
                    "round-robin", "--inv-update-freq", "5", "--out", str(out),
                    env=env).returncode == 0
-    result = _dpkfac("whatif", "--profile", str(PROFILE), "--workers", "2,3",
+    result = run_dpkfac("whatif", "--profile", str(PROFILE), "--workers", "2,3",
                      "--inv-update-freq", "5", "--placement", str(out), "--format", "json",
                      env=env)
     assert result.returncode == 0, result.stderr
