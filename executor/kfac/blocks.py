@@ -108,7 +108,7 @@ class KFACBlock(ABC):
         d = self.decomposition
         if method is ComputeMethod.EIGEN:
             v = d["q_g"].t() @ grad @ d["q_a"]
-            v = v / (torch.outer(d["d_g"], d["d_a"]) + damping)
+            v.div_(torch.outer(d["d_g"], d["d_a"]).add_(damping))
             return d["q_g"] @ v @ d["q_a"].t()
         return d["inv_g"] @ grad @ d["inv_a"]
 
@@ -162,11 +162,6 @@ class KFACBlock(ABC):
         self.factor_g = state.pop("factor_g", None)
         self.decomposition = state
 
-    def _append_ones(self, rows: torch.Tensor) -> torch.Tensor:
-        if not self.has_bias:
-            return rows
-        return torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
-
 
 class LinearBlock(KFACBlock):
     """nn.Linear with inputs of any rank: leading dimensions (batch, tokens, ...) become rows."""
@@ -180,14 +175,16 @@ class LinearBlock(KFACBlock):
         return self.module.out_features
 
     def compute_factor_a(self, a: torch.Tensor) -> torch.Tensor:
-        rows = self._append_ones(a.reshape(-1, a.shape[-1]))
-        return rows.t() @ (rows / rows.shape[0])
+        """Mean over rows of x x^T, x one input row (with a trailing 1 for the bias)."""
+        rows = a.reshape(-1, a.shape[-1])
+        return _row_gram(rows, self.has_bias, 1.0 / rows.shape[0])
 
     def compute_factor_g(self, g: torch.Tensor) -> torch.Tensor:
-        # The loss is a batch mean, so g carries 1/batch; undo it to get per-sample gradients.
+        """Mean over rows of (batch * dy)(batch * dy)^T: the loss is a batch mean, so g carries
+        1/batch, which this undoes to get per-sample gradients."""
+        rows = g.reshape(-1, g.shape[-1])
         batch = g.shape[0]
-        rows = g.reshape(-1, g.shape[-1]) * batch
-        return rows.t() @ (rows / rows.shape[0])
+        return _row_gram(rows, False, batch * batch / rows.shape[0])
 
     def factor_rows(self, g: torch.Tensor) -> int:
         """All leading dimensions (batch, tokens, ...)."""
@@ -207,22 +204,22 @@ class Conv2dBlock(KFACBlock):
         return self.module.out_channels
 
     def compute_factor_a(self, a: torch.Tensor) -> torch.Tensor:
+        """(1 / batch) * sum over samples and output positions of (p / positions)(...)^T, p one
+        zero-padded input patch (channel, kernel row, kernel column order; a trailing 1 for
+        the bias), as in KFC (Grosse 2016)."""
         m = self.module
         if isinstance(m.padding, str):
             raise ValueError(f"{self.name}: string padding {m.padding!r} is not supported")
-        patches = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
-        # (N, C*kh*kw, L) -> (N*L, C*kh*kw); a patch's mean over positions, as in KFC (Grosse 2016)
-        positions = patches.shape[-1]
-        rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
-        rows = self._append_ones(rows) / positions
-        batch = a.shape[0]
-        return rows.t() @ (rows / batch)
+        windows = _patch_windows(a, m.kernel_size, m.stride, m.padding, m.dilation)
+        cols = _patch_columns(windows, self.has_bias)
+        positions = windows.shape[2] * windows.shape[3]
+        return _scaled_mm(cols, cols.t(), 1.0 / (a.shape[0] * positions * positions))
 
     def compute_factor_g(self, g: torch.Tensor) -> torch.Tensor:
-        batch = g.shape[0]
+        """Mean over output positions of (batch * positions * dy)(...)^T, dy one position's
+        output gradient (channels): batch * positions * sum of dy dy^T."""
         positions = g.shape[2] * g.shape[3]
-        rows = g.permute(0, 2, 3, 1).reshape(-1, g.shape[1]) * (batch * positions)
-        return rows.t() @ (rows / rows.shape[0])
+        return _channel_gram(g, g.shape[0] * positions)
 
     def factor_rows(self, g: torch.Tensor) -> int:
         """Batch x output positions (one unfolded patch per position)."""
@@ -274,3 +271,66 @@ def _running_average(old: torch.Tensor | None, new: torch.Tensor, decay: float) 
         return new.clone()
     return old.mul_(decay).add_(new, alpha=1.0 - decay)
 
+
+_SMALL_ROWS = 1 << 16  # elements of a row matrix below which one copy beats assembling blocks
+
+
+def _scaled_mm(left: torch.Tensor, right: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale * left @ right, the scale applied inside the matrix product."""
+    out = left.new_empty(left.shape[0], right.shape[1])
+    return torch.addmm(out, left, right, beta=0, alpha=scale)
+
+
+def _row_gram(rows: torch.Tensor, ones_column: bool, scale: float) -> torch.Tensor:
+    """scale * rows^T rows for an (n, d) matrix, with a column of ones appended to `rows` when
+    `ones_column`: (d+1) x (d+1) [[rows^T rows, column sums], [column sums^T, n]]. Copies
+    `rows` beside a column of ones when that is no larger than the d x d product or small
+    (under _SMALL_ROWS elements), else assembles the blocks."""
+    n, d = rows.shape
+    if not ones_column:
+        return _scaled_mm(rows.t(), rows, scale)
+    if n <= d or n * d < _SMALL_ROWS:
+        padded = torch.cat([rows, rows.new_ones(n, 1)], dim=1)
+        return _scaled_mm(padded.t(), padded, scale)
+    sums = rows.sum(0).mul_(scale)
+    out = rows.new_empty(d + 1, d + 1)
+    out[:d, :d] = _scaled_mm(rows.t(), rows, scale)
+    out[:d, d] = sums
+    out[d, :d] = sums
+    out[d, d] = n * scale
+    return out
+
+
+def _channel_gram(t: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale * the sum over batch and positions of t[n, :, h, w] t[n, :, h, w]^T (channels x
+    channels) for an (N, C, H, W) tensor; no copy when `t` is channels-last, one (C, N*H*W)
+    copy otherwise."""
+    channels = t.shape[1]
+    if t.is_contiguous(memory_format=torch.channels_last):
+        rows = t.permute(0, 2, 3, 1).reshape(-1, channels)
+        return _scaled_mm(rows.t(), rows, scale)
+    cols = t.transpose(0, 1).reshape(channels, -1)
+    return _scaled_mm(cols, cols.t(), scale)
+
+
+def _patch_windows(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
+                   padding: tuple[int, int], dilation: tuple[int, int]) -> torch.Tensor:
+    """Zero-padded convolution patches of an (N, C, H, W) input as a strided view
+    (N, C, out_h, out_w, kernel_h, kernel_w), the same patches F.unfold extracts."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    if ph or pw:
+        x = F.pad(x, (pw, pw, ph, ph))
+    windows = x.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)
+    return windows[..., ::dh, ::dw]
+
+
+def _patch_columns(windows: torch.Tensor, ones_row: bool) -> torch.Tensor:
+    """The patches of `windows` (from _patch_windows) as columns of one contiguous
+    (C*kh*kw [+1], N*out_h*out_w) matrix, with a last row of ones when `ones_row`."""
+    n, c, oh, ow, kh, kw = windows.shape
+    d = c * kh * kw
+    cols = windows.new_empty(d + int(ones_row), n * oh * ow)
+    if ones_row:
+        cols[d].fill_(1)
+    cols[:d].view(c, kh, kw, n, oh, ow).copy_(windows.permute(1, 4, 5, 0, 2, 3))
+    return cols
