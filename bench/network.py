@@ -1,25 +1,28 @@
 """DP-KFAC on real links: an emulated cluster (dpkfac.emulation: one network namespace per node,
 tbf-shaped veth links through a bridge, one torchrun agent per node) instead of loopback.
 
-Per node count, the model is profiled across the nodes at the base rate (the profile's
-collectives are the shaped link's), planned, and trained with every algorithm at every rate;
-the prediction of each run comes from that one profile alone, no calibration run: at the
-base rate as measured, at another rate through the what-if's bandwidth scaling (seconds per
-byte / scale, `dpkfac whatif --bandwidth-scale`). Also, per node count, the prediction from a
-cluster file that describes the emulated cluster (its link rate, no measurement) beside the
-profile's.
+Per node count, in each of --rounds rounds, the model is profiled across the nodes at the base
+rate (the profile's collectives are the shaped link's; the phases every rank runs at once are
+timed on all ranks together) and every algorithm is trained at every rate; each run is predicted
+from its round's profile alone, no calibration run: at the base rate as measured, at another
+rate through the what-if's bandwidth scaling (`dpkfac whatif --bandwidth-scale`). Predicted and
+measured steps are averaged over the rounds (this shared host's speed drifts by 10-20% within
+minutes). Also, per node count, the prediction from a cluster file that describes the emulated
+cluster (its link rate, no measurement) beside the profile's.
 
 Floors (exit 1 below them): dp-kfac at least --min-speedup (2x) faster per step than mpd-kfac
 for the first node count at the base rate, and every prediction within --max-error (10%) of
 the measured mean step.
 
     python bench/network.py [--nodes 2,3] [--rates 100mbit,400mbit] [--model digits-cnn]
-                            [--steps 80] [--docs-out docs/results/network.md | --no-docs]
+                            [--steps 60] [--rounds 2] [--work DIR]
+                            [--docs-out docs/results/network.md | --no-docs]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -85,42 +88,78 @@ def cluster_file(work: Path, nodes: int, rate: str) -> Path:
 
 
 def measure_nodes(work: Path, nodes: int, rates: list[str], args) -> list[dict]:
-    """Every (rate, algorithm) row of one node count: predicted and measured mean step."""
+    """Every (round, rate, algorithm) row of one node count: predicted and measured mean step.
+
+    Each round profiles across the nodes at the base rate and then trains every algorithm at
+    every rate (an algorithm's rates back to back), each run predicted from that round's
+    profile: the host's speed drifts by 10-20% over minutes on a shared machine, so a
+    prediction is compared with runs made beside its profile, and rounds average the drift.
+    The placements come from the first round's profile and stay fixed."""
     rows = []
     with EmulatedCluster(nodes=nodes, rate=rates[0]) as cluster:
-        profile_path = work / f"profile-{nodes}.json"
-        dpkfac_on(cluster, "profile", "--model", args.model, "--batch-size",
-                  str(args.batch_size), "--out", str(profile_path))
-        profile = load_profile(profile_path)
-        workers = ("--workers", str(nodes))
-        placements = {"planned": plan(profile_path, work / f"planned-{nodes}.json", *workers),
-                      "round-robin": plan(profile_path, work / f"rr-{nodes}.json", *workers,
-                                          "--solver", "round-robin")}
-        for rate in rates:
-            if rate != cluster.rate:
-                cluster.set_rate(rate)
-            scaled = scale_bandwidth(profile, mbit(rate) / mbit(rates[0]))
-            for name, flags, which, variant in ALGORITHMS:
-                if name not in args.algorithms.split(","):
-                    continue
-                run = work / f"run-{nodes}-{rate}-{name.replace(' ', '-')}"
-                dpkfac_on(cluster, "train", "--placement", str(placements[which]), "--out",
-                          str(run), "--max-steps", str(args.steps), "--epochs", "1000",
-                          "--no-progress", *(f.replace("P", str(nodes)) for f in flags))
-                summary = json.loads((run / "summary.json").read_text())
-                placement = load_placement(placements[which])
-                predicted = predicted_phases(scaled, placement, variant=variant)["step_time"][0]
-                rows.append({"nodes": nodes, "rate": rate, "algorithm": name,
-                             "predicted_s": predicted,
-                             "measured_s": summary["mean_step_time_s"],
-                             "bytes": summary["comm_bytes_per_step"]["total"]})
+        placements = {}
+        for round_ in range(args.rounds):
+            if cluster.rate != rates[0]:
+                cluster.set_rate(rates[0])
+            profile_path = work / f"profile-{nodes}-{round_}.json"
+            dpkfac_on(cluster, "profile", "--model", args.model, "--batch-size",
+                      str(args.batch_size), "--out", str(profile_path))
+            profile = load_profile(profile_path)
+            if not placements:
+                placements = plan_placements(work, profile_path, nodes)
+            for name, flags, which, variant in selected(args):
+                for rate in rates:
+                    if rate != cluster.rate:
+                        cluster.set_rate(rate)
+                    run = work / f"run-{nodes}-{round_}-{rate}-{name.replace(' ', '-')}"
+                    dpkfac_on(cluster, "train", "--placement", str(placements[which]), "--out",
+                              str(run), "--max-steps", str(args.steps), "--epochs", "1000",
+                              "--no-progress", *(f.replace("P", str(nodes)) for f in flags))
+                    summary = json.loads((run / "summary.json").read_text())
+                    scaled = scale_bandwidth(profile, mbit(rate) / mbit(rates[0]))
+                    predicted = predicted_phases(scaled, load_placement(placements[which]),
+                                                 variant=variant)["step_time"][0]
+                    rows.append({"nodes": nodes, "round": round_, "rate": rate,
+                                 "algorithm": name, "predicted_s": predicted,
+                                 "measured_s": summary["mean_step_time_s"],
+                                 "bytes": summary["comm_bytes_per_step"]["total"]})
     return rows
+
+
+def plan_placements(work: Path, profile: Path, nodes: int) -> dict[str, Path]:
+    """The planned and the round-robin placement of `profile` on `nodes` workers."""
+    workers = ("--workers", str(nodes))
+    return {"planned": plan(profile, work / f"planned-{nodes}.json", *workers),
+            "round-robin": plan(profile, work / f"rr-{nodes}.json", *workers,
+                                "--solver", "round-robin")}
+
+
+def selected(args) -> list[tuple]:
+    """The ALGORITHMS rows named in --algorithms."""
+    return [row for row in ALGORITHMS if row[0] in args.algorithms.split(",")]
+
+
+def averaged(rows: list[dict]) -> list[dict]:
+    """One row per (nodes, rate, algorithm): predicted and measured mean over the rounds, and
+    the smallest and largest single-round error."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["nodes"], r["rate"], r["algorithm"]), []).append(r)
+    out = []
+    for (nodes, rate, algorithm), group in groups.items():
+        errors = [g["predicted_s"] / g["measured_s"] - 1 for g in group]
+        out.append({"nodes": nodes, "rate": rate, "algorithm": algorithm,
+                    "predicted_s": statistics.fmean(g["predicted_s"] for g in group),
+                    "measured_s": statistics.fmean(g["measured_s"] for g in group),
+                    "round_errors": (min(errors), max(errors)),
+                    "bytes": group[-1]["bytes"]})
+    return out
 
 
 def cluster_rows(work: Path, nodes: int, rate: str) -> dict:
     """dp-kfac's predicted step from the profile measured on the emulated cluster and from a
     cluster file of it (same model, same owners count)."""
-    out = plan(work / f"profile-{nodes}.json", work / f"from-cluster-{nodes}.json",
+    out = plan(work / f"profile-{nodes}-0.json", work / f"from-cluster-{nodes}.json",
                "--cluster", str(cluster_file(work, nodes, rate)))
     measured = load_placement(work / f"planned-{nodes}.json")["predicted"]["step_time_s"]
     described = load_placement(out)["predicted"]["step_time_s"]
@@ -134,7 +173,10 @@ def main() -> int:
                         help="link rates; the first is the profile's")
     parser.add_argument("--model", default="digits-cnn")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="profile + every run, repeated; predictions and measurements are "
+                        "averaged over the rounds")
     parser.add_argument("--algorithms", default=",".join(a[0] for a in ALGORITHMS),
                         help="rows to run (comma-separated names of the table's algorithms)")
     parser.add_argument("--work", default=None, metavar="DIR",
@@ -153,7 +195,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="dpkfac-network-") as tmp:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        rows = [row for n in nodes for row in measure_nodes(work, n, rates, args)]
+        rows = averaged([row for n in nodes for row in measure_nodes(work, n, rates, args)])
         described = [cluster_rows(work, n, rates[0]) for n in nodes]
     return report(rows, described, args, nodes, rates)
 
@@ -162,7 +204,7 @@ def report(rows: list[dict], described: list[dict], args, nodes: list[int],
            rates: list[str]) -> int:
     failures = []
     headers = ["nodes", "link", "algorithm", "predicted ms", "measured ms", "error",
-               "traffic KB/step"]
+               "rounds' errors", "traffic KB/step"]
     cells = []
     for r in rows:
         error = r["predicted_s"] / r["measured_s"] - 1
@@ -171,7 +213,9 @@ def report(rows: list[dict], described: list[dict], args, nodes: list[int],
                             f"prediction off by {100 * error:+.1f}%")
         cells.append([str(r["nodes"]), r["rate"], r["algorithm"],
                       f"{1e3 * r['predicted_s']:.1f}", f"{1e3 * r['measured_s']:.1f}",
-                      f"{100 * error:+.1f}%", f"{r['bytes'] / 1e3:,.0f}"])
+                      f"{100 * error:+.1f}%",
+                      " .. ".join(f"{100 * e:+.1f}%" for e in r["round_errors"]),
+                      f"{r['bytes'] / 1e3:,.0f}"])
     step = {(r["nodes"], r["rate"], r["algorithm"]): r["measured_s"] for r in rows}
     speedup = step.get((nodes[0], rates[0], "mpd-kfac"), float("nan")) / \
         step.get((nodes[0], rates[0], "dp-kfac"), float("nan"))
@@ -187,8 +231,9 @@ def report(rows: list[dict], described: list[dict], args, nodes: list[int],
         file_cells.append([str(d["nodes"]), f"{1e3 * d['profile_s']:.1f}",
                            f"{1e3 * d['cluster_file_s']:.1f}", f"{100 * error:+.1f}%"])
     console = Console(width=120)
-    title = (f"{args.model} (batch {args.batch_size}/worker), {args.steps} steps per run: "
-             "predicted (profile at the first rate, no calibration) vs measured mean step")
+    title = (f"{args.model} (batch {args.batch_size}/worker), {args.steps} steps per run, "
+             f"mean of {args.rounds} rounds: predicted (each round's profile at the first rate, "
+             "no calibration) vs measured mean step")
     console.print(rich_table(title, headers, cells, left=("link", "algorithm")))
     file_headers = ["nodes", "from the profile ms", "from a cluster file ms", "difference"]
     console.print(rich_table("dp-kfac: predicted step from the measured profile vs from a "

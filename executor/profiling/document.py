@@ -18,7 +18,7 @@ from dpkfac.core.schemas import PROFILE_SCHEMA_ID
 
 from ..kfac import require_kfac_layers, uncovered_layers
 from ..runtime.cpu_runtime import flushed_denormals, keep_freed_memory
-from ..runtime.distributed import WorldInfo, broadcast_object
+from ..runtime.distributed import WorldInfo, all_gather_object, broadcast_object
 from ..workload.loaders import Batches
 from ..workload.loss import LossFn
 from .collectives import message_sizes, profile_comm
@@ -40,8 +40,9 @@ def profile_module(model: nn.Module, batches: Batches, world: WorldInfo, *, loss
     entries that say what was measured: "model" (its name), "data" (the data entry) and "loss".
 
     After folding the batches into the factors (so decompositions see full-rank factors, as in
-    training), rank 0 alone (the others wait) runs warm-up + repeats training-like steps
-    (kernels.time_steps); medians over the repeats. Then every rank times the collectives.
+    training), every rank at once runs warm-up + repeats training-like steps
+    (kernels.time_steps), each step started together; medians over every rank's repeats. Then
+    every rank times the collectives.
     """
     malloc = keep_freed_memory() if options.keep_freed_memory else {}
     with flushed_denormals(options.flush_denormal) as flushing:
@@ -58,9 +59,10 @@ def _profile(model: nn.Module, batches: Batches, world: WorldInfo, loss_fn: Loss
     try:
         rows = accumulate_factors(model, precond, batches, loss_fn)
         with _progress_bar(progress, options.warmup + options.repeats + 1) as bar:
-            samples = _on_rank_zero_alone(world, lambda: time_steps(
+            samples = _on_all_ranks_at_once(world, lambda: time_steps(
                 model, precond, batches, loss_fn, options,
-                advance=lambda: _advance(bar, "steps")))
+                advance=lambda: _advance(bar, "steps"),
+                align=dist.barrier if world.world_size > 1 else lambda: None))
             precond.remove_hooks()
             x, y = batches[0]
             comm = profile_comm(world, options, _step_message_sizes(model, precond, world),
@@ -99,16 +101,18 @@ def _kfac_numel(precond) -> int:
     return sum(block.grad_numel for block in precond.blocks.values())
 
 
-def _on_rank_zero_alone(world: WorldInfo, measure):
-    """`measure()` run on rank 0 while the other ranks wait at a barrier; its result on every
-    rank. Kernels are timed uncontended, as an owner meets them in training (the others wait in
-    the broadcast): on a host with fewer cores than ranks, timing all ranks at once would
-    charge every kernel for the other ranks' work."""
-    if world.world_size == 1:
-        return measure()
-    result = measure() if world.rank == 0 else None
-    dist.barrier()
-    return broadcast_object(result, world)
+def _on_all_ranks_at_once(world: WorldInfo, measure) -> dict[str, dict[str, list[float]]]:
+    """`measure()` ({what: {kernel: [seconds, ...]}}) run on every rank together, every rank's
+    samples pooled, on every rank. In training the ranks compute at the same time (every phase
+    but the waits runs on all of them: forward/backward, each owner's layers), so kernels are
+    timed beside one another, with whatever the ranks cost each other on a shared host (cores,
+    memory bandwidth, caches)."""
+    pooled: dict[str, dict[str, list[float]]] = {}
+    for samples in all_gather_object(measure(), world):
+        for what, kernels in samples.items():
+            for kernel, values in kernels.items():
+                pooled.setdefault(what, {}).setdefault(kernel, []).extend(values)
+    return pooled
 
 
 def _device_name(device: torch.device) -> str:
@@ -122,7 +126,8 @@ def _environment(world: WorldInfo, options: ProfileOptions) -> dict:
             "platform": platform.platform(), "threads": torch.get_num_threads(),
             "cuda": torch.version.cuda, "world_size": world.world_size,
             "timing": {"warmup": options.warmup, "repeats": options.repeats,
-                       "statistic": "median", "spread": "interquartile range"}}
+                       "statistic": "median", "spread": "interquartile range",
+                       "ranks_timed_at_once": world.world_size}}
 
 
 def _progress_bar(enabled: bool, total: int):

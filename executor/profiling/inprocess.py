@@ -32,8 +32,8 @@ def profile(model: nn.Module, batch: Batch | Sequence[Batch], *, loss_fn: LossFn
     options: how carefully to measure, as ProfileOptions' fields (warmup, repeats,
         factor_batches, compute_method, damping, ...); this process's malloc settings are left
         as they are unless keep_freed_memory=True.
-    Under an initialised torch.distributed group every rank must call it; the kernels are timed
-    on rank 0, the collectives on all ranks, and every rank gets rank 0's document.
+    Under an initialised torch.distributed group every rank must call it; kernels and
+    collectives are timed on all ranks at once, and every rank gets rank 0's document.
     """
     module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     device = next(module.parameters()).device

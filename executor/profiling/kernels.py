@@ -50,9 +50,10 @@ def accumulate_factors(model: nn.Module, precond: BaseKFACPreconditioner, batche
 
 
 def time_steps(model: nn.Module, precond: BaseKFACPreconditioner, batches: Batches,
-               loss_fn: LossFn, options: ProfileOptions, advance: Callable[[], None]
-               ) -> dict[str, dict[str, list[float]]]:
+               loss_fn: LossFn, options: ProfileOptions, advance: Callable[[], None],
+               align: Callable[[], None] = lambda: None) -> dict[str, dict[str, list[float]]]:
     """Seconds of every kernel in each timed step: {layer name or "step": {kernel: [s, ...]}}.
+    `align()` runs before each step (a barrier, when every rank times steps at once).
 
     Each step: forward/backward (with the capture hooks), the packing of the gradient
     all-reduce, every layer's factors, then every decomposition, then every preconditioning,
@@ -71,6 +72,7 @@ def time_steps(model: nn.Module, precond: BaseKFACPreconditioner, batches: Batch
         keep = i >= options.warmup
         x, y = batches[i % len(batches)]
         precond.capture.clear()
+        align()
         with _timed(step["forward_backward"], keep):
             optimizer.zero_grad(set_to_none=False)
             loss = loss_fn(model(x), y)
