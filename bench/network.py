@@ -32,7 +32,7 @@ from rich.console import Console
 
 from dpkfac.core.placement import load_placement
 from dpkfac.core.profile import load_profile
-from dpkfac.emulation import EmulatedCluster, emulation_unavailable
+from dpkfac.emulation import EmulatedCluster, emulation_unavailable, rate_bytes_per_s
 from planner.model.calibrate import predicted_phases
 from planner.whatif.sweep import scale_bandwidth
 
@@ -48,15 +48,6 @@ ALGORITHMS = (
      "kaisa-mem-opt"),
 )
 ENV = {"OMP_NUM_THREADS": "1"}
-
-
-def mbit(rate: str) -> float:
-    """tc rate text ("100mbit", "1gbit") in Mbit/s."""
-    units = {"kbit": 1e-3, "mbit": 1.0, "gbit": 1e3}
-    for suffix, factor in units.items():
-        if rate.lower().endswith(suffix):
-            return float(rate[:-len(suffix)]) * factor
-    raise ValueError(f"rate {rate!r}: expected a number with kbit, mbit or gbit")
 
 
 def dpkfac_on(cluster: EmulatedCluster, *args: str, timeout_s: float = 900.0) -> None:
@@ -82,7 +73,7 @@ def cluster_file(work: Path, nodes: int, rate: str) -> Path:
     path = work / f"cluster-{nodes}.json"
     path.write_text(json.dumps({
         "schema": "dpkfac.cluster/1", "nodes": nodes, "gpus_per_node": 1,
-        "inter_node": {"bandwidth_bytes_per_s": mbit(rate) * 1e6 / 8, "latency_s": 1e-4},
+        "inter_node": {"bandwidth_bytes_per_s": rate_bytes_per_s(rate), "latency_s": 1e-4},
         "intra_node": {"bandwidth_bytes_per_s": 1e10, "latency_s": 1e-5}}))
     return path
 
@@ -107,8 +98,9 @@ def measure_nodes(work: Path, nodes: int, rates: list[str], args) -> list[dict]:
             profile = load_profile(profile_path)
             if not placements:
                 placements = plan_placements(work, profile_path, nodes)
-            for name, flags, which, variant in selected(args):
-                for rate in rates:
+            order = selected(args)  # odd rounds run in reverse, so a drift of the host's speed
+            for name, flags, which, variant in order[::-1] if round_ % 2 else order:  # evens out
+                for rate in rates[::-1] if round_ % 2 else rates:
                     if rate != cluster.rate:
                         cluster.set_rate(rate)
                     run = work / f"run-{nodes}-{round_}-{rate}-{name.replace(' ', '-')}"
@@ -116,7 +108,8 @@ def measure_nodes(work: Path, nodes: int, rates: list[str], args) -> list[dict]:
                               str(run), "--max-steps", str(args.steps), "--epochs", "1000",
                               "--no-progress", *(f.replace("P", str(nodes)) for f in flags))
                     summary = json.loads((run / "summary.json").read_text())
-                    scaled = scale_bandwidth(profile, mbit(rate) / mbit(rates[0]))
+                    scaled = scale_bandwidth(profile,
+                                             rate_bytes_per_s(rate) / rate_bytes_per_s(rates[0]))
                     predicted = predicted_phases(scaled, load_placement(placements[which]),
                                                  variant=variant)["step_time"][0]
                     rows.append({"nodes": nodes, "round": round_, "rate": rate,

@@ -19,8 +19,28 @@ from dataclasses import dataclass
 from pathlib import Path
 
 RENDEZVOUS_PORT = 29400
-TBF_BURST = "64kb"       # tokens a link may send at line rate after an idle spell
+TBF_BURST_S = 1e-3       # a link may send this many seconds' worth at line rate after idling
+TBF_MIN_BURST = 8 << 10  # bytes: and never less (a few full-size packets)
 TBF_LATENCY = "200ms"    # how long a packet may queue before tbf drops it
+RATE_UNITS = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "bit": 1.0}  # tc's rate suffixes, bit/s
+
+
+def rate_bytes_per_s(rate: str) -> float:
+    """A tc rate ("100mbit", "1gbit", "800kbit") in bytes per second; ValueError otherwise."""
+    for suffix, bits in RATE_UNITS.items():
+        if rate.lower().endswith(suffix):
+            try:
+                return float(rate[:-len(suffix)]) * bits / 8
+            except ValueError:
+                break
+    raise ValueError(f"link rate {rate!r}: expected a number with kbit, mbit or gbit")
+
+
+def tbf_burst_bytes(rate: str) -> int:
+    """The token bucket of a link of `rate`: TBF_BURST_S of its bandwidth (at least
+    TBF_MIN_BURST), so the burst is the same time at every rate and a faster link is the
+    slower one sped up, as the what-if's bandwidth scaling assumes."""
+    return max(int(rate_bytes_per_s(rate) * TBF_BURST_S), TBF_MIN_BURST)
 
 
 @dataclass(frozen=True)
@@ -117,8 +137,13 @@ class EmulatedCluster:
         self.rate = rate
 
     def _shape(self, verb: str, ns: str, dev: str, rate: str | None = None) -> None:
+        rate = rate or self.rate
+        try:
+            burst = tbf_burst_bytes(rate)
+        except ValueError as exc:
+            raise EmulationError(f"cannot shape {dev} with tbf: {exc}") from None
         _run(["ip", "netns", "exec", ns, "tc", "qdisc", verb, "dev", dev, "root", "tbf",
-              "rate", rate or self.rate, "burst", TBF_BURST, "latency", TBF_LATENCY])
+              "rate", rate, "burst", str(burst), "latency", TBF_LATENCY])
 
     def _namespace(self, ns: str) -> None:
         _run(["ip", "netns", "add", ns])

@@ -94,10 +94,12 @@ def _interleaved_trials(rank: int, world_size: int) -> dict:
                       device=torch.device("cpu"), backend="gloo")
     means = time_collectives([op("a", 0.002), op("b", 0.02)], world, options,
                              before=lambda: None)
-    return {"calls": calls, "means": means}
+    late = time_collectives([op("c", 0.0)], world, options,  # rank 1 computes 20 ms longer
+                            before=lambda: time.sleep(0.02 if rank == 1 else 0.0))
+    return {"calls": [c for c in calls if c != "c"], "means": means, "late": late[0]}
 
 
-def test_collective_trials_interleave_and_take_the_slowest_rank():
+def test_collective_trials_interleave_and_run_from_mean_arrival_to_last_return():
     from distributed_helpers import run_distributed
 
     results = run_distributed(_interleaved_trials, 2)
@@ -106,6 +108,8 @@ def test_collective_trials_interleave_and_take_the_slowest_rank():
         assert result["calls"] == ["a", "b"] * trials  # trial i of every op, then i + 1
         a_s, b_s = result["means"]
         assert a_s >= 0.002 and b_s >= 0.02  # rank 1's sleeps: the slowest rank's time counts
+        # a late arrival counts from the ranks' mean arrival: half of rank 1's 20 ms
+        assert 0.009 <= result["late"] <= 0.016
     assert results[0]["means"] == results[1]["means"]
 
 

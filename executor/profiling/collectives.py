@@ -50,7 +50,7 @@ def profile_comm(world: WorldInfo, options: ProfileOptions, sizes: tuple[int, ..
         seconds = means[k * len(sizes):(k + 1) * len(sizes)]
         fits[kind] = dict(fit_alpha_beta(sizes, seconds), seconds=seconds)
     return {"backend": backend, "world_size": world.world_size, **fits, "source": "measured",
-            "statistic": "mean over trials of the slowest rank's time",
+            "statistic": "mean over trials of (last rank's return - mean arrival)",
             "message_bytes": list(sizes),
             **_broadcast_overlap(world, options, max(owner_bytes, 1 << 10), before)}
 
@@ -83,22 +83,31 @@ def _broadcast_overlap(world: WorldInfo, options: ProfileOptions, nbytes: int, b
 def time_collectives(ops, world: WorldInfo, options: ProfileOptions, before) -> list[float]:
     """Seconds of each collective call in `ops` as training meets it: right after compute
     (`before`, one forward/backward of the model, when the communication threads have gone
-    idle), not back to back. Each trial: barrier, compute, then one timed call on every rank; a
-    trial's time is its slowest rank's (a broadcast's root returns before the last receiver is
-    done). Trials are interleaved (trial i of every op, then trial i + 1), so a drift of a shared
-    host's load over the minutes of profiling shifts every message size alike instead of bending
-    the size-to-time curve. The mean over the trials, not the median: collectives on shared hosts
-    have long tails, and the planner predicts mean step times. Every rank runs the same fixed
-    number of collectives."""
-    seconds = torch.zeros(len(ops), options.warmup + 2 * options.repeats, dtype=torch.float64)
-    for trial in range(seconds.shape[1]):
+    idle), not back to back. Each trial: barrier, compute, then one timed call on every rank.
+    A trial's time is from the ranks' mean arrival to the last rank's return,
+    max_r(compute_r + call_r) - mean_r(compute_r) (each measured from the barrier): the
+    step model starts a collective when the ranks have computed for their typical (mean) time,
+    so the call's time carries the wait for the ranks that arrive later, and ends when the
+    last rank is done (a broadcast's root returns early). Trials are interleaved (trial i of
+    every op, then trial i + 1), so a drift of a shared host's load over the minutes of
+    profiling shifts every message size alike instead of bending the size-to-time curve. The
+    mean over the trials, not the median: collectives on shared hosts have long tails, and
+    the planner predicts mean step times. Every rank runs the same fixed number of
+    collectives."""
+    trials = options.warmup + 2 * options.repeats
+    arrive = torch.zeros(len(ops), trials, dtype=torch.float64)
+    done = torch.zeros(len(ops), trials, dtype=torch.float64)
+    for trial in range(trials):
         for j, op in enumerate(ops):
             dist.barrier()
+            start = time.perf_counter()
             before()
             synchronize_device()
-            start = time.perf_counter()
+            arrive[j, trial] = time.perf_counter() - start
             op()
             synchronize_device()
-            seconds[j, trial] = time.perf_counter() - start
-    dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+            done[j, trial] = time.perf_counter() - start
+    dist.all_reduce(arrive)  # sum over ranks
+    dist.all_reduce(done, op=dist.ReduceOp.MAX)
+    seconds = done - arrive / world.world_size
     return seconds[:, options.warmup:].mean(dim=1).tolist()
