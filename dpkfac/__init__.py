@@ -8,13 +8,15 @@
   (dict) from a profile; pure, needs no torch (planner.library.plan);
 - `dpkfac.plan_for_group(profile, **kwargs)`: plan on rank 0 of a torchrun job, the same
   placement on every rank (dpkfac.group);
-- `dpkfac.DPKFAC(model, placement, **hyper)`: the preconditioner (executor.DPKFAC).
+- `dpkfac.DPKFAC(model, placement, **hyper)`: the preconditioner (executor.DPKFAC);
+- `dpkfac.start_gradient_average(tensors, world_size)`: the fused gradient all-reduce started
+  asynchronously, for the overlapped step (DPKFAC.prepare / finish).
 torch is imported on first use of what needs it. The `dpkfac` console command is dpkfac.cli;
 the torch-free core shared by the planner and the executor is dpkfac.core.
 """
 from __future__ import annotations
 
-__all__ = ["profile", "plan", "plan_for_group", "DPKFAC"]
+__all__ = ["profile", "plan", "plan_for_group", "DPKFAC", "start_gradient_average"]
 
 
 def __getattr__(name: str):
@@ -27,6 +29,9 @@ def __getattr__(name: str):
     if name == "plan_for_group":
         from dpkfac.group import plan_for_group
         return plan_for_group
+    if name == "start_gradient_average":
+        from executor.runtime.distributed import start_gradient_average
+        return start_gradient_average
     if name == "DPKFAC":
         from executor import DPKFAC
         return DPKFAC

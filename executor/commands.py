@@ -87,6 +87,10 @@ def _register_train(subparsers) -> None:
                    "rank) ends the job with an error naming the step and phase (default 600)")
     p.add_argument("--precise-timing", action="store_true",
                    help="synchronise the device around each phase (exact phase times, slower)")
+    p.add_argument("--no-overlap", dest="overlap", action="store_false",
+                   help="the serial step: the gradient all-reduce, then the K-FAC phases (by "
+                   "default DP-KFAC owners build factors and decompose while it is in flight; "
+                   "the same numbers either way)")
     p.add_argument("--stagger-decompositions", action="store_true",
                    help="follow the placement's staggered decomposition schedule (plan with "
                    "--inv-update-freq K > 1): a lower peak step, not a lower mean")
@@ -217,6 +221,7 @@ def _run_train(args: argparse.Namespace) -> int:
                       timeout_s=args.timeout,
                       precise_timing=args.precise_timing,
                       stagger_decompositions=args.stagger_decompositions,
+                      overlap=args.overlap,
                       flush_denormal=not args.keep_denormals,
                       keep_freed_memory=not args.release_freed_memory,
                       progress=False if args.no_progress else None, **overrides)

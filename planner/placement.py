@@ -53,6 +53,7 @@ def placement_document(plan: Plan, *, profile_path: str | os.PathLike | None = N
         "status": solution.status,
         "config": {"factor_update_freq": plan.config.factor_update_freq,
                    "inv_update_freq": plan.config.inv_update_freq,
+                   "overlap": plan.config.overlap,
                    "batch_size": profile.batch_size,
                    "compute_method": profile.compute_method},
         "assignment": {layer.name: owner for layer, owner in zip(profile.layers, solution.owners)},

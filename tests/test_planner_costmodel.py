@@ -18,7 +18,7 @@ from planner.whatif.sweep import ROW_KEYS, Sweep, sweep_rows
 
 from planner_fixtures import synthetic_profile_dict
 
-FREQ1 = PlanConfig()
+FREQ1 = PlanConfig(overlap=False)  # the serial step (by hand); tests/test_overlapped_schedule.py
 COUNTERS = 16  # bytes of numerics counters at the end of each owner's broadcast
 
 

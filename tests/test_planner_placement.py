@@ -44,7 +44,7 @@ def test_document_follows_the_contract(placement, profile_path):
     assert placement["schema"] == "dpkfac.placement/1"
     assert placement["world_size"] == 3 and placement["model"] == profile.model
     assert list(placement["assignment"]) == [l.name for l in profile.layers]
-    assert placement["config"] == {"factor_update_freq": 1, "inv_update_freq": 1,
+    assert placement["config"] == {"factor_update_freq": 1, "inv_update_freq": 1, "overlap": True,
                                    "batch_size": profile.batch_size,
                                    "compute_method": profile.compute_method}
     pred = placement["predicted"]

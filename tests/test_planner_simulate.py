@@ -15,6 +15,7 @@ from planner_fixtures import synthetic_profile_dict
 
 
 COUNTERS = 16  # bytes of numerics counters at the end of each owner's broadcast
+SERIAL = PlanConfig(overlap=False)  # the schedules by hand here are serial (overlapped: below)
 
 
 def hand_profile(*, world_size: int = 2) -> dict:
@@ -32,7 +33,7 @@ def hand_profile(*, world_size: int = 2) -> dict:
 
 def test_one_step_by_hand():
     profile = profile_from_dict(hand_profile())
-    step = simulate_step(profile, owners=[0, 0, 1], workers=2, config=PlanConfig())
+    step = simulate_step(profile, owners=[0, 0, 1], workers=2, config=SERIAL)
     allreduce = 1e-3 + 1000 * 4 * 1e-9
     rank0, rank1 = 6.0 + 2.0, 4.5                     # factors + decompose + precondition
     b0 = b1 = 1e-3 + (2000 + COUNTERS) * 1e-9       # 500 floats and the counters each
@@ -57,7 +58,7 @@ def test_second_order_is_the_slowest_compute_plus_the_broadcasts_at_frequency_on
     profile = profile_from_dict(synthetic_profile_dict(9, 4))
     for owners in ([0, 1, 2] * 3, [0] * 9, [2, 2, 1, 0, 0, 1, 2, 2, 2]):
         pred = predict_step(profile, variant="dp-kfac", owners=owners, workers=3,
-                            config=PlanConfig())
+                            config=SERIAL)
         step = pred.cycle.steps[0]
         assert step.second_order_s == pytest.approx(max(pred.compute_s) + step.broadcast_s)
         assert step.step_time_s == pytest.approx(

@@ -117,6 +117,7 @@ PLACEMENT_SCHEMA: dict = {
             "properties": {
                 "factor_update_freq": POSITIVE_INTEGER,
                 "inv_update_freq": POSITIVE_INTEGER,
+                "overlap": {"type": "boolean"},
                 "batch_size": POSITIVE_INTEGER,
                 "compute_method": {"enum": ["eigen", "inverse"]},
             },

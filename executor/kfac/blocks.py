@@ -269,7 +269,7 @@ def require_kfac_layers(model: nn.Module, *, what: str) -> list[tuple[str, nn.Mo
 def _running_average(old: torch.Tensor | None, new: torch.Tensor, decay: float) -> torch.Tensor:
     if old is None:
         return new.clone()
-    return old.mul_(decay).add_(new, alpha=1.0 - decay)
+    return old.mul(decay).add_(new, alpha=1.0 - decay)  # a new tensor: the old one may be kept
 
 
 _SMALL_ROWS = 1 << 16  # elements of a row matrix below which one copy beats assembling blocks

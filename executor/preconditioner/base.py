@@ -49,6 +49,12 @@ class BaseKFACPreconditioner:
     parameters: the parameters whose gradients that check covers (default: the K-FAC layers'),
     kept as `params`.
 
+    The overlapped step (overlap=True, the default): with the gradient all-reduce in flight
+    (e.g. pending = start_gradient_average(grads, world_size)), call prepare() (an owner's
+    factors and decompositions, from its own batch), then pending.wait(), then finish() if
+    the averaged gradients are finite, else rollback(). The results equal step()'s to the bit.
+    overlap=False: prepare() does nothing and finish() is step().
+
     Gradient accumulation: the factors of a step are those of the concatenation (along the
     batch dimension) of every micro-batch captured since the last step (see Capture). With K
     micro-batches of B samples whose losses are each their batch mean divided by K (backward K
@@ -63,8 +69,8 @@ class BaseKFACPreconditioner:
                  kl_clip: float | None, factor_update_freq: int, inv_update_freq: int,
                  compute_method: ComputeMethod, precise_timing: bool = False,
                  stagger_decompositions: bool = False, factor_dtype: torch.dtype = torch.float32,
-                 grad_scaler: Any = None, parameters: Iterable[nn.Parameter] | None = None
-                 ) -> None:
+                 grad_scaler: Any = None, parameters: Iterable[nn.Parameter] | None = None,
+                 overlap: bool = True) -> None:
         self.blocks = blocks
         self.work = work
         self.exchange = exchange
@@ -79,12 +85,14 @@ class BaseKFACPreconditioner:
         self.stagger_decompositions = stagger_decompositions
         self.factor_dtype = factor_dtype
         self.grad_scaler = grad_scaler
+        self.overlap = overlap
         self.params = list(parameters if parameters is not None else
                            (p for b in blocks.values() for p in b.module.parameters()))
         self._check_decomposition_wire_dtype()
         self.steps = 0  # K-FAC steps taken, restored by load_state_dict
         self.skipped_steps = 0  # steps skipped for non-finite gradients, restored too
         self.calls = 0  # step() calls that ran (skips excluded) in this process, since construction
+        self._undo: tuple[dict, dict] | None = None  # what rollback() restores after prepare()
         self.timer = PhaseTimer(SECOND_ORDER_PHASES, synchronize=precise_timing)
         self.ledger = NumericsLedger(work.owner, work.rank)
         self.capture = Capture({name: blocks[name].module for name in work.factor_layers},
@@ -105,7 +113,64 @@ class BaseKFACPreconditioner:
             self._step()
         return True
 
+    @torch.no_grad()
+    def prepare(self) -> bool:
+        """The step's local phases now, before the gradients are reduced (the overlapped step:
+        call it while the gradient all-reduce is in flight, then finish() or rollback() once it
+        is done). Only strategies whose factors are LOCAL have such phases (an owner's factors
+        from its own batch and their decompositions); returns whether it ran them. Their
+        effects stay undoable until finish(). With overlap=False it runs nothing (finish() is
+        then step(): the serial step)."""
+        if not self.overlap or self.strategy.factors is not FactorMode.LOCAL:
+            return False
+        self.timer.reset()
+        self._undo = self._snapshot()
+        with torch.autocast(self._device_type(), enabled=False):
+            self._local_phases()
+        return True
+
+    @torch.no_grad()
+    def finish(self) -> bool:
+        """The rest of a step begun with prepare() (or all of it, when prepare() ran nothing),
+        the gradients now averaged: as step(), whose results it gives to the bit."""
+        if self._undo is None:
+            return self.step()
+        if self.grad_scaler is not None and not self.gradients_finite():
+            self.rollback()
+            self.skipped_steps += 1
+            return False
+        with torch.autocast(self._device_type(), enabled=False):
+            self._shared_phases()
+        self._undo = None
+        return True
+
+    def rollback(self) -> None:
+        """Undo prepare() (the step is skipped: its averaged gradients are not finite): the
+        factors, decompositions and counters are as before it; captured tensors dropped."""
+        if self._undo is not None:
+            held, counters = self._undo
+            for name, (factor_a, factor_g, decomposition) in held.items():
+                block = self.blocks[name]
+                block.factor_a, block.factor_g, block.decomposition = \
+                    factor_a, factor_g, decomposition
+            self.ledger.load(counters)
+            self._undo = None
+        self.capture.clear()
+
+    def _snapshot(self) -> tuple[dict, dict]:
+        """What prepare() may change, by reference (folding and decomposing replace tensors,
+        never write into them): each factor layer's factors and decomposition, the counters."""
+        held = {name: (self.blocks[name].factor_a, self.blocks[name].factor_g,
+                       dict(self.blocks[name].decomposition))
+                for name in self.work.factor_layers}
+        return held, self.ledger.state()
+
     def _step(self) -> None:
+        self._local_phases()
+        self._shared_phases()
+
+    def _local_phases(self) -> None:
+        """Factors (all-reduced when the strategy says so), then the due decompositions."""
         with self.timer.phase("factors"):
             g_scale = self.g_factor_scale()
             fresh = {name: (self.batch_factor(name, "a"), self.batch_factor(name, "g", g_scale))
@@ -123,6 +188,9 @@ class BaseKFACPreconditioner:
                 for name in due:
                     self.decompose_factor(name, "a")
                     self.decompose_factor(name, "g")
+
+    def _shared_phases(self) -> None:
+        """Shared decompositions or preconditioned gradients, then the write-back."""
         shares_decompositions = self.strategy.shared is SharedResult.DECOMPOSITION
         if shares_decompositions and self.steps % self.inv_update_freq == 0:
             with self.timer.phase("broadcast"):

@@ -43,6 +43,10 @@ class KFACPreconditioner(BaseKFACPreconditioner):
             is divided out of G (1 / s**2); call grad_scaler.unscale_(optimizer) before
             step(). step() then skips (returns False, `skipped_steps` += 1, `steps` unchanged,
             captured tensors dropped) when any gradient of the model is NaN/inf.
+        overlap: whether prepare() runs the local phases (DP-KFAC: an owner's factors and
+            decompositions) for the overlapped step: start the gradient all-reduce
+            (dpkfac.start_gradient_average), prepare(), wait, then finish() (or rollback() for
+            non-finite averages); the same results as step(). False: prepare() does nothing.
 
     Gradient accumulation: backward K times (the loss of each micro-batch of B samples being
     its mean divided by K; under DDP, all but the last in `model.no_sync()`), then step()
@@ -68,6 +72,7 @@ class KFACPreconditioner(BaseKFACPreconditioner):
         stagger_decompositions: bool = False,
         factor_dtype: torch.dtype = torch.float32,
         grad_scaler: Any = None,
+        overlap: bool = True,
     ) -> None:
         module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         self.placement = load_placement(placement)
@@ -86,7 +91,8 @@ class KFACPreconditioner(BaseKFACPreconditioner):
             inv_update_freq=inv_update_freq or config["inv_update_freq"],
             compute_method=ComputeMethod(compute_method or config.get("compute_method", "eigen")),
             precise_timing=precise_timing, stagger_decompositions=stagger_decompositions,
-            factor_dtype=factor_dtype, grad_scaler=grad_scaler, parameters=module.parameters())
+            factor_dtype=factor_dtype, grad_scaler=grad_scaler, parameters=module.parameters(),
+            overlap=overlap)
 
 
 DPKFAC = KFACPreconditioner  # the public name: DP-KFAC is the default strategy

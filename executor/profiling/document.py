@@ -41,8 +41,8 @@ def profile_module(model: nn.Module, batches: Batches, world: WorldInfo, *, loss
 
     After folding the batches into the factors (so decompositions see full-rank factors, as in
     training), every rank at once runs warm-up + repeats training-like steps
-    (kernels.time_steps), each step started together; medians over every rank's repeats. Then
-    every rank times the collectives.
+    (kernels.time_steps: the step's traffic flows as in the overlapped step, untimed), each step
+    started together; medians over every rank's repeats. Then every rank times the collectives.
     """
     malloc = keep_freed_memory() if options.keep_freed_memory else {}
     with flushed_denormals(options.flush_denormal) as flushing:
@@ -62,7 +62,8 @@ def _profile(model: nn.Module, batches: Batches, world: WorldInfo, loss_fn: Loss
             samples = _on_all_ranks_at_once(world, lambda: time_steps(
                 model, precond, batches, loss_fn, options,
                 advance=lambda: _advance(bar, "steps"),
-                align=dist.barrier if world.world_size > 1 else lambda: None))
+                align=dist.barrier if world.world_size > 1 else lambda: None,
+                world_size=world.world_size))
             precond.remove_hooks()
             x, y = batches[0]
             comm = profile_comm(world, options, _step_message_sizes(model, precond, world),

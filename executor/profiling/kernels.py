@@ -12,7 +12,7 @@ from torch import nn
 
 from ..kfac import ComputeMethod, KFACBlock, kfac_layers, make_block
 from ..preconditioner import BaseKFACPreconditioner, Exchange, WorkAssignment
-from ..runtime.distributed import average_gradients_
+from ..runtime.distributed import average_gradients_, start_gradient_average
 from ..runtime.timing import synchronize_device
 from ..workload.loaders import Batches
 from ..workload.loss import LossFn
@@ -51,9 +51,15 @@ def accumulate_factors(model: nn.Module, precond: BaseKFACPreconditioner, batche
 
 def time_steps(model: nn.Module, precond: BaseKFACPreconditioner, batches: Batches,
                loss_fn: LossFn, options: ProfileOptions, advance: Callable[[], None],
-               align: Callable[[], None] = lambda: None) -> dict[str, dict[str, list[float]]]:
+               align: Callable[[], None] = lambda: None, world_size: int = 1
+               ) -> dict[str, dict[str, list[float]]]:
     """Seconds of every kernel in each timed step: {layer name or "step": {kernel: [s, ...]}}.
     `align()` runs before each step (a barrier, when every rank times steps at once).
+
+    With `world_size` > 1 ranks timing together, the step's traffic runs too, untimed, where the
+    executor's overlapped DP-KFAC step has it: the gradient all-reduce is in flight during the
+    factors and decompositions, and rank 0 broadcasts every preconditioned gradient before the
+    write-back; so kernels meet what the traffic costs the host (its network stack, caches).
 
     Each step: forward/backward (with the capture hooks), the packing of the gradient
     all-reduce, every layer's factors, then every decomposition, then every preconditioning,
@@ -78,8 +84,10 @@ def time_steps(model: nn.Module, precond: BaseKFACPreconditioner, batches: Batch
             loss = loss_fn(model(x), y)
             loss.backward()
         grads = [p.grad for p in model.parameters() if p.grad is not None]
+        loss_buf = loss.detach().reshape(1).clone()
         with _timed(step["pack"], keep):
-            average_gradients_(grads + [loss.detach().reshape(1).clone()], 1)
+            average_gradients_(grads + [loss_buf], 1)
+        pending = start_gradient_average(grads + [loss_buf], world_size)
         for name in names:
             with _timed(samples[name]["factor_a"], keep):
                 a = precond.batch_factor(name, "a")
@@ -89,16 +97,25 @@ def time_steps(model: nn.Module, precond: BaseKFACPreconditioner, batches: Batch
             for side in ("a", "g"):
                 with _timed(samples[name][f"decompose_{side}"], keep):
                     precond.decompose_factor(name, side)
+        pending.wait()
         results = {}
         for name in names:
             with _timed(samples[name]["precondition"], keep):
                 results[name] = precond.precondition_layer(name)
+        _broadcast_from_rank0(list(results.values()), world_size)
         with _timed(step["apply"], keep):
             precond.apply(results)
         with _timed(step["optimizer"], keep):
             optimizer.step()
         advance()
     return samples
+
+
+def _broadcast_from_rank0(tensors: list[torch.Tensor], world_size: int) -> None:
+    """One fused broadcast of `tensors` from rank 0 (what every owner's broadcast sends, all
+    together); the receivers' copies are dropped."""
+    if world_size > 1 and tensors:
+        torch.distributed.broadcast(torch.cat([t.reshape(-1) for t in tensors]), src=0)
 
 
 @contextmanager

@@ -72,6 +72,41 @@ def world_rank_and_size(process_group=None) -> tuple[int, int]:
     return 0, 1
 
 
+class PendingAverage:
+    """A fused all-reduce of `tensors` in flight (start_gradient_average): wait() finishes it."""
+
+    def __init__(self, tensors: list[torch.Tensor], world_size: int, process_group=None) -> None:
+        self.tensors, self.world_size = tensors, world_size
+        self.flat = torch.cat([t.reshape(-1) for t in tensors]) if tensors else None
+        self.work = None
+        if self.flat is not None and world_size > 1:
+            self.work = dist.all_reduce(self.flat, group=process_group, async_op=True)
+
+    def wait(self) -> tuple[int, bool]:
+        """Wait for the all-reduce, average, check the result is finite, copy it back into the
+        tensors; returns (bytes of the fused buffer, whether it holds no NaN or inf)."""
+        if self.flat is None:
+            return 0, True
+        flat = self.flat
+        if self.work is not None:
+            self.work.wait()
+            flat.div_(self.world_size)
+        finite = bool(torch.isfinite(flat).all())
+        offset = 0
+        for t in self.tensors:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+        return flat.numel() * flat.element_size(), finite
+
+
+def start_gradient_average(tensors: list[torch.Tensor], world_size: int,
+                           process_group=None) -> PendingAverage:
+    """Start averaging `tensors` across ranks in one fused asynchronous all-reduce; the
+    tensors hold the averages once the returned PendingAverage's wait() returns. Between the
+    two, the caller may compute (not touching the tensors): the overlapped step."""
+    return PendingAverage(tensors, world_size, process_group)
+
+
 def average_gradients_(tensors: list[torch.Tensor], world_size: int,
                        process_group=None) -> tuple[int, bool]:
     """Average tensors across ranks in one fused all-reduce and check the result is finite.
@@ -79,18 +114,7 @@ def average_gradients_(tensors: list[torch.Tensor], world_size: int,
     Returns the bytes of the fused buffer and whether it holds no NaN or inf (one check of the
     flat buffer; identical on every rank, so every rank takes the same decision).
     """
-    if not tensors:
-        return 0, True
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    if world_size > 1:
-        dist.all_reduce(flat, group=process_group)
-        flat.div_(world_size)
-    finite = bool(torch.isfinite(flat).all())
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
-    return flat.numel() * flat.element_size(), finite
+    return start_gradient_average(tensors, world_size, process_group).wait()
 
 
 def allreduce_mean_(tensors: list[torch.Tensor], world_size: int, process_group=None) -> int:

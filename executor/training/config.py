@@ -47,6 +47,7 @@ class TrainConfig:
     keep_freed_memory: bool = True  # malloc keeps freed memory: no page faults (cpu_runtime)
     precise_timing: bool = False
     stagger_decompositions: bool = False
+    overlap: bool = True  # owners' local phases while the gradient all-reduce is in flight
     progress: bool | None = None
 
 

@@ -58,6 +58,7 @@ def summarise(cfg, world, model, precond, records, steps, grad_bytes, split, ski
         "phase_means_by_rank_s": [r["phases"] for r in per_rank],
         "dataset": split.name, "data": split.entry,
         "staggered_decompositions": bool(precond is not None and precond.stagger_decompositions),
+        "overlap": cfg.overlap,
         "comm_bytes_per_step": comm_breakdown(allreduce, mine["comm"]),
         "second_order_memory_bytes": [r["memory"] for r in per_rank],
         "parameter_sha256": [r["digest"] for r in per_rank],

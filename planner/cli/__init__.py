@@ -66,6 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     whatif.add_argument("--inv-update-freq", default="1", metavar="LIST",
                         help="recompute decompositions every STEPS steps; a list sweeps "
                              "(default 1)")
+    _add_overlap_flag(whatif)
     whatif.add_argument("--batch-sizes", metavar="LIST",
                         help="per-worker batch sizes to sweep (default: the profile's); "
                              "forward/backward and factor construction scale linearly")
@@ -103,6 +104,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     validate.set_defaults(func=_command("validate"))
 
 
+def _add_overlap_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-overlap", dest="overlap", action="store_false",
+                        help="predict the serial step (`dpkfac train --no-overlap`) instead of "
+                             "the overlapped one, where owners build factors and decompose "
+                             "while the gradient all-reduce is in flight")
+
+
 def _command(name: str) -> Callable[[argparse.Namespace], int]:
     """The `run` function of planner.cli.<name>, imported when the command runs."""
     def run(args: argparse.Namespace) -> int:
@@ -111,6 +119,7 @@ def _command(name: str) -> Callable[[argparse.Namespace], int]:
 
 
 def _add_freq_flags(parser: argparse.ArgumentParser) -> None:
+    _add_overlap_flag(parser)
     parser.add_argument("--factor-update-freq", type=positive_int, default=1, metavar="STEPS",
                         help="rebuild K-FAC factors every STEPS steps (default 1)")
     parser.add_argument("--inv-update-freq", type=positive_int, default=1, metavar="STEPS",

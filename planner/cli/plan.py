@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"--speeds gives {len(speeds)} speeds for {workers} workers")
     cluster = resolve_cluster(workers=args.workers, speeds=speeds, cluster=cluster_file)
     config = PlanConfig(factor_update_freq=args.factor_update_freq,
-                        inv_update_freq=args.inv_update_freq)
+                        inv_update_freq=args.inv_update_freq, overlap=args.overlap)
     profile = load_profile(args.profile)
     limit = args.time_limit if args.time_limit is not None else auto_time_limit_s(
         layers=len(profile.layers), workers=cluster.workers)

@@ -37,13 +37,14 @@ def run(args: argparse.Namespace) -> int:
     if variant not in VARIANTS:
         raise InputError(f"run summary in {args.run!r}: field variant: expected one of "
                          f"{', '.join(VARIANTS)}, got {variant!r}")
+    overlap = summary.get("overlap", False)  # runs before the overlapped step were serial
     measured = measured_phases(summary)
-    rows = compare(predicted_phases(profile, placement, variant=variant, staggered=staggered),
-                   measured)
+    rows = compare(predicted_phases(profile, placement, variant=variant, staggered=staggered,
+                                    overlap=overlap), measured)
     scales = None
     if out is not None:
         calibrated, scales = calibrate(profile, placement, measured, variant=variant,
-                                       staggered=staggered)
+                                       staggered=staggered, overlap=overlap)
         write_json_atomic(out, profile_to_dict(calibrated))
     if args.format == "json":
         document = {"schema": "dpkfac.validation/1", "placement": args.placement,

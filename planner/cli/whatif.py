@@ -38,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     rows = sweep_rows(profile, sweep)
     document = {"schema": WHATIF_SCHEMA_ID, "profile": args.profile,
                 "config": {"factor_update_freq": sweep.factor_update_freqs[0],
-                           "inv_update_freq": sweep.inv_update_freqs[0]},
+                           "inv_update_freq": sweep.inv_update_freqs[0],
+                           "overlap": sweep.overlap},
                 "knees": [{**settings, "efficiency": args.knee_efficiency,
                            "workers_by_algorithm": knees(members,
                                                          efficiency=args.knee_efficiency)}
@@ -90,7 +91,7 @@ def _whatif_sweep(args: argparse.Namespace, profile: Profile) -> Sweep:
                  factor_update_freqs=parse_int_list(args.factor_update_freq,
                                                     what="--factor-update-freq"),
                  inv_update_freqs=parse_int_list(args.inv_update_freq, what="--inv-update-freq"),
-                 topology=topology)
+                 topology=topology, overlap=args.overlap)
 
 
 def _write_csv(fh, rows: list[dict]) -> None:

@@ -52,10 +52,12 @@ def load_run_summary(run_dir: str | os.PathLike) -> dict:
 
 
 def predicted_phases(profile: Profile, placement: Mapping, *, variant: str = "dp-kfac",
-                     staggered: bool = False) -> dict[str, tuple[float, ...]]:
+                     staggered: bool = False, overlap: bool | None = None
+                     ) -> dict[str, tuple[float, ...]]:
     """Per phase, per rank: the step model's mean over a cycle of `variant` under the
     placement's owners, as the executor's timers see it (following the placement's
-    decomposition_step schedule when the run was `staggered`)."""
+    decomposition_step schedule when the run was `staggered`; overlapped or serial as
+    `overlap` says, default the placement's config, overlapped when it says nothing)."""
     config = placement["config"]
     names = [layer.name for layer in profile.layers]
     slots = placement.get("decomposition_step") if staggered else None
@@ -63,7 +65,8 @@ def predicted_phases(profile: Profile, placement: Mapping, *, variant: str = "dp
         profile, variant=variant, owners=owners_by_layer(placement, names),
         workers=placement["world_size"],
         config=PlanConfig(factor_update_freq=config["factor_update_freq"],
-                          inv_update_freq=config["inv_update_freq"]),
+                          inv_update_freq=config["inv_update_freq"],
+                          overlap=config.get("overlap", True) if overlap is None else overlap),
         decomposition_step=None if slots is None else [int(slots.get(n, 0)) for n in names])
     phases = prediction.cycle.mean_phases()
     phases["step_time"] = (prediction.step_time_s,) * placement["world_size"]
@@ -96,8 +99,8 @@ COMM_PHASES = ("allreduce", "broadcast")
 
 
 def calibrate(profile: Profile, placement: Mapping, measured: Mapping[str, Sequence[float]], *,
-              variant: str = "dp-kfac", staggered: bool = False, max_rounds: int = 30,
-              tolerance: float = 1e-4) -> tuple[Profile, dict[str, float]]:
+              variant: str = "dp-kfac", staggered: bool = False, overlap: bool | None = None,
+              max_rounds: int = 30, tolerance: float = 1e-4) -> tuple[Profile, dict[str, float]]:
     """A profile scaled so that the same placement predicts the measured phases.
 
     Compute phases (forward/backward, factors, decompositions, preconditioning, apply,
@@ -109,13 +112,14 @@ def calibrate(profile: Profile, placement: Mapping, measured: Mapping[str, Seque
     simulation puts in it cannot be matched). Returns the profile and the scale factors.
     """
     want = _phase_means(measured)
-    have = _phase_means(predicted_phases(profile, placement, variant=variant, staggered=staggered))
+    mode = dict(variant=variant, staggered=staggered, overlap=overlap)
+    have = _phase_means(predicted_phases(profile, placement, **mode))
     scales = {phase: _ratio(want[phase], have[phase]) for phase in COMPUTE_PHASES}
     scales.update(dict.fromkeys(COMM_PHASES, 1.0))
 
     def phase_at(phase: str, scale: float) -> float:
         trial = _scaled_profile(profile, dict(scales, **{phase: scale}), want, have)
-        return _phase_means(predicted_phases(trial, placement, variant=variant, staggered=staggered))[phase]
+        return _phase_means(predicted_phases(trial, placement, **mode))[phase]
 
     for phase in COMM_PHASES:
         scales[phase] = _solve_increasing(lambda s, p=phase: phase_at(p, s), want[phase],

@@ -21,9 +21,12 @@ from planner.solve.bounds import makespan_lower_bound_s
 
 @dataclass(frozen=True)
 class PlanConfig:
-    """Planning settings that change costs: K-FAC refresh periods, in steps."""
+    """Planning settings that change costs: K-FAC refresh periods, in steps, and whether the
+    executor overlaps an owner's local work with the gradient all-reduce (`dpkfac train`'s
+    default; `--no-overlap` runs the serial step)."""
     factor_update_freq: int = 1
     inv_update_freq: int = 1
+    overlap: bool = True
 
     def __post_init__(self) -> None:
         for name in ("factor_update_freq", "inv_update_freq"):
@@ -141,8 +144,13 @@ def second_order_lower_bound_s(profile: Profile, *, workers: int, config: PlanCo
                                network: Network | None = None) -> float:
     """A proven lower bound on DP-KFAC's amortised second-order seconds for any placement:
     max(total work / sum of speeds, pigeonhole bound, compute_bound_s) + the broadcast bound.
-    `compute_bound_s` lets a solver's proven bound (e.g. an ILP dual bound) tighten it."""
+    `compute_bound_s` lets a solver's proven bound (e.g. an ILP dual bound) tighten it. With
+    the overlapped step (config.overlap, more than one worker) the gradient all-reduce may hide
+    up to its own seconds of that compute (second-order time counts from its end)."""
     works = layer_works_s(profile, config=config)
     compute = max(makespan_lower_bound_s(work=works, workers=workers, speeds=speeds),
                   compute_bound_s)
+    if config.overlap and workers > 1:
+        hidden = gradient_allreduce_s(profile, workers=workers, network=network)
+        compute = max(compute - hidden, 0.0)
     return compute + broadcast_lower_bound_s(profile, workers=workers, network=network)

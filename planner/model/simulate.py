@@ -16,6 +16,11 @@ dpkfac.core.step.PHASES:
    owner preconditions its layers, then the owners broadcast the results, every step;
 7. apply (KL clip, write-back), then the optimizer.
 
+Overlapped (config.overlap, strategies whose factors are LOCAL, more than one worker): each
+worker posts the gradient all-reduce when its forward/backward ends and runs its factors and
+decompositions (3, 5: they need only its own batch) while the all-reduce is in flight; it waits
+for the all-reduce before preconditioning. Otherwise the step is serial, as listed.
+
 A collective needs every rank: it starts when the last one arrives, and the broadcasts of a
 step, posted together, take Network.broadcast_group_s of their times. Plain SGD (strategy None)
 has steps 1, 2 and 7's optimizer only. A cycle is lcm(factor_update_freq, inv_update_freq) steps;
@@ -68,7 +73,7 @@ class StepResult:
     """One simulated step. Seconds; per-worker tuples by rank.
 
     second_order_s: from the end of the gradient all-reduce to the end of the last second-order
-    phase. compute_makespan_s: the largest per-worker K-FAC compute of this step.
+    phase (overlapped: what of the second order the all-reduce does not hide). compute_makespan_s: the largest per-worker K-FAC compute of this step.
     phases_s: per phase (PHASES), per worker, as the executor's timers see it (waiting included).
     """
     step_time_s: float
@@ -129,7 +134,10 @@ class _Timeline:
         self.phases = {phase: np.zeros(workers) for phase in PHASES}
         self.busy = np.zeros(workers)
         self.comm = np.zeros(workers)
-        self.gates: dict[int, int] = {}  # id(collective segment) -> the worker that arrived last
+        # id(collective segment) -> (the worker that arrived last, the segment to resume from
+        # in its list): the collective itself, or the marker where it posted an overlapped one
+        self.gates: dict[int, tuple[int, Segment]] = {}
+        self.markers: set[int] = set()  # ids of posting markers (not on any critical path)
 
     def compute(self, phase: str, seconds: np.ndarray, layers: Sequence[int] | None = None) -> None:
         """Every worker w computes `seconds[w]` in `phase`."""
@@ -147,12 +155,35 @@ class _Timeline:
         gate = int(np.argmax(self.t))
         start = float(self.t[gate])
         seg = Segment(phase, None, start, start + seconds, count=count)
-        self.gates[id(seg)] = gate
+        self.gates[id(seg)] = (gate, seg)
         for w in range(len(self.t) if self.trace else 0):
             self.segments[w].append(seg)
         self.phases[phase] += start + seconds - self.t
         self.comm += seconds
         self.t = np.full_like(self.t, start + seconds)
+
+    def post(self, phase: str, seconds: float) -> Segment:
+        """An overlapped collective of all workers taking `seconds` once the last one has
+        posted it; the workers go on computing until they wait() for it."""
+        gate = int(np.argmax(self.t))
+        start = float(self.t[gate])
+        seg = Segment(phase, None, start, start + seconds)
+        marker = Segment(phase, gate, start, start)
+        self.gates[id(seg)] = (gate, marker)
+        self.markers.add(id(marker))
+        if self.trace:
+            self.segments[gate].append(marker)
+        self.comm += seconds
+        return seg
+
+    def wait(self, seg: Segment) -> None:
+        """Every worker waits for the posted collective `seg` (its phase's timer runs from
+        the worker's arrival to the collective's end)."""
+        for w in range(len(self.t) if self.trace else 0):
+            if seg.end_s >= self.t[w]:
+                self.segments[w].append(seg)
+        self.phases[seg.kind] += np.maximum(seg.end_s - self.t, 0.0)
+        self.t = np.maximum(self.t, seg.end_s)
 
     def critical_path(self) -> tuple[Segment, ...]:
         """Walk back from the worker that ends last, through each collective to the worker
@@ -163,11 +194,14 @@ class _Timeline:
         i, path = len(self.segments[w]) - 1, []
         while i >= 0:
             seg = self.segments[w][i]
+            if id(seg) in self.markers:  # an overlapped collective posted here: not waited on
+                i -= 1
+                continue
             if seg.end_s > seg.start_s:
                 path.append(seg)
             if seg.worker is None:  # continue on the worker whose arrival started it
-                w = self.gates[id(seg)]
-                i = next(k for k, s in enumerate(self.segments[w]) if s is seg)
+                w, resume = self.gates[id(seg)]
+                i = next(k for k, s in enumerate(self.segments[w]) if s is resume)
             i -= 1
         return tuple(reversed(path))
 
@@ -186,13 +220,25 @@ def simulate_step(profile: Profile, *, owners: Sequence[int], workers: int, conf
     line = _Timeline(workers, trace=trace)
     line.compute("forward_backward", profile.forward_backward_s / speed)
     allreduce_s = gradient_allreduce_s(profile, workers=workers, network=network)
-    line.collective("allreduce", allreduce_s)
-    ar_end = float(line.t[0])
-    broadcast_s, second_order_end = 0.0, ar_end
+    broadcast_s = 0.0
+    local = dict(profile=profile, strategy=strategy, owners=owners, workers=workers,
+                 config=config, step=step, speed=speed, net=net,
+                 decomposition_step=decomposition_step)
+    if overlapped(strategy, config=config, workers=workers):
+        pending = line.post("allreduce", allreduce_s)
+        _local_phases(line, **local)
+        line.wait(pending)
+        ar_end = pending.end_s
+    else:
+        line.collective("allreduce", allreduce_s)
+        ar_end = float(line.t[0])
+        if strategy is not None:
+            _local_phases(line, **local)
+    second_order_end = ar_end
     if strategy is not None:
-        broadcast_s = _second_order(line, profile, strategy=strategy, owners=owners,
-                                    workers=workers, config=config, step=step, speed=speed,
-                                    net=net, decomposition_step=decomposition_step)
+        broadcast_s = _shared_phases(line, profile, strategy=strategy, owners=owners,
+                                     workers=workers, slot=step % config.inv_update_freq,
+                                     speed=speed, net=net)
         second_order_end = float(line.t.max())
         line.compute("apply", profile.apply_s / speed)
     line.compute("optimizer", profile.optimizer_s / speed)
@@ -208,30 +254,43 @@ def simulate_step(profile: Profile, *, owners: Sequence[int], workers: int, conf
         phases_s={phase: tuple(line.phases[phase].tolist()) for phase in PHASES})
 
 
-def _second_order(line: _Timeline, profile: Profile, *, strategy: Strategy,
+def overlapped(strategy: Strategy | None, *, config: PlanConfig, workers: int) -> bool:
+    """Whether the executor overlaps this step's local work with the gradient all-reduce."""
+    return (config.overlap and workers > 1 and strategy is not None
+            and strategy.factors is FactorMode.LOCAL)
+
+
+def _local_phases(line: _Timeline, *, profile: Profile, strategy: Strategy,
                   owners: Sequence[int], workers: int, config: PlanConfig, step: int,
                   speed: np.ndarray, net: Network,
-                  decomposition_step: Sequence[int] | None) -> float:
-    """The K-FAC phases of one step onto `line`; returns the seconds of its broadcasts."""
+                  decomposition_step: Sequence[int] | None) -> None:
+    """Factors (and their all-reduce when ALLREDUCED) and decompositions of one step."""
     layers = profile.layers
     owned = np.bincount(np.asarray(owners, dtype=int), minlength=workers)
-    factors_due = step % config.factor_update_freq == 0
     slot = step % config.inv_update_freq
     slots = decomposition_step if decomposition_step is not None else (0,) * len(layers)
     decomposing = [slots[i] % config.inv_update_freq == slot for i in range(len(layers))]
-    local = strategy.factors is FactorMode.LOCAL
-    if factors_due:
-        if local:
+    if step % config.factor_update_freq == 0:
+        if strategy.factors is FactorMode.LOCAL:
             work, counts = per_owner([l.factor_s for l in layers], owners, workers), owned
         else:
             work, counts = np.full(workers, sum(l.factor_s for l in layers)), [len(layers)] * workers
         line.compute("factors", work / speed, counts)
-        if not local and workers > 1:
+        if strategy.factors is FactorMode.ALLREDUCED and workers > 1:
             nbytes = sum(factor_bytes(l, dtype_bytes=profile.dtype_bytes) for l in layers)
             line.collective("factor_allreduce", net.allreduce_s(ranks=workers, nbytes=nbytes))
     due = [l.decompose_s if d else 0.0 for l, d in zip(layers, decomposing)]
     line.compute("decompose", per_owner(due, owners, workers) / speed,
                  per_owner([float(d) for d in decomposing], owners, workers))
+
+
+def _shared_phases(line: _Timeline, profile: Profile, *, strategy: Strategy,
+                   owners: Sequence[int], workers: int, slot: int, speed: np.ndarray,
+                   net: Network) -> float:
+    """Preconditioning and the owners' broadcasts of one step (decomposition slot `slot`);
+    returns the seconds of its broadcasts."""
+    layers = profile.layers
+    owned = np.bincount(np.asarray(owners, dtype=int), minlength=workers)
     counters = NUMERICS_ELEMENTS * profile.dtype_bytes
     if strategy.shared is SharedResult.DECOMPOSITION:
         seconds = 0.0

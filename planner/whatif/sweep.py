@@ -73,6 +73,7 @@ class Sweep:
     algorithms: tuple[str, ...] = ALGORITHMS
     placement_owners: tuple[int, ...] | None = None  # dp-kfac's owners at placement_workers
     placement_workers: int | None = None
+    overlap: bool = True  # dp-kfac rows: the overlapped step (False: the serial one)
 
     def __post_init__(self) -> None:
         for p in self.workers:
@@ -134,7 +135,8 @@ def sweep_rows(profile: Profile, sweep: Sweep) -> list[dict]:
     batches = sweep.batch_sizes or (profile.batch_size,)
     for batch, scale, ffreq, ifreq in itertools.product(
             batches, sweep.bandwidth_scales, sweep.factor_update_freqs, sweep.inv_update_freqs):
-        config = PlanConfig(factor_update_freq=ffreq, inv_update_freq=ifreq)
+        config = PlanConfig(factor_update_freq=ffreq, inv_update_freq=ifreq,
+                            overlap=sweep.overlap)
         point_profile = scale_bandwidth(scale_batch(profile, batch), scale)
         settings = {"batch_size": batch, "bandwidth_scale": scale, "factor_update_freq": ffreq,
                     "inv_update_freq": ifreq,
