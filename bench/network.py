@@ -100,7 +100,7 @@ def measure_nodes(work: Path, nodes: int, rates: list[str], args) -> list[dict]:
                 cluster.set_rate(rates[0])
             profile_path = work / f"profile-{nodes}-{round_}.json"
             dpkfac_on(cluster, "profile", "--model", args.model, "--batch-size",
-                      str(args.batch_size), "--out", str(profile_path))
+                      str(args.batch_size), "--out", str(profile_path), "--link-rate", rates[0])
             profile = load_profile(profile_path)
             if not placements:
                 placements = plan_placements(work, profile_path, nodes)

@@ -18,22 +18,21 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from dpkfac.core.errors import InputError
+from dpkfac.core.units import parse_link_rate
+
 RENDEZVOUS_PORT = 29400
-TBF_BURST_S = 1e-3       # a link may send this many seconds' worth at line rate after idling
-TBF_MIN_BURST = 8 << 10  # bytes: and never less (a few full-size packets)
 TBF_LATENCY = "200ms"    # how long a packet may queue before tbf drops it
-RATE_UNITS = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "bit": 1.0}  # tc's rate suffixes, bit/s
+TBF_BURST_S = 2.5e-4     # a link may send this many seconds' worth at line rate after idling
+TBF_MIN_BURST = 4 << 10  # bytes: and never less (a few full-size packets)
 
 
 def rate_bytes_per_s(rate: str) -> float:
     """A tc rate ("100mbit", "1gbit", "800kbit") in bytes per second; ValueError otherwise."""
-    for suffix, bits in RATE_UNITS.items():
-        if rate.lower().endswith(suffix):
-            try:
-                return float(rate[:-len(suffix)]) * bits / 8
-            except ValueError:
-                break
-    raise ValueError(f"link rate {rate!r}: expected a number with kbit, mbit or gbit")
+    try:
+        return parse_link_rate(rate)
+    except InputError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def tbf_burst_bytes(rate: str) -> int:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from dpkfac.core.errors import InputError
 from dpkfac.core.strategy import TRAIN_ALGORITHMS
-from dpkfac.core.units import positive_seconds
+from dpkfac.core.units import parse_link_rate, positive_seconds
 
 
 def register(subparsers) -> None:
@@ -38,6 +38,10 @@ def _register_profile(subparsers) -> None:
     p.add_argument("--repeats", type=int, default=15, help="timed runs per kernel (median)")
     p.add_argument("--warmup", type=int, default=3, help="untimed runs before timing")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--link-rate", default=None, metavar="RATE",
+                   help="the rate of the links between the workers, as tc writes it (e.g. "
+                   "100mbit, 25gbit); recorded so `whatif --bandwidth-scale` speeds up only "
+                   "the time on the wire, not the hosts' part of each collective")
     _add_cpu_runtime_flags(p)
     p.set_defaults(func=_run_profile)
 
@@ -142,6 +146,7 @@ def _run_profile(args: argparse.Namespace) -> int:
         raise InputError(f"--batch-size must be a positive integer, got {args.batch_size}")
     if args.repeats < 3 or args.warmup < 0:
         raise InputError("--repeats must be >= 3 and --warmup >= 0")
+    link = parse_link_rate(args.link_rate, what="--link-rate") if args.link_rate else None
     for flag, value in (("--num-classes", args.num_classes), ("--vocab-size", args.vocab_size)):
         if value is not None and value < 1:
             raise InputError(f"{flag} must be a positive integer, got {value}")
@@ -161,7 +166,8 @@ def _run_profile(args: argparse.Namespace) -> int:
     work = prepare_workload(args.model, entry, args.loss)  # bad input fails before the group
     options = ProfileOptions(compute_method=args.compute_method, warmup=args.warmup,
                              repeats=args.repeats, flush_denormal=not args.keep_denormals,
-                             keep_freed_memory=not args.release_freed_memory)
+                             keep_freed_memory=not args.release_freed_memory,
+                             link_bytes_per_s=link)
     world = init_distributed(device=args.device)
     try:
         batches = consecutive_batches(work.split.train, args.batch_size, options.factor_batches,

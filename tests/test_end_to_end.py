@@ -154,3 +154,11 @@ def test_train_resume_continues_exactly(tmp_path):
     got = json.loads((tmp_path / "part" / "summary.json").read_text())
     assert got["steps"] == want["steps"]
     assert got["parameter_sha256"] == want["parameter_sha256"]
+
+
+def test_profile_bad_link_rate_is_a_clean_error(tmp_path):
+    out = tmp_path / "p.json"
+    result = run_dpkfac("profile", "--model", "digits-mlp", "--out", str(out), "--link-rate",
+                        "fast")
+    _assert_clean_error(result, "--link-rate")
+    assert not out.exists()

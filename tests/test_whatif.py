@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import csv
 import io
 import json
@@ -199,3 +200,23 @@ def test_bandwidth_scale_keeps_the_measured_curve_and_its_latency_floor():
     faster = scale_bandwidth(profile, 4.0).comm.allreduce_points
     assert faster.message_bytes == points.message_bytes
     assert faster.seconds == pytest.approx((0.003, 0.00325, 0.003 + 0.088 / 4))
+
+
+def test_bandwidth_scaling_with_a_known_link_rate_keeps_the_hosts_part():
+    """100 Mbit/s links at 2 ranks: an all-reduce of n bytes spends n / 12.5 MB/s on the wire;
+    at 4x the bandwidth only that part shrinks, what is left above the floor (the hosts'
+    copies) stays; without the rate, everything above the floor shrinks."""
+    from dpkfac.core.profile import CommCosts, MeasuredPoints
+    from planner.whatif.sweep import scale_bandwidth
+
+    sizes, wire = (1024, 1_000_000), 1_000_000 / 12.5e6
+    points = MeasuredPoints(sizes, (0.003, 0.003 + 0.010 + wire))  # floor, host 10 ms, wire
+    base = profile_from_dict(synthetic_profile_dict(2, 0, world_size=2))
+    for rate, want in ((12.5e6, 0.003 + 0.010 + wire / 4), (None, 0.003 + (0.010 + wire) / 4)):
+        comm = CommCosts(backend="gloo", world_size=2, allreduce=base.comm.allreduce,
+                         broadcast=base.comm.broadcast, allreduce_points=points,
+                         broadcast_points=points, link_bytes_per_s=rate)
+        faster = scale_bandwidth(dataclasses.replace(base, comm=comm), 4.0).comm
+        assert faster.allreduce_points.seconds[1] == pytest.approx(want)
+        assert faster.allreduce_points.seconds[0] == pytest.approx(0.003)
+        assert faster.broadcast_points.seconds[1] == pytest.approx(want)  # p - 1 = 1 send

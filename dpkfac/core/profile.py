@@ -84,13 +84,21 @@ class MeasuredPoints:
         """Every time multiplied by `factor`."""
         return MeasuredPoints(self.message_bytes, tuple(t * factor for t in self.seconds))
 
-    def faster_link(self, scale: float) -> "MeasuredPoints":
-        """The curve on a link `scale` times the bandwidth: the time each size takes beyond the
-        smallest size's (the latency floor: wake-up, protocol, what no bandwidth shortens)
-        divided by `scale`; the floor kept."""
+    def faster_link(self, scale: float, *, wire_s_per_byte: float | None = None
+                    ) -> "MeasuredPoints":
+        """The curve on a link `scale` times the bandwidth. Of each size's time beyond the
+        smallest size's (the latency floor: wake-up, protocol, what no bandwidth shortens),
+        the part on the wire is divided by `scale`: with `wire_s_per_byte` (seconds per
+        message byte the link itself takes, known from its rate) that many seconds, at most
+        all of it; the rest (the hosts' copies and reductions) is kept. Without it, all of
+        it."""
         floor = self.seconds[0]
-        return MeasuredPoints(self.message_bytes,
-                              tuple(floor + max(t - floor, 0.0) / scale for t in self.seconds))
+        out = []
+        for n, t in zip(self.message_bytes, self.seconds):
+            above = max(t - floor, 0.0)
+            wire = above if wire_s_per_byte is None else min(n * wire_s_per_byte, above)
+            out.append(t - wire + wire / scale)
+        return MeasuredPoints(self.message_bytes, tuple(out))
 
 
 @dataclass(frozen=True)
@@ -105,7 +113,18 @@ class CommCosts:
     allreduce_points: MeasuredPoints | None = None
     broadcast_points: MeasuredPoints | None = None
     broadcast_overlap: float = 1.0  # broadcasts posted together that progress at once
+    link_bytes_per_s: float | None = None  # the links' rate, when the profile was told it
     notes: dict = field(default_factory=dict, compare=False)
+
+    def wire_s_per_byte(self, kind: str) -> float | None:
+        """Seconds per message byte a collective of `kind` spends on the wire at the measured
+        rank count p (ring all-reduce: each rank sends 2 (p-1)/p of the message; broadcast:
+        the root sends it to p-1 ranks); None when the link rate is unknown."""
+        if self.link_bytes_per_s is None:
+            return None
+        p = self.world_size
+        per_byte = 2 * (p - 1) / p if kind == "allreduce" else float(p - 1)
+        return per_byte / self.link_bytes_per_s
 
     def scaled(self, *, allreduce: float, broadcast: float) -> "CommCosts":
         """Every all-reduce time times `allreduce`, every broadcast time times `broadcast`."""
@@ -177,7 +196,7 @@ def profile_from_dict(doc: Any, *, source: str = "profile") -> Profile:
 
 
 _COMM_KEYS = {"backend", "world_size", "allreduce", "broadcast", "message_bytes",
-              "broadcast_overlap"}
+              "broadcast_overlap", "link_bytes_per_s"}
 _COLLECTIVE_KEYS = {"alpha_s", "beta_s_per_byte", "seconds"}
 
 
@@ -203,7 +222,8 @@ def _comm_costs(comm: dict, *, source: str) -> CommCosts:
                      allreduce=AlphaBeta(**_alpha_beta(comm["allreduce"])),
                      broadcast=AlphaBeta(**_alpha_beta(comm["broadcast"])),
                      allreduce_points=points["allreduce"], broadcast_points=points["broadcast"],
-                     broadcast_overlap=comm.get("broadcast_overlap", 1.0), notes=notes)
+                     broadcast_overlap=comm.get("broadcast_overlap", 1.0),
+                     link_bytes_per_s=comm.get("link_bytes_per_s"), notes=notes)
 
 
 def _alpha_beta(d: dict) -> dict:
@@ -239,6 +259,8 @@ def _comm_to_dict(costs: CommCosts) -> dict:
     doc.update(backend=costs.backend, world_size=costs.world_size)
     if costs.broadcast_overlap != 1.0:
         doc["broadcast_overlap"] = costs.broadcast_overlap
+    if costs.link_bytes_per_s is not None:
+        doc["link_bytes_per_s"] = costs.link_bytes_per_s
     for kind, fit, points in (("allreduce", costs.allreduce, costs.allreduce_points),
                               ("broadcast", costs.broadcast, costs.broadcast_points)):
         doc[kind] = dict(notes.get(f"{kind}_fit", {}), **asdict(fit))

@@ -87,6 +87,7 @@ PROFILE_SCHEMA: dict = {
                 "world_size": POSITIVE_INTEGER,
                 "message_bytes": {"type": "array", "minItems": 1, "items": POSITIVE_INTEGER},
                 "broadcast_overlap": {"type": "number", "minimum": 1},
+                "link_bytes_per_s": {"type": "number", "exclusiveMinimum": 0},
                 "allreduce": _ALPHA_BETA,
                 "broadcast": _ALPHA_BETA,
             },

@@ -1,4 +1,5 @@
-"""Parsing human-written quantities from the command line: byte sizes and integer lists."""
+"""Parsing human-written quantities from the command line: byte sizes, link rates and
+integer lists."""
 from __future__ import annotations
 
 import argparse
@@ -29,6 +30,21 @@ def parse_bytes(text: str, *, what: str = "size") -> int:
     if value != int(value):
         raise InputError(f"{what} {text!r} is not a whole number of bytes")
     return int(value)
+
+
+_RATE_UNITS = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "bit": 1.0}  # tc's suffixes, bits/s
+_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]+)\s*$")
+
+
+def parse_link_rate(text: str, *, what: str = "link rate") -> float:
+    """Bytes per second from a link rate as tc writes it: '100mbit', '25gbit', '800kbit'
+    (bits per second; case-insensitive). InputError if malformed or not positive."""
+    match = _RATE_RE.match(text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _RATE_UNITS or float(match.group(1)) <= 0:
+        raise InputError(f"{what} {text!r} is not a link rate; expected e.g. 100mbit, 25gbit "
+                         "or 800kbit (bits per second)")
+    return float(match.group(1)) * _RATE_UNITS[unit] / 8
 
 
 def parse_int_list(text: str, *, what: str = "list", minimum: int = 1) -> tuple[int, ...]:

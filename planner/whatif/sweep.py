@@ -26,7 +26,7 @@ from typing import Sequence
 
 from dpkfac.core.cluster import Cluster, Link
 from dpkfac.core.errors import InputError
-from dpkfac.core.profile import AlphaBeta, Profile
+from dpkfac.core.profile import AlphaBeta, MeasuredPoints, Profile
 from planner.model.costs import PlanConfig
 from planner.model.network import Network
 from planner.model.topology import cluster_network
@@ -101,16 +101,24 @@ def scale_batch(profile: Profile, batch_size: int) -> Profile:
 
 def scale_bandwidth(profile: Profile, scale: float) -> Profile:
     """The profile on links `scale` times as fast: each collective's measured curve keeps its
-    latency floor (the smallest message's time) and divides the rest by `scale`
-    (MeasuredPoints.faster_link); the alpha-beta fits divide seconds per byte by `scale`."""
+    latency floor (the smallest message's time) and divides the rest by `scale`, or only its
+    wire time when the profile knows the link rate (`profile --link-rate`; the hosts' part
+    stays) (MeasuredPoints.faster_link); the alpha-beta fits divide seconds per byte by
+    `scale`."""
     if scale == 1.0:
         return profile
     comm = profile.comm
-    faster = lambda points: None if points is None else points.faster_link(scale)  # noqa: E731
+
+    def faster(points: MeasuredPoints | None, kind: str) -> MeasuredPoints | None:
+        return None if points is None else points.faster_link(
+            scale, wire_s_per_byte=comm.wire_s_per_byte(kind))
+
     costs = dataclasses.replace(comm, allreduce=_faster_fit(comm.allreduce, scale),
                                 broadcast=_faster_fit(comm.broadcast, scale),
-                                allreduce_points=faster(comm.allreduce_points),
-                                broadcast_points=faster(comm.broadcast_points))
+                                allreduce_points=faster(comm.allreduce_points, "allreduce"),
+                                broadcast_points=faster(comm.broadcast_points, "broadcast"),
+                                link_bytes_per_s=None if comm.link_bytes_per_s is None
+                                else comm.link_bytes_per_s * scale)
     return dataclasses.replace(profile, comm=costs)
 
 
