@@ -158,7 +158,7 @@ def test_train_resume_continues_exactly(tmp_path):
 
 def test_profile_bad_link_rate_is_a_clean_error(tmp_path):
     out = tmp_path / "p.json"
-    result = run_dpkfac("profile", "--model", "digits-mlp", "--out", str(out), "--link-rate",
-                        "fast")
+    result = run_dpkfac("profile", "--model", "digits-mlp", "--batch-size", "8", "--out",
+                        str(out), "--link-rate", "fast")
     _assert_clean_error(result, "--link-rate")
     assert not out.exists()
