@@ -104,8 +104,9 @@ def measure_nodes(work: Path, nodes: int, rates: list[str], args) -> list[dict]:
             profile = load_profile(profile_path)
             if not placements:
                 placements = plan_placements(work, profile_path, nodes)
-            order = selected(args)  # odd rounds run in reverse, so a drift of the host's speed
-            for name, flags, which, variant in order[::-1] if round_ % 2 else order:  # evens out
+            # odd rounds run in reverse, so a drift of the host's speed evens out
+            order = selected(args)[::-1] if round_ % 2 else selected(args)
+            for name, flags, which, variant in order:
                 for rate in rates[::-1] if round_ % 2 else rates:
                     if rate != cluster.rate:
                         cluster.set_rate(rate)
@@ -175,7 +176,7 @@ def main() -> int:
     parser.add_argument("--model", default="digits-cnn")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--rounds", type=int, default=2,
+    parser.add_argument("--rounds", type=lambda s: max(int(s), 1), default=2,
                         help="profile + every run, repeated; predictions and measurements are "
                         "averaged over the rounds")
     parser.add_argument("--algorithms", default=",".join(a[0] for a in ALGORITHMS),

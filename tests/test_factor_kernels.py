@@ -1,6 +1,6 @@
 """K-FAC factor kernels (float32) against dense references: explicit rows for Linear, F.unfold
-patches for Conv2d (zero padding, dilation, any groups), and bf16 inputs through the
-preconditioner."""
+patches for Conv2d (zero padding, dilation, a grouped layer built directly: A over all input
+channels, as before), and bf16 inputs through the preconditioner."""
 from __future__ import annotations
 
 import pytest

@@ -25,7 +25,8 @@ def test_local_work_longer_than_the_all_reduce_hides_it():
     assert step.step_time_s == pytest.approx(0.1 + local0 + 3.5 + b + 0.01)
     assert serial.step_time_s - step.step_time_s == pytest.approx(allreduce)
     assert step.phases_s["allreduce"] == (0.0, 0.0)   # nobody waits for it
-    assert step.comm_s == pytest.approx((allreduce + b,) * 2)
+    assert step.comm_s == pytest.approx((b,) * 2)       # the hidden all-reduce is not comm
+    assert step.idle_s == pytest.approx((0.0, local0 - local1 + 3.5 - 0.25))
     assert step.second_order_s == pytest.approx(local0 + 3.5 + b - allreduce)
     kinds = [(s.kind, s.worker) for s in step.critical_path]
     assert kinds == [("forward_backward", 0), ("factors", 0), ("decompose", 0),
@@ -40,6 +41,8 @@ def test_an_all_reduce_longer_than_the_local_work_is_waited_for():
     step = simulate_step(profile, owners=[0, 0, 1], workers=2, config=OVERLAPPED)
     allreduce = 10.0 + 1000 * 4 * 1e-9
     assert step.phases_s["allreduce"] == pytest.approx((allreduce - 4.5, allreduce - 4.25))
+    assert step.comm_s[0] == pytest.approx(allreduce - 4.5 + 2 * (1e-3 + (2000 + COUNTERS)
+                                                                  * 1e-9))
     b = 2 * (1e-3 + (2000 + COUNTERS) * 1e-9)
     assert step.step_time_s == pytest.approx(0.1 + allreduce + 3.5 + b + 0.01)
     kinds = [(s.kind, s.worker) for s in step.critical_path]

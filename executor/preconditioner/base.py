@@ -104,6 +104,7 @@ class BaseKFACPreconditioner:
         """Precondition every K-FAC layer's gradient in place (all ranks end with the same
         grads); True, or False for a step skipped for non-finite gradients (with a
         grad_scaler only)."""
+        self._check_nothing_pending("step()")
         self.timer.reset()
         if self.grad_scaler is not None and not self.gradients_finite():
             self.capture.clear()
@@ -121,6 +122,7 @@ class BaseKFACPreconditioner:
         from its own batch and their decompositions); returns whether it ran them. Their
         effects stay undoable until finish(). With overlap=False it runs nothing (finish() is
         then step(): the serial step)."""
+        self._check_nothing_pending("prepare()")
         if not self.overlap or self.strategy.factors is not FactorMode.LOCAL:
             return False
         self.timer.reset()
@@ -155,7 +157,13 @@ class BaseKFACPreconditioner:
                     factor_a, factor_g, decomposition
             self.ledger.load(counters)
             self._undo = None
+            self.timer.reset()  # the skipped step's phases are not the step's
         self.capture.clear()
+
+    def _check_nothing_pending(self, call: str) -> None:
+        if self._undo is not None:
+            raise RuntimeError(f"{call} with a step begun by prepare() pending: call finish() "
+                               "or rollback() first")
 
     def _snapshot(self) -> tuple[dict, dict]:
         """What prepare() may change, by reference (folding and decomposing replace tensors,
@@ -279,10 +287,6 @@ class BaseKFACPreconditioner:
         apply_preconditioned(self.blocks.values(), results, lr=lr, kl_clip=self.kl_clip)
 
     # -- around the step -------------------------------------------------------------------------
-    def discard_captured(self) -> None:
-        """Forget this step's captured inputs and output gradients (a skipped step)."""
-        self.capture.clear()
-
     def _device_type(self) -> str:
         """The device type ("cpu", "cuda", ...) of the K-FAC layers' weights."""
         return next((b.module.weight.device.type for b in self.blocks.values()), "cpu")
@@ -358,6 +362,7 @@ class BaseKFACPreconditioner:
     def state_dict(self) -> dict:
         """This rank's preconditioner state: step count, the tensors of every block it holds
         state for (its own layers; all layers' factors when factors are all-reduced)."""
+        self._check_nothing_pending("state_dict()")
         owned = set(self.work.owned)
         held = {n: b.state_tensors() for n, b in self.blocks.items()}
         return {"steps": self.steps, "skipped_steps": self.skipped_steps,
@@ -369,6 +374,7 @@ class BaseKFACPreconditioner:
     def load_state_dict(self, state: dict) -> None:
         """Restore what state_dict() returned on this same rank (tensors cast to factor_dtype;
         a state without skipped_steps counts 0)."""
+        self._check_nothing_pending("load_state_dict()")
         self.steps = int(state["steps"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         holds_any = (self.strategy.factors is FactorMode.ALLREDUCED

@@ -87,6 +87,7 @@ def time_steps(model: nn.Module, precond: BaseKFACPreconditioner, batches: Batch
         loss_buf = loss.detach().reshape(1).clone()
         with _timed(step["pack"], keep):
             average_gradients_(grads + [loss_buf], 1)
+        # the step's all-reduce itself (untimed, its own buffer): in flight during the factors
         pending = start_gradient_average(grads + [loss_buf], world_size)
         for name in names:
             with _timed(samples[name]["factor_a"], keep):

@@ -134,7 +134,7 @@ def _train(cfg: TrainConfig, placement: dict, work: Workload, world: WorldInfo,
                                      damping=cfg.damping, factor_decay=cfg.factor_decay,
                                      kl_clip=cfg.kl_clip, precise_timing=cfg.precise_timing,
                                      stagger_decompositions=cfg.stagger_decompositions,
-                                     grad_scaler=precision.scaler)
+                                     grad_scaler=precision.scaler, overlap=cfg.overlap)
     out = Path(cfg.out_dir)
     position.at("resume")
     start = start_state(resume_mode(cfg), cfg.checkpoint_every, out, world, model, optimizer,
@@ -150,7 +150,7 @@ def _train(cfg: TrainConfig, placement: dict, work: Workload, world: WorldInfo,
         truncate_metrics(out / "metrics.jsonl", before_step=start["step"])
     log = MetricsLog(out / "metrics.jsonl", enabled=world.rank == 0, append=resumed)
     step_run = StepRun(model, optimizer, precond, world, StepClock(cfg.precise_timing),
-                       position, work.loss_fn, precision, overlap=cfg.overlap)
+                       position, work.loss_fn, precision)
     step, grad_bytes, skipped = start["step"], 0, start["skipped_steps"]
     here = (start["epoch"], start["batch_in_epoch"])  # where the next step's batch is
     records: list[dict] = []
@@ -211,16 +211,16 @@ class StepRun:
     """One training step at a time: the K micro-batches' forwards (under autocast when asked)
     and backwards, the fused gradient all-reduce, the preconditioner, the optimizer.
 
-    overlap (default): the preconditioner's local phases (DP-KFAC: an owner's factors and
+    The preconditioner's local phases (prepare(); DP-KFAC with overlap: an owner's factors and
     decompositions, from its own batch) run while the gradient all-reduce is in flight, the
-    rest once it is done; the same numbers as the serial step (overlap=False), to the bit."""
+    rest once it is done; the same numbers as the serial step, to the bit."""
 
     def __init__(self, model, optimizer, precond, world: WorldInfo, clock: StepClock,
                  position: RunPosition, loss_fn=cross_entropy,
-                 precision: Precision = Precision(), overlap: bool = True) -> None:
+                 precision: Precision = Precision()) -> None:
         self.model, self.optimizer, self.precond = model, optimizer, precond
         self.world, self.clock, self.position = world, clock, position
-        self.loss_fn, self.precision, self.overlap = loss_fn, precision, overlap
+        self.loss_fn, self.precision = loss_fn, precision
 
     def __call__(self, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[dict, int]:
         """One step over `micro` (this rank's micro-batches, each loss divided by their count);
@@ -276,11 +276,10 @@ class StepRun:
                   **{f"{k}_s": v for k, v in phases.items()}}
         return record, grad_bytes
 
-
     def _prepare(self) -> tuple[bool, float]:
-        """With overlap, the preconditioner's local phases while the all-reduce is in flight;
-        whether they ran, and their seconds."""
-        if not self.overlap or self.precond is None:
+        """The preconditioner's local phases while the all-reduce is in flight (none without
+        overlap); whether they ran, and their seconds."""
+        if self.precond is None:
             return False, 0.0
         start = self.clock.mark()
         self.position.at("second_order")

@@ -146,11 +146,14 @@ def second_order_lower_bound_s(profile: Profile, *, workers: int, config: PlanCo
     max(total work / sum of speeds, pigeonhole bound, compute_bound_s) + the broadcast bound.
     `compute_bound_s` lets a solver's proven bound (e.g. an ILP dual bound) tighten it. With
     the overlapped step (config.overlap, more than one worker) the gradient all-reduce may hide
-    up to its own seconds of that compute (second-order time counts from its end)."""
+    up to its own seconds of that compute (second-order time counts from its end), plus the
+    head start the fastest worker's forward/backward gives it over the slowest's."""
     works = layer_works_s(profile, config=config)
     compute = max(makespan_lower_bound_s(work=works, workers=workers, speeds=speeds),
                   compute_bound_s)
-    if config.overlap and workers > 1:
-        hidden = gradient_allreduce_s(profile, workers=workers, network=network)
+    if config.overlap and workers > 1:  # a fast worker starts its local work earlier still
+        fastest, slowest = (max(speeds), min(speeds)) if speeds else (1.0, 1.0)
+        hidden = (gradient_allreduce_s(profile, workers=workers, network=network)
+                  + profile.forward_backward_s * (1 / slowest - 1 / fastest))
         compute = max(compute - hidden, 0.0)
     return compute + broadcast_lower_bound_s(profile, workers=workers, network=network)

@@ -135,9 +135,9 @@ class _Timeline:
         self.busy = np.zeros(workers)
         self.comm = np.zeros(workers)
         # id(collective segment) -> (the worker that arrived last, the segment to resume from
-        # in its list): the collective itself, or the marker where it posted an overlapped one
+        # in its list): the collective itself, or the zero-length marker (never on a path)
+        # where that worker posted an overlapped one
         self.gates: dict[int, tuple[int, Segment]] = {}
-        self.markers: set[int] = set()  # ids of posting markers (not on any critical path)
 
     def compute(self, phase: str, seconds: np.ndarray, layers: Sequence[int] | None = None) -> None:
         """Every worker w computes `seconds[w]` in `phase`."""
@@ -170,19 +170,19 @@ class _Timeline:
         seg = Segment(phase, None, start, start + seconds)
         marker = Segment(phase, gate, start, start)
         self.gates[id(seg)] = (gate, marker)
-        self.markers.add(id(marker))
         if self.trace:
             self.segments[gate].append(marker)
-        self.comm += seconds
         return seg
 
     def wait(self, seg: Segment) -> None:
-        """Every worker waits for the posted collective `seg` (its phase's timer runs from
-        the worker's arrival to the collective's end)."""
+        """Every worker waits for the posted collective `seg` (its phase's timer, and its comm
+        seconds, run from the worker's arrival to the collective's end: the rest was hidden)."""
         for w in range(len(self.t) if self.trace else 0):
             if seg.end_s >= self.t[w]:
                 self.segments[w].append(seg)
-        self.phases[seg.kind] += np.maximum(seg.end_s - self.t, 0.0)
+        waited = np.maximum(seg.end_s - self.t, 0.0)
+        self.phases[seg.kind] += waited
+        self.comm += waited
         self.t = np.maximum(self.t, seg.end_s)
 
     def critical_path(self) -> tuple[Segment, ...]:
@@ -194,9 +194,6 @@ class _Timeline:
         i, path = len(self.segments[w]) - 1, []
         while i >= 0:
             seg = self.segments[w][i]
-            if id(seg) in self.markers:  # an overlapped collective posted here: not waited on
-                i -= 1
-                continue
             if seg.end_s > seg.start_s:
                 path.append(seg)
             if seg.worker is None:  # continue on the worker whose arrival started it
