@@ -37,5 +37,7 @@ def test_example_trains_and_resumes_exactly(tmp_path):
     assert resumed["ranks"] == result["ranks"]  # bit for bit, second-order memory too
     assert resumed["epoch_losses"] == losses[1:]
     assert result["test_accuracy"] > 0.5  # 4 classes: chance is 0.25
-    # DP-KFAC: each rank holds only its own layers' second-order state
-    assert sorted(r["memory_bytes"] > 0 for r in result["ranks"]) == [True, True]
+    # DP-KFAC: only the ranks that own layers hold second-order state (the planner may pick
+    # fewer owners than ranks for a model this small)
+    owners = set(json.loads((whole / "placement.json").read_text())["assignment"].values())
+    assert [r["memory_bytes"] > 0 for r in result["ranks"]] == [k in owners for k in range(2)]

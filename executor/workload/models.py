@@ -40,6 +40,17 @@ def digits_mlp() -> nn.Module:
     )
 
 
+def wide_mlp() -> nn.Module:
+    """A 784-1024-1024-1024-10 perceptron (MNIST-shaped inputs): wide Linear layers whose
+    1024-sided factors make decompositions the cost."""
+    return nn.Sequential(
+        nn.Linear(784, 1024), nn.ReLU(),
+        nn.Linear(1024, 1024), nn.ReLU(),
+        nn.Linear(1024, 1024), nn.ReLU(),
+        nn.Linear(1024, 10),
+    )
+
+
 class DigitsCNN(nn.Module):
     """Two 3x3 conv layers, a max-pool and two linear layers for 8x8 digits."""
 
@@ -201,6 +212,7 @@ class ZooEntry:
 ZOO: dict[str, ZooEntry] = {
     "digits-mlp": ZooEntry(digits_mlp, InputSpec((1, 8, 8), 10, dataset="digits")),
     "digits-cnn": ZooEntry(DigitsCNN, InputSpec((1, 8, 8), 10, dataset="digits")),
+    "mlp-1024": ZooEntry(wide_mlp, InputSpec((784,), 10)),
     "resnet20": ZooEntry(lambda: CifarResNet(3), InputSpec((3, 32, 32), 10)),
     "resnet32": ZooEntry(lambda: CifarResNet(5), InputSpec((3, 32, 32), 10)),
     "resnet50": ZooEntry(ResNet50, InputSpec((3, 224, 224), 1000)),

@@ -1,0 +1,116 @@
+"""Per-step speed: dp-kfac against KAISA's two modes, same model, data, hyper-parameters and
+loop, on this machine (torchrun, gloo, one thread per process).
+
+KAISA's modes run through dpkfac's own baselines (`train --algorithm kaisa
+--grad-worker-fraction 1` is COMM-OPT, `1/P` MEM-OPT; docs/baselines-and-whatif.md says how
+they map to gpauloski/kfac-pytorch), so every method uses the same K-FAC kernels and the
+difference is the strategy (and dp-kfac's overlapped step). Per (model, workers): profile
+under torchrun, plan with --inv-update-freq, then --rounds rounds of one run per method
+(interleaved, so the host's drift hits all alike); the median of each method's mean steps.
+
+Floors (exit 1 below them): at 1 worker dp-kfac no slower than the faster KAISA mode (ratio
+<= --max-ratio-1, 1.05: at one worker every method computes the same, so this guards the
+overlapped step's overhead); at 2 workers at least --min-speedup-2 (1.3x) faster.
+
+    python bench/speed.py [--models digits-cnn,resnet20,mlp-1024] [--workers 1,2]
+                          [--inv-update-freq 10] [--steps 30] [--rounds 3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from common import ResultsDoc, add_docs_arguments, docs_out, dpkfac_command, rich_table, run_timed
+from rich.console import Console
+
+BATCH = {"digits-cnn": 32, "resnet20": 32, "mlp-1024": 64}
+METHODS = (("dp-kfac", ("--algorithm", "dp-kfac")),
+           ("kaisa comm-opt", ("--algorithm", "kaisa", "--grad-worker-fraction", "1")),
+           ("kaisa mem-opt", ("--algorithm", "kaisa", "--grad-worker-fraction", "1/P")))
+
+
+def placement_for(work: Path, model: str, workers: int, inv_freq: int) -> Path:
+    """Profile `model` under `workers` processes and plan for them."""
+    profile = work / f"{model}-p{workers}.profile.json"
+    run_timed(dpkfac_command(workers, "profile", "--model", model, "--batch-size",
+                             str(BATCH.get(model, 32)), "--out", str(profile)))
+    placement = work / f"{model}-p{workers}.placement.json"
+    run_timed(dpkfac_command(1, "plan", "--profile", str(profile), "--workers", str(workers),
+                             "--inv-update-freq", str(inv_freq), "--out", str(placement)))
+    return placement
+
+
+def mean_step(work: Path, placement: Path, workers: int, flags: tuple[str, ...], steps: int,
+              tag: str) -> float:
+    """One run's mean step time, seconds."""
+    run = work / tag
+    run_timed(dpkfac_command(workers, "train", "--placement", str(placement), "--out", str(run),
+                             "--max-steps", str(steps), "--epochs", "1000", "--no-progress",
+                             *(f.replace("P", str(workers)) for f in flags)))
+    return json.loads((run / "summary.json").read_text())["mean_step_time_s"]
+
+
+def measure(work: Path, model: str, workers: int, args) -> dict:
+    """Median mean step per method over the rounds, seconds."""
+    placement = placement_for(work, model, workers, args.inv_update_freq)
+    steps = {name: [] for name, _ in METHODS}
+    for round_ in range(args.rounds):
+        order = METHODS if round_ % 2 == 0 else METHODS[::-1]
+        for name, flags in order:
+            tag = f"{model}-p{workers}-r{round_}-{name.replace(' ', '-')}"
+            steps[name].append(mean_step(work, placement, workers, flags, args.steps, tag))
+    return {name: statistics.median(values) for name, values in steps.items()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="digits-cnn,resnet20,mlp-1024")
+    parser.add_argument("--workers", default="1,2")
+    parser.add_argument("--inv-update-freq", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-ratio-1", type=float, default=1.05)
+    parser.add_argument("--min-speedup-2", type=float, default=1.3)
+    add_docs_arguments(parser, "speed")
+    args = parser.parse_args()
+    headers = ["model", "workers", *(f"{name} ms" for name, _ in METHODS),
+               "dp-kfac / best kaisa"]
+    cells, failures = [], []
+    with tempfile.TemporaryDirectory(prefix="dpkfac-speed-") as tmp:
+        for model in args.models.split(","):
+            for workers in (int(w) for w in args.workers.split(",")):
+                medians = measure(Path(tmp), model, workers, args)
+                ratio = medians["dp-kfac"] / min(medians["kaisa comm-opt"],
+                                                 medians["kaisa mem-opt"])
+                cells.append([model, str(workers),
+                              *(f"{1e3 * medians[name]:.1f}" for name, _ in METHODS),
+                              f"{ratio:.2f}"])
+                if workers == 1 and ratio > args.max_ratio_1:
+                    failures.append(f"{model} at 1 worker: dp-kfac {ratio:.2f}x the best KAISA "
+                                    f"mode's step (bar {args.max_ratio_1})")
+                if workers == 2 and ratio > 1 / args.min_speedup_2:
+                    failures.append(f"{model} at 2 workers: dp-kfac only {1 / ratio:.2f}x "
+                                    f"faster than the best KAISA mode (floor "
+                                    f"{args.min_speedup_2}x)")
+    title = (f"median over {args.rounds} rounds of each run's mean step, {args.steps} steps, "
+             f"decompositions every {args.inv_update_freq} steps")
+    console = Console(width=120)
+    console.print(rich_table(title, headers, cells, left=("model",)))
+    for failure in failures:
+        console.print(f"[red]FAIL[/red] {failure}")
+    path = docs_out(args)
+    if path is not None:
+        doc = ResultsDoc("speed", "Per-step speed against KAISA's modes", floors=(
+            f"dp-kfac at most {args.max_ratio_1}x the faster KAISA mode's step at 1 worker, at "
+            f"least {args.min_speedup_2}x faster at 2 workers."))
+        doc.table(headers, cells, title=title, left=("model",))
+        doc.write(path, failures)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
