@@ -15,8 +15,15 @@ from test_planner_simulate import COUNTERS, hand_profile
 OVERLAPPED, SERIAL = PlanConfig(), PlanConfig(overlap=False)
 
 
+def on_a_link(doc: dict) -> dict:
+    """The profile document with a link rate so slow that its all-reduce is all wire time
+    (what an overlapped step can hide)."""
+    doc["comm"]["link_bytes_per_s"] = 1.0
+    return doc
+
+
 def test_local_work_longer_than_the_all_reduce_hides_it():
-    profile = profile_from_dict(hand_profile())
+    profile = profile_from_dict(on_a_link(hand_profile()))
     step = simulate_step(profile, owners=[0, 0, 1], workers=2, config=OVERLAPPED)
     serial = simulate_step(profile, owners=[0, 0, 1], workers=2, config=SERIAL)
     allreduce = 1e-3 + 1000 * 4 * 1e-9
@@ -35,7 +42,7 @@ def test_local_work_longer_than_the_all_reduce_hides_it():
 
 
 def test_an_all_reduce_longer_than_the_local_work_is_waited_for():
-    doc = hand_profile()
+    doc = on_a_link(hand_profile())
     doc["comm"]["allreduce"]["alpha_s"] = 10.0        # a slow all-reduce: 10 s at 2 ranks
     profile = profile_from_dict(doc)
     step = simulate_step(profile, owners=[0, 0, 1], workers=2, config=OVERLAPPED)
@@ -77,6 +84,19 @@ def test_overlap_never_slower_and_phase_timers_add_up():
                         step.step_time_s)
 
 
+def test_without_a_link_rate_nothing_hides_and_only_the_wire_part_does():
+    """A loopback profile cannot tell wire from host: its all-reduce needs the CPU, so the
+    overlapped step is the serial one. With a link rate, the wire part hides and the rest
+    (here the 1 ms latency term) does not."""
+    doc = hand_profile()
+    a, b = (simulate_step(profile_from_dict(doc), owners=[0, 0, 1], workers=2, config=c)
+            for c in (OVERLAPPED, SERIAL))
+    assert a.step_time_s == pytest.approx(b.step_time_s)
+    doc["comm"]["link_bytes_per_s"] = 1e9           # 4000 B of gradient: 4 us on the wire
+    wire = simulate_step(profile_from_dict(doc), owners=[0, 0, 1], workers=2, config=OVERLAPPED)
+    assert b.step_time_s - wire.step_time_s == pytest.approx(4000 / 1e9)
+
+
 def test_one_worker_has_nothing_to_overlap():
     profile = profile_from_dict(hand_profile(world_size=1))
     a, b = (simulate_step(profile, owners=[0, 0, 0], workers=1, config=c)
@@ -90,7 +110,7 @@ def test_plan_records_the_schedule_and_no_overlap_predicts_the_serial_step(tmp_p
     from dpkfac.cli import main
 
     profile = tmp_path / "profile.json"
-    profile.write_text(json.dumps(synthetic_profile_dict(6, 2, world_size=2)))
+    profile.write_text(json.dumps(on_a_link(synthetic_profile_dict(6, 2, world_size=2))))
     steps = {}
     for name, flags in (("overlapped", ()), ("serial", ("--no-overlap",))):
         out = tmp_path / f"{name}.json"

@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from executor import DPKFAC
-from executor.runtime.distributed import allreduce_mean_, start_gradient_average
+from executor.runtime.distributed import start_gradient_average
 
 from distributed_helpers import run_distributed
-from executor_fixtures import SMALL_CNN_LAYERS, placement_dict, random_batches, small_cnn
+from executor_fixtures import (SMALL_CNN_LAYERS, placement_dict, random_batches, small_cnn,
+                               train_steps)
 
 STEPS = 5
 ASSIGNMENT = {"0": 1, "2": 0, "5": 2, "8": 1}
@@ -28,23 +29,16 @@ def _overlapped_steps(model, precond, batches, world_size: int) -> None:
         optimizer.step()
 
 
-def _serial_steps(model, precond, batches, world_size: int) -> None:
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for x, y in batches:
-        optimizer.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        allreduce_mean_([p.grad for p in model.parameters()], world_size)
-        precond.step()
-        optimizer.step()
-
-
 def _train(rank: int, world_size: int, overlapped: bool) -> dict:
     torch.manual_seed(0)
     model = small_cnn()
     placement = placement_dict("tests:small_cnn", ASSIGNMENT, world_size, inv_update_freq=2)
     precond = DPKFAC(model, placement, lr=0.05, damping=0.01)
-    steps = _overlapped_steps if overlapped else _serial_steps
-    steps(model, precond, random_batches(100 + rank, STEPS), world_size)
+    batches = random_batches(100 + rank, STEPS)
+    if overlapped:
+        _overlapped_steps(model, precond, batches, world_size)
+    else:
+        train_steps(model, precond, batches, world_size=world_size)
     return {"params": [p.detach().clone() for p in model.parameters()],
             "state": precond.state_dict(), "phases": precond.phase_times}
 
@@ -75,7 +69,7 @@ def test_rollback_restores_factors_decompositions_and_counters():
     model = small_cnn()
     precond = DPKFAC(model, placement_dict("tests:small_cnn", dict.fromkeys(SMALL_CNN_LAYERS, 0),
                                            1), lr=0.05, damping=0.01)
-    _serial_steps(model, precond, random_batches(3, 3), 1)
+    train_steps(model, precond, random_batches(3, 3), world_size=1)
     before = precond.state_dict()
     _one_step(model, precond)
     assert precond.prepare()

@@ -95,6 +95,27 @@ def gradient_allreduce_s(profile: Profile, *, workers: int, network: Network | N
         ranks=workers, nbytes=profile.model_grad_bytes)
 
 
+def gradient_allreduce_wire_s(profile: Profile, *, workers: int,
+                              network: Network | None = None) -> float:
+    """Of gradient_allreduce_s, the seconds on the wire: what an overlapped step can hide
+    behind compute. The rest (packing, the hosts' copies, reductions and wake-ups) needs the
+    CPU the compute uses. With a cluster file's network, the bandwidth term of the ring
+    all-reduce; with a profile that knows its links' rate (`profile --link-rate`), the bytes
+    each rank sends / that rate (at most the all-reduce's time); otherwise 0 (a profile that
+    cannot tell its links from its hosts hides nothing)."""
+    if workers == 1:
+        return 0.0
+    total = gradient_allreduce_s(profile, workers=workers, network=network) - profile.pack_s
+    if network is not None and network.source == "cluster":
+        hop = network.allreduce_hop
+        return min(2 * (workers - 1) / workers * profile.model_grad_bytes * hop.beta_s_per_byte,
+                   total)
+    link = profile.comm.link_bytes_per_s
+    if network is not None or link is None:
+        return 0.0
+    return min(2 * (workers - 1) / workers * profile.model_grad_bytes / link, total)
+
+
 def common_memory_bytes(profile: Profile, *, workers: int) -> int:
     """Bytes every worker holds for DP-KFAC whatever it owns: the flat buffers of the fused
     broadcasts (one per owner, together all K-FAC layers' gradient bytes); 0 at one worker."""
@@ -146,14 +167,14 @@ def second_order_lower_bound_s(profile: Profile, *, workers: int, config: PlanCo
     max(total work / sum of speeds, pigeonhole bound, compute_bound_s) + the broadcast bound.
     `compute_bound_s` lets a solver's proven bound (e.g. an ILP dual bound) tighten it. With
     the overlapped step (config.overlap, more than one worker) the gradient all-reduce may hide
-    up to its own seconds of that compute (second-order time counts from its end), plus the
+    up to its wire seconds of that compute (second-order time counts from its end), plus the
     head start the fastest worker's forward/backward gives it over the slowest's."""
     works = layer_works_s(profile, config=config)
     compute = max(makespan_lower_bound_s(work=works, workers=workers, speeds=speeds),
                   compute_bound_s)
     if config.overlap and workers > 1:  # a fast worker starts its local work earlier still
         fastest, slowest = (max(speeds), min(speeds)) if speeds else (1.0, 1.0)
-        hidden = (gradient_allreduce_s(profile, workers=workers, network=network)
+        hidden = (gradient_allreduce_wire_s(profile, workers=workers, network=network)
                   + profile.forward_backward_s * (1 / slowest - 1 / fastest))
         compute = max(compute - hidden, 0.0)
     return compute + broadcast_lower_bound_s(profile, workers=workers, network=network)
