@@ -5,9 +5,9 @@ Per node count, in each of --rounds rounds, the model is profiled across the nod
 rate (the profile's collectives are the shaped link's; the phases every rank runs at once are
 timed on all ranks together) and every algorithm is trained at every rate; each run is predicted
 from its round's profile alone, no calibration run: at the base rate as measured, at another
-rate through the what-if's bandwidth scaling (`dpkfac whatif --bandwidth-scale`). Predicted and
-measured steps are averaged over the rounds (this shared host's speed drifts by 10-20% within
-minutes). Also, per node count, the prediction from a cluster file that describes the emulated
+rate through the what-if's bandwidth scaling (`dpkfac whatif --bandwidth-scale`). Each row is
+the median over the rounds of the predicted and of the measured step (this shared host's speed
+drifts by 10-30% within minutes; a median of 3 rounds is not moved by one bad round). Also, per node count, the prediction from a cluster file that describes the emulated
 cluster (its link rate, no measurement) beside the profile's.
 
 dp-kfac rows run the overlapped step (train's default: owners build factors and decompose while
@@ -19,7 +19,7 @@ Floors (exit 1 below them), for the first node count at the base rate: dp-kfac a
 dp-kfac; every prediction within --max-error (10%) of the measured mean step.
 
     python bench/network.py [--nodes 2,3] [--rates 100mbit,400mbit] [--model digits-cnn]
-                            [--steps 60] [--rounds 2] [--work DIR]
+                            [--steps 60] [--rounds 3] [--work DIR]
                             [--docs-out docs/results/network.md | --no-docs]
 """
 from __future__ import annotations
@@ -90,7 +90,7 @@ def measure_nodes(work: Path, nodes: int, rates: list[str], args) -> list[dict]:
     Each round profiles across the nodes at the base rate and then trains every algorithm at
     every rate (an algorithm's rates back to back), each run predicted from that round's
     profile: the host's speed drifts by 10-20% over minutes on a shared machine, so a
-    prediction is compared with runs made beside its profile, and rounds average the drift.
+    prediction is compared with runs made beside its profile, and rounds' medians damp the drift.
     The placements come from the first round's profile and stay fixed."""
     rows = []
     with EmulatedCluster(nodes=nodes, rate=rates[0]) as cluster:
@@ -141,9 +141,9 @@ def selected(args) -> list[tuple]:
     return [row for row in ALGORITHMS if row[0] in args.algorithms.split(",")]
 
 
-def averaged(rows: list[dict]) -> list[dict]:
-    """One row per (nodes, rate, algorithm): predicted and measured mean over the rounds, and
-    the smallest and largest single-round error."""
+def over_rounds(rows: list[dict]) -> list[dict]:
+    """One row per (nodes, rate, algorithm): predicted and measured median over the rounds,
+    and the smallest and largest single-round error."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["nodes"], r["rate"], r["algorithm"]), []).append(r)
@@ -151,8 +151,8 @@ def averaged(rows: list[dict]) -> list[dict]:
     for (nodes, rate, algorithm), group in groups.items():
         errors = [g["predicted_s"] / g["measured_s"] - 1 for g in group]
         out.append({"nodes": nodes, "rate": rate, "algorithm": algorithm,
-                    "predicted_s": statistics.fmean(g["predicted_s"] for g in group),
-                    "measured_s": statistics.fmean(g["measured_s"] for g in group),
+                    "predicted_s": statistics.median(g["predicted_s"] for g in group),
+                    "measured_s": statistics.median(g["measured_s"] for g in group),
                     "round_errors": (min(errors), max(errors)),
                     "bytes": group[-1]["bytes"]})
     return out
@@ -176,9 +176,9 @@ def main() -> int:
     parser.add_argument("--model", default="digits-cnn")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--rounds", type=lambda s: max(int(s), 1), default=2,
-                        help="profile + every run, repeated; predictions and measurements are "
-                        "averaged over the rounds")
+    parser.add_argument("--rounds", type=lambda s: max(int(s), 1), default=3,
+                        help="profile + every run, repeated; a row is the median of the "
+                        "rounds' predictions and of their measurements")
     parser.add_argument("--algorithms", default=",".join(a[0] for a in ALGORITHMS),
                         help="rows to run (comma-separated names of the table's algorithms)")
     parser.add_argument("--work", default=None, metavar="DIR",
@@ -200,7 +200,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="dpkfac-network-") as tmp:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        rows = averaged([row for n in nodes for row in measure_nodes(work, n, rates, args)])
+        rows = over_rounds([row for n in nodes for row in measure_nodes(work, n, rates, args)])
         described = [cluster_rows(work, n, rates[0]) for n in nodes]
     return report(rows, described, args, nodes, rates)
 
@@ -241,7 +241,7 @@ def report(rows: list[dict], described: list[dict], args, nodes: list[int],
                            f"{1e3 * d['cluster_file_s']:.1f}", f"{100 * error:+.1f}%"])
     console = Console(width=120)
     title = (f"{args.model} (batch {args.batch_size}/worker), {args.steps} steps per run, "
-             f"mean of {args.rounds} rounds: predicted (each round's profile at the first rate, "
+             f"median of {args.rounds} rounds: predicted (each round's profile at the first rate, "
              "no calibration) vs measured mean step")
     console.print(rich_table(title, headers, cells, left=("link", "algorithm")))
     file_headers = ["nodes", "from the profile ms", "from a cluster file ms", "difference"]

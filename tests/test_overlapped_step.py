@@ -64,16 +64,17 @@ def _one_step(model, precond) -> None:
     F.cross_entropy(model(x), y).backward()
 
 
-def test_rollback_restores_factors_decompositions_and_counters():
+def _rollback(rank: int, world_size: int) -> None:
     torch.manual_seed(0)
     model = small_cnn()
     precond = DPKFAC(model, placement_dict("tests:small_cnn", dict.fromkeys(SMALL_CNN_LAYERS, 0),
-                                           1), lr=0.05, damping=0.01)
-    train_steps(model, precond, random_batches(3, 3), world_size=1)
+                                           world_size), lr=0.05, damping=0.01)
+    train_steps(model, precond, random_batches(3, 3), world_size=world_size)
     before = precond.state_dict()
     _one_step(model, precond)
     assert precond.prepare()
-    assert not torch.equal(precond.blocks["0"].factor_a, before["blocks"]["0"]["factor_a"])
+    if rank == 0:  # it owns every layer
+        assert not torch.equal(precond.blocks["0"].factor_a, before["blocks"]["0"]["factor_a"])
     with pytest.raises(RuntimeError, match="pending"):  # no checkpoint of a half-done step
         precond.state_dict()
     precond.rollback()
@@ -84,6 +85,21 @@ def test_rollback_restores_factors_decompositions_and_counters():
         for key, tensor in tensors.items():
             assert torch.equal(after["blocks"][name][key], tensor), (name, key)
     assert not precond.capture.inputs and not precond.capture.grad_outputs
+
+
+def test_rollback_restores_factors_decompositions_and_counters():
+    run_distributed(_rollback, 2)
+
+
+def test_alone_prepare_does_nothing():
+    """At world size 1 there is no all-reduce to hide behind: the step stays serial."""
+    torch.manual_seed(0)
+    model = small_cnn()
+    precond = DPKFAC(model, placement_dict("tests:small_cnn", dict.fromkeys(SMALL_CNN_LAYERS, 0),
+                                           1), lr=0.05, damping=0.01)
+    _one_step(model, precond)
+    assert not precond.prepare()
+    assert precond.finish() and precond.steps == 1 and precond.memory_usage() > 0
 
 
 def test_without_overlap_prepare_does_nothing_and_finish_is_step():

@@ -114,6 +114,7 @@ class CommCosts:
     broadcast_points: MeasuredPoints | None = None
     broadcast_overlap: float = 1.0  # broadcasts posted together that progress at once
     link_bytes_per_s: float | None = None  # the links' rate, when the profile was told it
+    gradient_allreduce_cpu_s: float | None = None  # the CPU seconds of the gradient all-reduce
     notes: dict = field(default_factory=dict, compare=False)
 
     def wire_s_per_byte(self, kind: str) -> float | None:
@@ -136,6 +137,30 @@ class CommCosts:
 
 
 @dataclass(frozen=True)
+class Contention:
+    """How ranks that share a host slow one another's kernels. Measured with `ranks` ranks
+    timing kernels at once (the figures a profile's layers and step hold: the "busy" figures),
+    the K-FAC kernels took `slowdown` times as long as on one rank computing alone.
+
+    Model: the ranks share c = ranks / slowdown cores, so with k of them computing at once each
+    runs at min(1, c / k) of its alone speed; a kernel then takes time_factor(k) times its busy
+    figure (1 at k = ranks, less when fewer compute). A slowdown at or below 1 (a host with
+    a core per rank, a GPU per rank) means no contention: every factor is 1."""
+    ranks: int
+    slowdown: float
+
+    def applies(self, workers: int) -> bool:
+        """Whether a step of `workers` workers sees it: the profiled world size, and a
+        slowdown above 1 (other world sizes keep the busy figures: their hosts are unknown)."""
+        return workers == self.ranks and self.slowdown > 1.0
+
+    def time_factor(self, computing: int) -> float:
+        """A kernel's time with `computing` ranks computing at once, over its busy figure."""
+        slowdown = max(self.slowdown, 1.0)
+        return max(1.0, computing * slowdown / self.ranks) / slowdown
+
+
+@dataclass(frozen=True)
 class Profile:
     """One model's measured K-FAC costs at one per-worker batch size."""
     model: str
@@ -150,6 +175,7 @@ class Profile:
     comm: CommCosts
     pack_s: float = 0.0   # local part of the gradient all-reduce (flatten, average, copy back)
     apply_s: float = 0.0  # KL clip and writing the preconditioned gradients back, every rank
+    contention: Contention | None = None  # measured under torchrun with > 1 rank
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -169,7 +195,7 @@ class Profile:
 
 
 _KNOWN_KEYS = {"schema", "model", "batch_size", "device", "dtype", "compute_method", "measured",
-               "layers", "step", "comm"}
+               "layers", "step", "comm", "contention"}
 
 
 def profile_from_dict(doc: Any, *, source: str = "profile") -> Profile:
@@ -191,12 +217,13 @@ def profile_from_dict(doc: Any, *, source: str = "profile") -> Profile:
         optimizer_s=doc["step"]["optimizer_s"],
         pack_s=doc["step"].get("pack_s", 0.0), apply_s=doc["step"].get("apply_s", 0.0),
         comm=_comm_costs(doc["comm"], source=source),
+        contention=Contention(**doc["contention"]) if "contention" in doc else None,
         extra={k: v for k, v in doc.items() if k not in _KNOWN_KEYS},
     )
 
 
 _COMM_KEYS = {"backend", "world_size", "allreduce", "broadcast", "message_bytes",
-              "broadcast_overlap", "link_bytes_per_s"}
+              "broadcast_overlap", "link_bytes_per_s", "gradient_allreduce_cpu_s"}
 _COLLECTIVE_KEYS = {"alpha_s", "beta_s_per_byte", "seconds"}
 
 
@@ -223,7 +250,8 @@ def _comm_costs(comm: dict, *, source: str) -> CommCosts:
                      broadcast=AlphaBeta(**_alpha_beta(comm["broadcast"])),
                      allreduce_points=points["allreduce"], broadcast_points=points["broadcast"],
                      broadcast_overlap=comm.get("broadcast_overlap", 1.0),
-                     link_bytes_per_s=comm.get("link_bytes_per_s"), notes=notes)
+                     link_bytes_per_s=comm.get("link_bytes_per_s"),
+                     gradient_allreduce_cpu_s=comm.get("gradient_allreduce_cpu_s"), notes=notes)
 
 
 def _alpha_beta(d: dict) -> dict:
@@ -248,6 +276,8 @@ def profile_to_dict(profile: Profile) -> dict:
                  "apply_s": profile.apply_s},
         "comm": _comm_to_dict(profile.comm),
     }
+    if profile.contention is not None:
+        doc["contention"] = asdict(profile.contention)
     doc.update(profile.extra)
     return doc
 
@@ -261,6 +291,8 @@ def _comm_to_dict(costs: CommCosts) -> dict:
         doc["broadcast_overlap"] = costs.broadcast_overlap
     if costs.link_bytes_per_s is not None:
         doc["link_bytes_per_s"] = costs.link_bytes_per_s
+    if costs.gradient_allreduce_cpu_s is not None:
+        doc["gradient_allreduce_cpu_s"] = costs.gradient_allreduce_cpu_s
     for kind, fit, points in (("allreduce", costs.allreduce, costs.allreduce_points),
                               ("broadcast", costs.broadcast, costs.broadcast_points)):
         doc[kind] = dict(notes.get(f"{kind}_fit", {}), **asdict(fit))

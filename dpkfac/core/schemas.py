@@ -70,6 +70,13 @@ PROFILE_SCHEMA: dict = {
                            "pack_s": _SECONDS, "apply_s": _SECONDS},
         },
         "model_grad_numel": POSITIVE_INTEGER,
+        "contention": {  # kernels timed on all ranks at once vs on one alone (seconds ratio)
+            "type": "object",
+            "required": ["ranks", "slowdown"],
+            "additionalProperties": False,
+            "properties": {"ranks": POSITIVE_INTEGER,
+                           "slowdown": {"type": "number", "exclusiveMinimum": 0}},
+        },
         "data": DATA_ENTRY,
         "loss": LOSS_ENTRY,
         "other_layers": {  # trainable modules K-FAC leaves alone (plain averaged gradients)
@@ -88,6 +95,7 @@ PROFILE_SCHEMA: dict = {
                 "message_bytes": {"type": "array", "minItems": 1, "items": POSITIVE_INTEGER},
                 "broadcast_overlap": {"type": "number", "minimum": 1},
                 "link_bytes_per_s": {"type": "number", "exclusiveMinimum": 0},
+                "gradient_allreduce_cpu_s": _SECONDS,
                 "allreduce": _ALPHA_BETA,
                 "broadcast": _ALPHA_BETA,
             },

@@ -120,10 +120,11 @@ class BaseKFACPreconditioner:
         call it while the gradient all-reduce is in flight, then finish() or rollback() once it
         is done). Only strategies whose factors are LOCAL have such phases (an owner's factors
         from its own batch and their decompositions); returns whether it ran them. Their
-        effects stay undoable until finish(). With overlap=False it runs nothing (finish() is
-        then step(): the serial step)."""
+        effects stay undoable until finish(). With overlap=False, or alone (world size 1: no
+        all-reduce to hide behind), it runs nothing (finish() is then step(): the serial step)."""
         self._check_nothing_pending("prepare()")
-        if not self.overlap or self.strategy.factors is not FactorMode.LOCAL:
+        if (not self.overlap or self.strategy.factors is not FactorMode.LOCAL
+                or self.exchange.world_size == 1):
             return False
         self.timer.reset()
         self._undo = self._snapshot()

@@ -3,6 +3,7 @@ fitted to alpha-beta lines (seconds, seconds per byte), and how far concurrent b
 overlap."""
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -32,10 +33,12 @@ def message_sizes(model_grad_bytes: int, extra: tuple[int, ...] = ()) -> tuple[i
 
 
 def profile_comm(world: WorldInfo, options: ProfileOptions, sizes: tuple[int, ...],
-                  before=lambda: None, owner_bytes: int = 1 << 10) -> dict:
+                  before=lambda: None, owner_bytes: int = 1 << 10,
+                  gradient_bytes: int | None = None) -> dict:
     """The profile's `comm` entry: alpha-beta fits per collective kind over `sizes` (bytes),
-    each call timed after `before()`, and the broadcast overlap at `owner_bytes` per owner;
-    assumed costs on a world of one."""
+    each call timed after `before()`, the broadcast overlap at `owner_bytes` per owner, and
+    the CPU seconds of the gradient all-reduce (`gradient_bytes`, when given); assumed costs
+    on a world of one."""
     backend = world.backend or ("nccl" if world.device.type == "cuda" else "gloo")
     if world.world_size == 1:
         return {"backend": backend, "world_size": 1, "allreduce": dict(ASSUMED_COMM),
@@ -54,7 +57,30 @@ def profile_comm(world: WorldInfo, options: ProfileOptions, sizes: tuple[int, ..
     return {"backend": backend, "world_size": world.world_size, **fits, "source": "measured",
             "statistic": "mean over trials of (last rank's return - mean arrival)",
             "message_bytes": list(sizes), **link,
-            **_broadcast_overlap(world, options, max(owner_bytes, 1 << 10), before)}
+            **_broadcast_overlap(world, options, max(owner_bytes, 1 << 10), before),
+            **({} if gradient_bytes is None else {"gradient_allreduce_cpu_s": _allreduce_cpu_s(
+                world, options, gradient_bytes, before)})}
+
+
+def _allreduce_cpu_s(world: WorldInfo, options: ProfileOptions, nbytes: int, before) -> float:
+    """CPU seconds one all-reduce of `nbytes` bytes costs a rank's process (its collective
+    threads' copies and reductions, not the waits): process CPU time across the call, after
+    `before()` as in training; median over repeats, mean over ranks. The part of the
+    all-reduce that competes with compute when it runs beside it (the overlapped step)."""
+    buf = torch.zeros(max(nbytes // 4, 1), dtype=torch.float32, device=world.device)
+    samples = []
+    for trial in range(options.warmup + options.repeats):
+        dist.barrier()
+        before()
+        synchronize_device()
+        start = time.process_time()
+        dist.all_reduce(buf)
+        synchronize_device()
+        if trial >= options.warmup:
+            samples.append(time.process_time() - start)
+    median = torch.tensor([statistics.median(samples)], dtype=torch.float64)
+    dist.all_reduce(median)
+    return float(median) / world.world_size
 
 
 def _collective(kind: str, buf: torch.Tensor):

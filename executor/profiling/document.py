@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import platform
 from contextlib import nullcontext
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -24,10 +25,12 @@ from ..workload.loss import LossFn
 from .collectives import message_sizes, profile_comm
 from .kernels import (
     accumulate_factors,
+    contention_slowdown,
     layer_record,
     one_rank_preconditioner,
     step_record,
     time_steps,
+    traffic_steps,
 )
 from .options import ProfileOptions
 
@@ -42,7 +45,9 @@ def profile_module(model: nn.Module, batches: Batches, world: WorldInfo, *, loss
     After folding the batches into the factors (so decompositions see full-rank factors, as in
     training), every rank at once runs warm-up + repeats training-like steps
     (kernels.time_steps: the step's traffic flows as in the overlapped step, untimed), each step
-    started together; medians over every rank's repeats. Then every rank times the collectives.
+    started together; medians over every rank's repeats. Then rank 0 times them again alone,
+    the others only in the traffic (the profile's contention: busy over alone). Then every rank
+    times the collectives.
     """
     malloc = keep_freed_memory() if options.keep_freed_memory else {}
     with flushed_denormals(options.flush_denormal) as flushing:
@@ -58,17 +63,22 @@ def _profile(model: nn.Module, batches: Batches, world: WorldInfo, loss_fn: Loss
     precond = one_rank_preconditioner(model, options)
     try:
         rows = accumulate_factors(model, precond, batches, loss_fn)
-        with _progress_bar(progress, options.warmup + options.repeats + 1) as bar:
-            samples = _on_all_ranks_at_once(world, lambda: time_steps(
-                model, precond, batches, loss_fn, options,
-                advance=lambda: _advance(bar, "steps"),
-                align=dist.barrier if world.world_size > 1 else lambda: None,
-                world_size=world.world_size))
+        steps = options.warmup + options.repeats
+        alone_steps = steps if world.world_size > 1 else 0
+        with _progress_bar(progress, steps + alone_steps + 1) as bar:
+            timed = partial(time_steps, model, precond, batches, loss_fn, options,
+                            advance=lambda: _advance(bar, "steps"),
+                            align=dist.barrier if world.world_size > 1 else lambda: None,
+                            world_size=world.world_size)
+            samples = _on_all_ranks_at_once(world, timed)
+            contention = _contention(world, samples, timed, lambda: traffic_steps(
+                model, _kfac_numel(precond), steps, dist.barrier, world.world_size))
             precond.remove_hooks()
             x, y = batches[0]
             comm = profile_comm(world, options, _step_message_sizes(model, precond, world),
                                 before=lambda: loss_fn(model(x), y).backward(),
-                                owner_bytes=4 * _kfac_numel(precond) // world.world_size)
+                                owner_bytes=4 * _kfac_numel(precond) // world.world_size,
+                                gradient_bytes=4 * (_grad_numel(model) + 1))
             _advance(bar, "collectives")
     finally:
         precond.remove_hooks()
@@ -81,6 +91,7 @@ def _profile(model: nn.Module, batches: Batches, world: WorldInfo, loss_fn: Loss
         "step": step_record(samples["step"]), "comm": comm,
         "model_grad_numel": _grad_numel(model), "other_layers": uncovered_layers(model),
         "environment": _environment(world, options),
+        **({"contention": contention} if contention else {}),
     }
 
 
@@ -114,6 +125,18 @@ def _on_all_ranks_at_once(world: WorldInfo, measure) -> dict[str, dict[str, list
             for kernel, values in kernels.items():
                 pooled.setdefault(what, {}).setdefault(kernel, []).extend(values)
     return pooled
+
+
+def _contention(world: WorldInfo, busy: dict, timed, traffic_only) -> dict | None:
+    """Rank 0 times its kernels again alone (the others take part in the step's traffic only,
+    computing nothing): {"ranks", "slowdown"} for the profile (None on one rank). The
+    slowdown (busy over alone) is what the ranks cost one another's kernels."""
+    if world.world_size == 1:
+        return None
+    alone = timed() if world.rank == 0 else traffic_only()
+    slowdown = broadcast_object(contention_slowdown(busy, alone) if world.rank == 0 else None,
+                                world)
+    return {"ranks": world.world_size, "slowdown": slowdown}
 
 
 def _device_name(device: torch.device) -> str:

@@ -112,6 +112,29 @@ def time_steps(model: nn.Module, precond: BaseKFACPreconditioner, batches: Batch
     return samples
 
 
+def traffic_steps(model: nn.Module, kfac_numel: int, steps: int,
+                  align: Callable[[], None], world_size: int) -> None:
+    """What time_steps' traffic asks of a rank that computes nothing, for `steps` steps (after
+    time_steps ran here: the gradients exist): so that one rank can time its kernels alone
+    while the others only take part in the step's collectives (the fused gradient all-reduce,
+    rank 0's broadcast of kfac_numel elements)."""
+    fused = 1 + sum(p.grad.numel() for p in model.parameters() if p.grad is not None)
+    for _ in range(steps):
+        align()
+        start_gradient_average([torch.zeros(fused)], world_size).wait()
+        _broadcast_from_rank0([torch.zeros(kfac_numel)], world_size)
+
+
+def contention_slowdown(busy: dict[str, dict[str, list[float]]],
+                        alone: dict[str, dict[str, list[float]]]) -> float:
+    """The K-FAC kernels' time with every rank computing over their time on one rank alone:
+    the sum over layers and LAYER_KERNELS of median seconds, one over the other."""
+    def total(samples):
+        return sum(statistics.median(samples[name][k]) for name in samples if name != "step"
+                   for k in LAYER_KERNELS)
+    return total(busy) / total(alone)
+
+
 def _broadcast_from_rank0(tensors: list[torch.Tensor], world_size: int) -> None:
     """One fused broadcast of `tensors` from rank 0 (what every owner's broadcast sends, all
     together); the receivers' copies are dropped."""

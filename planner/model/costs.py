@@ -116,6 +116,21 @@ def gradient_allreduce_wire_s(profile: Profile, *, workers: int,
     return min(2 * (workers - 1) / workers * profile.model_grad_bytes / link, total)
 
 
+def gradient_allreduce_cpu_s(profile: Profile, *, workers: int,
+                             network: Network | None = None) -> float:
+    """Of gradient_allreduce_s, the seconds an overlapped step's all-reduce takes from its
+    host's cores: what is not on the wire (gradient_allreduce_wire_s), or, with ranks sharing
+    a host (profile.contention at this world size) and the all-reduce's CPU seconds measured,
+    at most those (the rest is waiting: wake-ups, latency)."""
+    rest = (gradient_allreduce_s(profile, workers=workers, network=network)
+            - gradient_allreduce_wire_s(profile, workers=workers, network=network))
+    cpu = profile.comm.gradient_allreduce_cpu_s
+    if (cpu is None or profile.contention is None or not profile.contention.applies(workers)
+            or workers != profile.comm.world_size):
+        return rest
+    return min(cpu, rest)
+
+
 def common_memory_bytes(profile: Profile, *, workers: int) -> int:
     """Bytes every worker holds for DP-KFAC whatever it owns: the flat buffers of the fused
     broadcasts (one per owner, together all K-FAC layers' gradient bytes); 0 at one worker."""
@@ -168,10 +183,13 @@ def second_order_lower_bound_s(profile: Profile, *, workers: int, config: PlanCo
     `compute_bound_s` lets a solver's proven bound (e.g. an ILP dual bound) tighten it. With
     the overlapped step (config.overlap, more than one worker) the gradient all-reduce may hide
     up to its wire seconds of that compute (second-order time counts from its end), plus the
-    head start the fastest worker's forward/backward gives it over the slowest's."""
+    head start the fastest worker's forward/backward gives it over the slowest's. With
+    contention (ranks sharing a host), compute runs at best at a lone worker's speed."""
     works = layer_works_s(profile, config=config)
     compute = max(makespan_lower_bound_s(work=works, workers=workers, speeds=speeds),
                   compute_bound_s)
+    if profile.contention is not None and profile.contention.applies(workers):
+        compute *= profile.contention.time_factor(1)  # a worker computing alone, at best
     if config.overlap and workers > 1:  # a fast worker starts its local work earlier still
         fastest, slowest = (max(speeds), min(speeds)) if speeds else (1.0, 1.0)
         hidden = (gradient_allreduce_wire_s(profile, workers=workers, network=network)

@@ -21,7 +21,13 @@ worker posts the gradient all-reduce when its forward/backward ends and runs its
 decompositions (3, 5: they need only its own batch) while the all-reduce is in flight; it waits
 for the all-reduce before preconditioning. Only the all-reduce's time on the wire hides
 (costs.gradient_allreduce_wire_s); its hosts' part takes the worker's CPU first (timed as
-allreduce). Otherwise the step is serial, as listed.
+allreduce), or, with contention (below), runs on the collective's threads beside the compute,
+sharing the cores. Otherwise the step is serial, as listed.
+
+Ranks that share a host (profile.contention, at the profiled world size): compute between two
+collectives is laid out by processor sharing (planner.model.sharing): with k workers computing
+at once each takes Contention.time_factor(k) times its busy figure, so an owner left computing
+alone runs faster than the all-ranks-busy figures the profile holds.
 
 A collective needs every rank: it starts when the last one arrives, and the broadcasts of a
 step, posted together, take Network.broadcast_group_s of their times. Plain SGD (strategy None)
@@ -32,24 +38,25 @@ its mean step is the prediction. Per worker: busy (computing), comm (in a collec
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
 import numpy as np
 
-from dpkfac.core.profile import Profile
+from dpkfac.core.profile import Contention, Profile
 from dpkfac.core.step import NUMERICS_ELEMENTS, PHASES
 from dpkfac.core.strategy import DP_KFAC, FactorMode, SharedResult, Strategy
 from planner.model.costs import (
     PlanConfig,
     decomposition_sizes,
     factor_bytes,
+    gradient_allreduce_cpu_s,
     gradient_allreduce_s,
-    gradient_allreduce_wire_s,
     network_of,
     per_owner,
 )
 from planner.model.network import Network
+from planner.model.sharing import shared_ends
 from planner.solve.instance import check_speeds
 
 
@@ -130,9 +137,16 @@ def cycle_length(config: PlanConfig) -> int:
 class _Timeline:
     """Per-worker clocks and segments of one step; collectives are barriers."""
 
-    def __init__(self, workers: int, *, trace: bool) -> None:
+    def __init__(self, workers: int, *, trace: bool,
+                 contention: Contention | None = None) -> None:
         self.trace = trace  # record segments for the critical path
-        self.t = np.zeros(workers)
+        self._t = np.zeros(workers)
+        # with contention, compute between two collectives is held here, then laid out at
+        # the speeds processor sharing gives (settle)
+        self.contention = contention if contention and contention.applies(workers) else None
+        self._held: list[tuple[str, np.ndarray, Sequence[int] | None]] = []
+        self._background: np.ndarray | None = None  # collective threads' CPU seconds, held
+        self._background_end = 0.0  # when the last collective thread's CPU work ended
         self.segments: list[list[Segment]] = [[] for _ in range(workers)]
         self.phases = {phase: np.zeros(workers) for phase in PHASES}
         self.busy = np.zeros(workers)
@@ -142,14 +156,56 @@ class _Timeline:
         # where that worker posted an overlapped one
         self.gates: dict[int, tuple[int, Segment]] = {}
 
+    @property
+    def t(self) -> np.ndarray:
+        """Each worker's clock, seconds (held compute laid out first)."""
+        self._settle()
+        return self._t
+
     def compute(self, phase: str, seconds: np.ndarray, layers: Sequence[int] | None = None) -> None:
-        """Every worker w computes `seconds[w]` in `phase`."""
+        """Every worker w computes `seconds[w]` (busy figures) in `phase`."""
+        if self.contention is not None:
+            self._held.append((phase, np.asarray(seconds, dtype=float), layers))
+        else:
+            self._lay_out(phase, seconds, layers)
+
+    def background(self, phase: str, seconds: float) -> None:
+        """Each worker's collective thread works `seconds` of CPU from now (an overlapped
+        collective's hosts' part). With contention it shares the cores with the compute, and
+        a wait() for the collective ends no earlier than it; without, it runs as compute
+        before the worker's own (a host with no core to spare)."""
+        if self.contention is None:
+            self._lay_out(phase, np.full(len(self._t), seconds), None)
+            return
+        self._settle()
+        self._background = np.full(len(self._t), seconds)
+
+    def _settle(self) -> None:
+        """Lay out the held compute: each worker's share of it stretched or shrunk by the
+        speed that sharing the host with the others computing (collective threads included)
+        then gives it."""
+        if not self._held and self._background is None:
+            return
+        held, self._held = self._held, []
+        workers = len(self._t)
+        work = sum((seconds for _, seconds, _ in held), np.zeros(workers))
+        threads = self._background if self._background is not None else np.zeros(workers)
+        self._background = None
+        ends = shared_ends(np.concatenate([self._t, self._t]), np.concatenate([work, threads]),
+                           self.contention.time_factor)
+        self._background_end = float(ends[workers:].max())
+        ends = ends[:workers]
+        scale = np.divide(ends - self._t, work, out=np.ones_like(work), where=work > 0)
+        for phase, seconds, layers in held:
+            self._lay_out(phase, seconds * scale, layers)
+
+    def _lay_out(self, phase: str, seconds: np.ndarray, layers: Sequence[int] | None) -> None:
         for w, s in enumerate(seconds if self.trace else ()):
             if s > 0:
                 n = 0 if layers is None else int(layers[w])
-                self.segments[w].append(Segment(phase, w, float(self.t[w]),
-                                                float(self.t[w] + s), layers=n))
-        self.t = self.t + seconds
+                self.segments[w].append(Segment(phase, w, float(self._t[w]),
+                                                float(self._t[w] + s), layers=n))
+        self._t = self._t + seconds
         self.phases[phase] += seconds
         self.busy += seconds
 
@@ -163,7 +219,7 @@ class _Timeline:
             self.segments[w].append(seg)
         self.phases[phase] += start + seconds - self.t
         self.comm += seconds
-        self.t = np.full_like(self.t, start + seconds)
+        self._t = np.full_like(self.t, start + seconds)
 
     def post(self, phase: str, seconds: float) -> Segment:
         """An overlapped collective of all workers taking `seconds` once the last one has
@@ -180,13 +236,18 @@ class _Timeline:
     def wait(self, seg: Segment) -> None:
         """Every worker waits for the posted collective `seg` (its phase's timer, and its comm
         seconds, run from the worker's arrival to the collective's end: the rest was hidden)."""
+        if self._background_end > seg.end_s:  # its threads' CPU work ended later
+            late = replace(seg, end_s=self._background_end)
+            self.gates[id(late)] = self.gates[id(seg)]
+            seg = late
+        self._background_end = 0.0
         for w in range(len(self.t) if self.trace else 0):
             if seg.end_s >= self.t[w]:
                 self.segments[w].append(seg)
         waited = np.maximum(seg.end_s - self.t, 0.0)
         self.phases[seg.kind] += waited
         self.comm += waited
-        self.t = np.maximum(self.t, seg.end_s)
+        self._t = np.maximum(self.t, seg.end_s)
 
     def critical_path(self) -> tuple[Segment, ...]:
         """Walk back from the worker that ends last, through each collective to the worker
@@ -217,7 +278,7 @@ def simulate_step(profile: Profile, *, owners: Sequence[int], workers: int, conf
     critical path (False: empty, faster for sweeps)."""
     speed = np.asarray(check_speeds(speeds, workers))
     net = network_of(profile, network)
-    line = _Timeline(workers, trace=trace)
+    line = _Timeline(workers, trace=trace, contention=profile.contention)
     line.compute("forward_backward", profile.forward_backward_s / speed)
     allreduce_s = gradient_allreduce_s(profile, workers=workers, network=network)
     broadcast_s = 0.0
@@ -226,8 +287,8 @@ def simulate_step(profile: Profile, *, owners: Sequence[int], workers: int, conf
                  decomposition_step=decomposition_step)
     if overlapped(strategy, config=config, workers=workers):
         pending = line.post("allreduce", allreduce_s)
-        hidable = gradient_allreduce_wire_s(profile, workers=workers, network=network)
-        line.compute("allreduce", np.full(workers, allreduce_s - hidable))  # needs the CPU
+        line.background("allreduce", gradient_allreduce_cpu_s(profile, workers=workers,
+                                                              network=network))
         _local_phases(line, **local)
         line.wait(pending)
         ar_end = pending.end_s
