@@ -41,6 +41,9 @@ def test_profile_under_torchrun_fits_collectives(profile_path):
     assert doc["comm"]["world_size"] == 2 and doc["comm"]["source"] == "measured"
     assert doc["comm"]["broadcast"]["beta_s_per_byte"] > 0
     assert all(l["decompose_a_s"] > 0 and l["state_bytes"] > 0 for l in doc["layers"])
+    # rank 0 timed its kernels again alone: what the 2 ranks cost each other (2 cores or 200)
+    assert doc["contention"]["ranks"] == 2 and 0.3 < doc["contention"]["slowdown"] < 5
+    assert 0 < doc["comm"]["gradient_allreduce_cpu_s"] < 1
 
 
 def test_plan_train_whatif_round_trip(profile_path, workdir):

@@ -159,3 +159,30 @@ def test_training_run_reports_counters_and_skips_nan_steps(tmp_path, monkeypatch
     written = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert written["numerics"] == metrics[-1]["numerics"] == summary["numerics"]
     assert written["numerics_per_layer"] and written["final_loss"] is not None
+
+
+def test_all_finite_matches_the_element_wise_check():
+    from executor.runtime.finite import all_finite
+
+    big = torch.full((4,), 3e38)  # finite elements whose sum overflows
+    for t in (torch.randn(5, 5), big, torch.zeros(0), torch.tensor([1.0, float("nan")]),
+              torch.tensor([float("inf"), 1.0]), torch.tensor([float("-inf"), float("inf")])):
+        assert all_finite(t) == bool(torch.isfinite(t).all()), t
+
+
+def test_eigen_denominator_follows_each_new_decomposition_and_damping():
+    from executor.kfac import ComputeMethod, make_block
+
+    torch.manual_seed(0)
+    block, fresh = make_block(torch.nn.Linear(6, 4), "l"), make_block(torch.nn.Linear(6, 4), "l")
+    grad = torch.randn(4, 7)
+    for _ in range(2):  # a second decomposition replaces the cached denominator
+        block.update_factors(block.compute_factor_a(torch.randn(9, 6)),
+                             block.compute_factor_g(torch.randn(9, 4)), 0.5)
+        block.decompose_a(ComputeMethod.EIGEN, 0.01)
+        block.decompose_g(ComputeMethod.EIGEN, 0.01)
+        for damping in (0.01, 0.1):
+            block.precondition(grad, ComputeMethod.EIGEN, damping)  # fills the cache
+            fresh.load_state(block.state_tensors())
+            assert torch.equal(block.precondition(grad, ComputeMethod.EIGEN, damping),
+                               fresh.precondition(grad, ComputeMethod.EIGEN, damping))

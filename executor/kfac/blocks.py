@@ -15,6 +15,7 @@ from torch import nn
 from dpkfac.core.errors import InputError
 from dpkfac.core.step import decomposition_shapes
 
+from ..runtime.finite import all_finite
 from .decomposition import ComputeMethod, DecomposeOutcome, decompose_safely
 
 
@@ -27,6 +28,9 @@ class KFACBlock(ABC):
         self.factor_a: torch.Tensor | None = None
         self.factor_g: torch.Tensor | None = None
         self.decomposition: dict[str, torch.Tensor] = {}
+        # (d_g, d_a, damping, d_g d_A^T + damping): the eigen preconditioner's denominator,
+        # built once per decomposition instead of every step
+        self._denominator: tuple | None = None
 
     # -- shapes -------------------------------------------------------------------------------
     @property
@@ -93,9 +97,9 @@ class KFACBlock(ABC):
         """Forget a running factor that holds NaN or inf (it restarts from the next batch);
         returns how many factors were dropped (0, 1 or 2). The decomposition is kept."""
         dropped = 0
-        if self.factor_a is not None and not bool(torch.isfinite(self.factor_a).all()):
+        if self.factor_a is not None and not all_finite(self.factor_a):
             self.factor_a, dropped = None, dropped + 1
-        if self.factor_g is not None and not bool(torch.isfinite(self.factor_g).all()):
+        if self.factor_g is not None and not all_finite(self.factor_g):
             self.factor_g, dropped = None, dropped + 1
         return dropped
 
@@ -108,15 +112,25 @@ class KFACBlock(ABC):
         d = self.decomposition
         if method is ComputeMethod.EIGEN:
             v = d["q_g"].t() @ grad @ d["q_a"]
-            v.div_(torch.outer(d["d_g"], d["d_a"]).add_(damping))
+            v.div_(self._eigen_denominator(damping))
             return d["q_g"] @ v @ d["q_a"].t()
         return d["inv_g"] @ grad @ d["inv_a"]
+
+    def _eigen_denominator(self, damping: float) -> torch.Tensor:
+        """d_G d_A^T + damping for the current eigendecomposition (cached while its
+        eigenvalue tensors and the damping stay the same objects and value)."""
+        d_g, d_a = self.decomposition["d_g"], self.decomposition["d_a"]
+        cached = self._denominator
+        if cached is None or cached[0] is not d_g or cached[1] is not d_a or cached[2] != damping:
+            cached = (d_g, d_a, damping, torch.outer(d_g, d_a).add_(damping))
+            self._denominator = cached
+        return cached[3]
 
     def precondition_if_finite(self, grad: torch.Tensor, method: ComputeMethod,
                                damping: float) -> torch.Tensor | None:
         """precondition(), or None when the result holds NaN or inf (one device sync)."""
         result = self.precondition(grad, method, damping)
-        return result if bool(torch.isfinite(result).all()) else None
+        return result if all_finite(result) else None
 
     # -- gradients of the module --------------------------------------------------------------
     def grad_matrix(self) -> torch.Tensor:

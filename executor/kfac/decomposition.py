@@ -7,6 +7,8 @@ import enum
 
 import torch
 
+from ..runtime.finite import all_finite
+
 
 class ComputeMethod(str, enum.Enum):
     """How factors are turned into a preconditioner."""
@@ -32,7 +34,7 @@ def decompose_safely(factor: torch.Tensor | None, side: str, method: ComputeMeth
     """Decompose `factor` (side "a" or "g"), retrying with more damping when the solver fails or
     returns non-finite numbers. Returns (result or None, outcome); None leaves the caller's old
     one. Result keys: eigen q_<side>, d_<side>; inverse inv_<side>."""
-    if factor is None or not bool(torch.isfinite(factor).all()):
+    if factor is None or not all_finite(factor):
         return None, DecomposeOutcome.FAILED
     base = max(damping, _MIN_RETRY_SHIFT)
     shifts = (0.0,) + tuple(base * m for m in RETRY_DAMPING_MULTIPLES)
@@ -41,7 +43,7 @@ def decompose_safely(factor: torch.Tensor | None, side: str, method: ComputeMeth
             result = _decompose(factor, side, method, damping, shift=shift)
         except RuntimeError:  # torch.linalg.LinAlgError is a RuntimeError
             continue
-        if all(bool(torch.isfinite(t).all()) for t in result.values()):
+        if all(all_finite(t) for t in result.values()):
             return result, DecomposeOutcome.OK if attempt == 0 else DecomposeOutcome.RETRIED
     return None, DecomposeOutcome.FAILED
 

@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .finite import all_finite
+
 
 @dataclass(frozen=True)
 class WorldInfo:
@@ -91,7 +93,7 @@ class PendingAverage:
         if self.work is not None:
             self.work.wait()
             flat.div_(self.world_size)
-        finite = bool(torch.isfinite(flat).all())
+        finite = all_finite(flat)
         offset = 0
         for t in self.tensors:
             t.copy_(flat[offset:offset + t.numel()].view_as(t))

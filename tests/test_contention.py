@@ -1,0 +1,99 @@
+"""Ranks sharing a host's cores in the step model: processor sharing of the compute between
+collectives, and an overlapped all-reduce's CPU part beside it."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dpkfac.core.profile import Contention, profile_from_dict, profile_to_dict
+from planner.model.costs import PlanConfig, gradient_allreduce_cpu_s, second_order_lower_bound_s
+from planner.model.sharing import shared_ends
+from planner.model.simulate import simulate_step
+
+from test_planner_simulate import COUNTERS, hand_profile
+
+ONE_CORE = Contention(ranks=2, slowdown=2.0)  # 2 ranks on 1 core: alone twice as fast
+SERIAL, OVERLAPPED = PlanConfig(overlap=False), PlanConfig()
+
+
+def test_time_factor_is_cores_shared_among_the_ranks_computing():
+    two_cores = Contention(ranks=3, slowdown=1.5)
+    assert [two_cores.time_factor(k) for k in (1, 2, 3)] == pytest.approx([2 / 3, 2 / 3, 1.0])
+    assert [ONE_CORE.time_factor(k) for k in (1, 2)] == pytest.approx([0.5, 1.0])
+    assert two_cores.applies(3) and not two_cores.applies(2) and not two_cores.applies(6)
+    no_sharing = Contention(ranks=3, slowdown=0.97)  # noise below 1: a core (GPU) per rank
+    assert not no_sharing.applies(3)
+    assert [no_sharing.time_factor(k) for k in (1, 2, 3)] == [1.0, 1.0, 1.0]
+
+
+def test_shared_ends_by_hand():
+    f = ONE_CORE.time_factor
+    # together at rate 1 until worker 0 is done at 1 s; worker 1's 2 s left alone at rate 2
+    assert shared_ends(np.zeros(2), np.array([1.0, 3.0]), f) == pytest.approx([1.0, 2.0])
+    # worker 0 alone for its first second (rate 2: done), then worker 1 alone
+    assert shared_ends(np.array([0.0, 1.0]), np.array([2.0, 2.0]), f) == pytest.approx([1.0, 2.0])
+    # a worker with nothing to do ends where it starts, and does not slow the other
+    assert shared_ends(np.array([0.5, 0.0]), np.array([0.0, 1.0]), f) == pytest.approx([0.5, 0.5])
+    # no sharing: every worker at its busy figures
+    assert shared_ends(np.array([0.0, 2.0]), np.array([1.0, 3.0]), lambda k: 1.0) == \
+        pytest.approx([1.0, 5.0])
+
+
+def _profile(contention: Contention | None = ONE_CORE, **comm) -> object:
+    doc = hand_profile()
+    if contention is not None:
+        doc["contention"] = {"ranks": contention.ranks, "slowdown": contention.slowdown}
+    doc["comm"].update(comm)
+    return profile_from_dict(doc)
+
+
+def test_an_owner_left_computing_alone_runs_at_its_alone_speed():
+    profile = _profile()
+    step = simulate_step(profile, owners=[0, 0, 1], workers=2, config=SERIAL)
+    plain = simulate_step(_profile(None), owners=[0, 0, 1], workers=2, config=SERIAL)
+    # rank 0: 8 s of second-order compute, rank 1: 4.5 s (busy figures). Together (rate 1)
+    # until rank 1 is done at 4.5 s, then rank 0's last 3.5 s alone at twice the speed
+    rank0 = 4.5 + 3.5 / 2
+    assert plain.step_time_s - step.step_time_s == pytest.approx(8.0 - rank0)
+    assert step.phases_s["decompose"][0] == pytest.approx(3.0 * rank0 / 8.0)  # its share
+    assert step.phases_s["decompose"][1] == pytest.approx(4.0)  # never alone: busy figures
+    assert step.phases_s["forward_backward"] == plain.phases_s["forward_backward"]
+    path = step.critical_path
+    assert all(a.end_s == pytest.approx(b.start_s) for a, b in zip(path, path[1:]))
+    assert path[-1].end_s == pytest.approx(step.step_time_s)
+    bound = second_order_lower_bound_s(profile, workers=2, config=SERIAL)
+    assert bound <= step.second_order_s
+    # at another world size the host sharing is unknown: busy figures, as without it
+    assert simulate_step(profile, owners=[0, 1, 2], workers=3, config=SERIAL).step_time_s == \
+        simulate_step(_profile(None), owners=[0, 1, 2], workers=3, config=SERIAL).step_time_s
+
+
+def test_an_overlapped_all_reduce_shares_the_cores_for_its_cpu_seconds_only():
+    allreduce = 2.0 + 1000 * 4 * 1e-9
+    profile = _profile(gradient_allreduce_cpu_s=1.0,
+                       allreduce={"alpha_s": 2.0, "beta_s_per_byte": 1e-9})
+    assert gradient_allreduce_cpu_s(profile, workers=2) == 1.0
+    step = simulate_step(profile, owners=[0, 0, 1], workers=2, config=OVERLAPPED)
+    # from 0.1 s: local work 4.5 / 4.25 s and 1 s of all-reduce CPU on each rank, 4 at once on
+    # one core (rate 1/2) until the all-reduce's threads are done (2 s); then both owners at
+    # rate 1 until rank 1 is done (3.25 s), then rank 0's last 0.25 s alone (rate 2)
+    local_end = 0.1 + 2.0 + 3.25 + 0.125
+    assert local_end > 0.1 + allreduce  # the all-reduce was over before anyone waited
+    assert step.phases_s["allreduce"] == (0.0, 0.0)
+    # preconditioning 3.5 / 0.25 s: rank 1 (from 0.125 s earlier) alone, done as rank 0
+    # starts; rank 0's 3.5 s alone
+    b = 2 * (1e-3 + (2000 + COUNTERS) * 1e-9)
+    assert step.step_time_s == pytest.approx(local_end + 3.5 / 2 + b + 0.01)
+    # without contention the whole non-wire all-reduce runs before the local work
+    plain = _profile(None, gradient_allreduce_cpu_s=1.0,
+                     allreduce={"alpha_s": 2.0, "beta_s_per_byte": 1e-9})
+    assert gradient_allreduce_cpu_s(plain, workers=2) == pytest.approx(allreduce)
+    assert simulate_step(plain, owners=[0, 0, 1], workers=2, config=OVERLAPPED).step_time_s == \
+        pytest.approx(0.1 + allreduce + 4.5 + 3.5 + b + 0.01)
+
+
+def test_contention_survives_the_file_round_trip():
+    profile = _profile(gradient_allreduce_cpu_s=0.002)
+    again = profile_from_dict(profile_to_dict(profile))
+    assert again.contention == ONE_CORE
+    assert again.comm.gradient_allreduce_cpu_s == 0.002
