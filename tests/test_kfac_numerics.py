@@ -127,6 +127,31 @@ def test_inverse_preconditioning_matches_the_dense_formula():
                           atol=1e-8)
 
 
+@pytest.mark.parametrize("method", [ComputeMethod.EIGEN, ComputeMethod.INVERSE])
+def test_transposed_preconditioning_is_the_same_formula(method):
+    """128 outputs, 201 inputs with the bias: preconditioned through the transpose (rows of
+    128 floats, not 201); the result is the untransposed formula's, computed in float64."""
+    from executor.kfac.blocks import _transposed_faster
+
+    block = LinearBlock(nn.Linear(200, 128), "layer")
+    assert _transposed_faster(block.dim_g, block.dim_a)
+    damping = 0.01
+    block.factor_a, block.factor_g = _random_spd(201, 7), _random_spd(128, 8)
+    block.decompose_a(method, damping)
+    block.decompose_g(method, damping)
+    grad = torch.randn(128, 201)
+    d = {k: v.double() for k, v in block.decomposition.items()}
+    g64 = grad.double()
+    if method is ComputeMethod.EIGEN:
+        inner = d["q_g"].t() @ g64 @ d["q_a"] / (torch.outer(d["d_g"], d["d_a"]) + damping)
+        expected = d["q_g"] @ inner @ d["q_a"].t()
+    else:
+        expected = d["inv_g"] @ g64 @ d["inv_a"]
+    got = block.precondition(grad, method, damping)
+    assert got.shape == grad.shape and got.is_contiguous()
+    assert torch.allclose(got.double(), expected, rtol=1e-4, atol=1e-6 * expected.abs().max())
+
+
 def test_running_average_and_memory():
     block = LinearBlock(nn.Linear(3, 2), "layer")
     assert block.memory_usage() == 0
