@@ -28,7 +28,7 @@ class KFACBlock(ABC):
         self.factor_a: torch.Tensor | None = None
         self.factor_g: torch.Tensor | None = None
         self.decomposition: dict[str, torch.Tensor] = {}
-        # ((d_g, d_a, damping, transposed), denominator): the eigen preconditioner's
+        # (d_g, d_a, damping, transposed, denominator): the eigen preconditioner's
         # denominator, built once per decomposition instead of every step
         self._denominator: tuple | None = None
 
@@ -127,14 +127,13 @@ class KFACBlock(ABC):
         numbers) for the current eigendecomposition, cached while its eigenvalue tensors, the
         damping and the orientation stay the same."""
         d_g, d_a = self.decomposition["d_g"], self.decomposition["d_a"]
-        key = (d_g, d_a, damping, transposed)
         cached = self._denominator
-        if cached is None or any(a is not b for a, b in zip(cached[0][:2], key[:2])) \
-                or cached[0][2:] != key[2:]:
+        if (cached is None or cached[0] is not d_g or cached[1] is not d_a
+                or cached[2:4] != (damping, transposed)):
             rows, cols = (d_a, d_g) if transposed else (d_g, d_a)
-            cached = (key, torch.outer(rows, cols).add_(damping))
+            cached = (d_g, d_a, damping, transposed, torch.outer(rows, cols).add_(damping))
             self._denominator = cached
-        return cached[1]
+        return cached[4]
 
     def precondition_if_finite(self, grad: torch.Tensor, method: ComputeMethod,
                                damping: float) -> torch.Tensor | None:

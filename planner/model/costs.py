@@ -125,8 +125,7 @@ def gradient_allreduce_cpu_s(profile: Profile, *, workers: int,
     rest = (gradient_allreduce_s(profile, workers=workers, network=network)
             - gradient_allreduce_wire_s(profile, workers=workers, network=network))
     cpu = profile.comm.gradient_allreduce_cpu_s
-    if (cpu is None or profile.contention is None or not profile.contention.applies(workers)
-            or workers != profile.comm.world_size):
+    if cpu is None or profile.contention is None or not profile.contention.applies(workers):
         return rest
     return min(cpu, rest)
 

@@ -38,12 +38,12 @@ its mean step is the prediction. Per worker: busy (computing), comm (in a collec
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
 
-from dpkfac.core.profile import Contention, Profile
+from dpkfac.core.profile import Profile
 from dpkfac.core.step import NUMERICS_ELEMENTS, PHASES
 from dpkfac.core.strategy import DP_KFAC, FactorMode, SharedResult, Strategy
 from planner.model.costs import (
@@ -56,26 +56,8 @@ from planner.model.costs import (
     per_owner,
 )
 from planner.model.network import Network
-from planner.model.sharing import shared_ends
+from planner.model.timeline import Segment, Timeline
 from planner.solve.instance import check_speeds
-
-
-@dataclass(frozen=True)
-class Segment:
-    """One stretch of the timeline: `kind` on `worker` (None: a collective of all workers),
-    covering `layers` layers (0 when not per layer) or `count` collectives posted together,
-    from start_s to end_s seconds."""
-    kind: str
-    worker: int | None
-    start_s: float
-    end_s: float
-    layers: int = 0
-    count: int = 1
-
-    def as_dict(self) -> dict:
-        """Plain-data form for the placement file."""
-        return {"kind": self.kind, "worker": self.worker, "layers": self.layers,
-                "count": self.count, "start_s": self.start_s, "end_s": self.end_s}
 
 
 @dataclass(frozen=True)
@@ -134,139 +116,6 @@ def cycle_length(config: PlanConfig) -> int:
     return math.lcm(config.factor_update_freq, config.inv_update_freq)
 
 
-class _Timeline:
-    """Per-worker clocks and segments of one step; collectives are barriers."""
-
-    def __init__(self, workers: int, *, trace: bool,
-                 contention: Contention | None = None) -> None:
-        self.trace = trace  # record segments for the critical path
-        self._t = np.zeros(workers)
-        # with contention, compute between two collectives is held here, then laid out at
-        # the speeds processor sharing gives (settle)
-        self.contention = contention if contention and contention.applies(workers) else None
-        self._held: list[tuple[str, np.ndarray, Sequence[int] | None]] = []
-        self._background: np.ndarray | None = None  # collective threads' CPU seconds, held
-        self._background_end = 0.0  # when the last collective thread's CPU work ended
-        self.segments: list[list[Segment]] = [[] for _ in range(workers)]
-        self.phases = {phase: np.zeros(workers) for phase in PHASES}
-        self.busy = np.zeros(workers)
-        self.comm = np.zeros(workers)
-        # id(collective segment) -> (the worker that arrived last, the segment to resume from
-        # in its list): the collective itself, or the zero-length marker (never on a path)
-        # where that worker posted an overlapped one
-        self.gates: dict[int, tuple[int, Segment]] = {}
-
-    @property
-    def t(self) -> np.ndarray:
-        """Each worker's clock, seconds (held compute laid out first)."""
-        self._settle()
-        return self._t
-
-    def compute(self, phase: str, seconds: np.ndarray, layers: Sequence[int] | None = None) -> None:
-        """Every worker w computes `seconds[w]` (busy figures) in `phase`."""
-        if self.contention is not None:
-            self._held.append((phase, np.asarray(seconds, dtype=float), layers))
-        else:
-            self._lay_out(phase, seconds, layers)
-
-    def background(self, phase: str, seconds: float) -> None:
-        """Each worker's collective thread works `seconds` of CPU from now (an overlapped
-        collective's hosts' part). With contention it shares the cores with the compute, and
-        a wait() for the collective ends no earlier than it; without, it runs as compute
-        before the worker's own (a host with no core to spare)."""
-        if self.contention is None:
-            self._lay_out(phase, np.full(len(self._t), seconds), None)
-            return
-        self._settle()
-        self._background = np.full(len(self._t), seconds)
-
-    def _settle(self) -> None:
-        """Lay out the held compute: each worker's share of it stretched or shrunk by the
-        speed that sharing the host with the others computing (collective threads included)
-        then gives it."""
-        if not self._held and self._background is None:
-            return
-        held, self._held = self._held, []
-        workers = len(self._t)
-        work = sum((seconds for _, seconds, _ in held), np.zeros(workers))
-        threads = self._background if self._background is not None else np.zeros(workers)
-        self._background = None
-        ends = shared_ends(np.concatenate([self._t, self._t]), np.concatenate([work, threads]),
-                           self.contention.time_factor)
-        self._background_end = float(ends[workers:].max())
-        ends = ends[:workers]
-        scale = np.divide(ends - self._t, work, out=np.ones_like(work), where=work > 0)
-        for phase, seconds, layers in held:
-            self._lay_out(phase, seconds * scale, layers)
-
-    def _lay_out(self, phase: str, seconds: np.ndarray, layers: Sequence[int] | None) -> None:
-        for w, s in enumerate(seconds if self.trace else ()):
-            if s > 0:
-                n = 0 if layers is None else int(layers[w])
-                self.segments[w].append(Segment(phase, w, float(self._t[w]),
-                                                float(self._t[w] + s), layers=n))
-        self._t = self._t + seconds
-        self.phases[phase] += seconds
-        self.busy += seconds
-
-    def collective(self, phase: str, seconds: float, *, count: int = 1) -> None:
-        """A collective of all workers taking `seconds` once the last one has arrived."""
-        gate = int(np.argmax(self.t))
-        start = float(self.t[gate])
-        seg = Segment(phase, None, start, start + seconds, count=count)
-        self.gates[id(seg)] = (gate, seg)
-        for w in range(len(self.t) if self.trace else 0):
-            self.segments[w].append(seg)
-        self.phases[phase] += start + seconds - self.t
-        self.comm += seconds
-        self._t = np.full_like(self.t, start + seconds)
-
-    def post(self, phase: str, seconds: float) -> Segment:
-        """An overlapped collective of all workers taking `seconds` once the last one has
-        posted it; the workers go on computing until they wait() for it."""
-        gate = int(np.argmax(self.t))
-        start = float(self.t[gate])
-        seg = Segment(phase, None, start, start + seconds)
-        marker = Segment(phase, gate, start, start)
-        self.gates[id(seg)] = (gate, marker)
-        if self.trace:
-            self.segments[gate].append(marker)
-        return seg
-
-    def wait(self, seg: Segment) -> None:
-        """Every worker waits for the posted collective `seg` (its phase's timer, and its comm
-        seconds, run from the worker's arrival to the collective's end: the rest was hidden)."""
-        if self._background_end > seg.end_s:  # its threads' CPU work ended later
-            late = replace(seg, end_s=self._background_end)
-            self.gates[id(late)] = self.gates[id(seg)]
-            seg = late
-        self._background_end = 0.0
-        for w in range(len(self.t) if self.trace else 0):
-            if seg.end_s >= self.t[w]:
-                self.segments[w].append(seg)
-        waited = np.maximum(seg.end_s - self.t, 0.0)
-        self.phases[seg.kind] += waited
-        self.comm += waited
-        self._t = np.maximum(self.t, seg.end_s)
-
-    def critical_path(self) -> tuple[Segment, ...]:
-        """Walk back from the worker that ends last, through each collective to the worker
-        whose arrival started it (empty without a trace)."""
-        if not self.trace:
-            return ()
-        w = int(np.argmax(self.t))
-        i, path = len(self.segments[w]) - 1, []
-        while i >= 0:
-            seg = self.segments[w][i]
-            if seg.end_s > seg.start_s:
-                path.append(seg)
-            if seg.worker is None:  # continue on the worker whose arrival started it
-                w, resume = self.gates[id(seg)]
-                i = next(k for k, s in enumerate(self.segments[w]) if s is resume)
-            i -= 1
-        return tuple(reversed(path))
-
-
 def simulate_step(profile: Profile, *, owners: Sequence[int], workers: int, config: PlanConfig,
                   strategy: Strategy | None = DP_KFAC, step: int = 0,
                   speeds: Sequence[float] | None = None, network: Network | None = None,
@@ -278,7 +127,7 @@ def simulate_step(profile: Profile, *, owners: Sequence[int], workers: int, conf
     critical path (False: empty, faster for sweeps)."""
     speed = np.asarray(check_speeds(speeds, workers))
     net = network_of(profile, network)
-    line = _Timeline(workers, trace=trace, contention=profile.contention)
+    line = Timeline(workers, trace=trace, contention=profile.contention)
     line.compute("forward_backward", profile.forward_backward_s / speed)
     allreduce_s = gradient_allreduce_s(profile, workers=workers, network=network)
     broadcast_s = 0.0
@@ -323,7 +172,7 @@ def overlapped(strategy: Strategy | None, *, config: PlanConfig, workers: int) -
             and strategy.factors is FactorMode.LOCAL)
 
 
-def _local_phases(line: _Timeline, *, profile: Profile, strategy: Strategy,
+def _local_phases(line: Timeline, *, profile: Profile, strategy: Strategy,
                   owners: Sequence[int], workers: int, config: PlanConfig, step: int,
                   speed: np.ndarray, net: Network,
                   decomposition_step: Sequence[int] | None) -> None:
@@ -347,7 +196,7 @@ def _local_phases(line: _Timeline, *, profile: Profile, strategy: Strategy,
                  per_owner([float(d) for d in decomposing], owners, workers))
 
 
-def _shared_phases(line: _Timeline, profile: Profile, *, strategy: Strategy,
+def _shared_phases(line: Timeline, profile: Profile, *, strategy: Strategy,
                    owners: Sequence[int], workers: int, slot: int, speed: np.ndarray,
                    net: Network) -> float:
     """Preconditioning and the owners' broadcasts of one step (decomposition slot `slot`);
@@ -369,7 +218,7 @@ def _shared_phases(line: _Timeline, profile: Profile, *, strategy: Strategy,
     return _broadcasts(line, net, sizes, owned, workers, counters)
 
 
-def _broadcasts(line: _Timeline, net: Network, sizes: Sequence[float], owned: np.ndarray,
+def _broadcasts(line: Timeline, net: Network, sizes: Sequence[float], owned: np.ndarray,
                 workers: int, counters: int) -> float:
     """One fused broadcast per owner (its payload plus its counters), posted together."""
     if workers == 1:
