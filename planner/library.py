@@ -22,13 +22,14 @@ def plan(profile: dict | str | os.PathLike, workers: int | None = None, *,
          memory_cap: int | str | None = None, cluster: dict | str | os.PathLike | None = None,
          solver: str = "best", factor_update_freq: int = 1, inv_update_freq: int = 1,
          speeds: Sequence[float] | None = None, time_limit_s: float | None = None,
-         owners: str = "auto", overlap: bool = True) -> dict:
+         owners: str = "auto", overlap: bool = True, split: bool = True) -> dict:
     """The placement document (dpkfac.placement/1, a dict) of `profile` (a profile document or
     the path of a profile file) on `workers` ranks or on `cluster` (a cluster document or
     file). memory_cap: bytes of second-order state per worker (an int, or text such as
     "512MiB"); time_limit_s: solver budget in seconds (default as `dpkfac plan`'s); solver and
     owners as `dpkfac plan --solver/--owners`; overlap=False plans for the serial step
-    (`dpkfac train --no-overlap`). Bad input raises dpkfac.core.errors.InputError.
+    (`dpkfac train --no-overlap`); split=False never splits a layer's preconditioning across
+    workers (`dpkfac plan --no-split`). Bad input raises dpkfac.core.errors.InputError.
 
     The solvers stop at time limits, so two processes may not plan alike: under torchrun use
     dpkfac.plan_for_group, which plans on rank 0 and hands the dict to the others."""
@@ -41,7 +42,7 @@ def plan(profile: dict | str | os.PathLike, workers: int | None = None, *,
     config = PlanConfig(factor_update_freq=factor_update_freq, inv_update_freq=inv_update_freq,
                         overlap=overlap)
     solved = make_plan(profile=prof, cluster=target, config=config, method=solver,
-                       memory_cap=cap, time_limit_s=limit, owners=owners)
+                       memory_cap=cap, time_limit_s=limit, owners=owners, split=split)
     return placement_document(solved, profile_ref=ref, memory_cap=cap)
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
+import numpy as np
+
 from dpkfac.core.cluster import Cluster
 from dpkfac.core.jsonio import file_sha256
 from dpkfac.core.profile import Profile
 from dpkfac.core.schemas import PLACEMENT_SCHEMA_ID
-from planner.model.costs import PlanConfig, per_owner
+from planner.model.costs import PlanConfig, decomposition_sizes, per_owner, unsplit_mask
 from planner.plan import Plan, make_plan, resolve_cluster
 from planner.solve.names import DEFAULT_ILP_MAX_BINARIES
 
@@ -19,18 +21,20 @@ def make_placement(*, profile: Profile, profile_path: str | os.PathLike, workers
                    time_limit_s: float = 10.0, speeds: Sequence[float] | None = None,
                    cluster: Cluster | None = None,
                    ilp_max_binaries: int | None = DEFAULT_ILP_MAX_BINARIES,
-                   owners: str = "auto") -> dict:
+                   owners: str = "auto", split: bool = True) -> dict:
     """Solve the placement of `profile` on `workers` ranks (or on `cluster`) and return the
     placement document.
 
     memory_cap: bytes of second-order state allowed per worker (None: no cap).
     time_limit_s: seconds the solvers may run. speeds: relative worker speeds (default all 1.0;
-    with a cluster, the cluster's). owners: "auto" (also try fewer owners) or "all".
+    with a cluster, the cluster's). owners: "auto" (also try fewer owners) or "all". split:
+    also try splitting the heaviest layers' preconditioning across all workers
+    (precondition_split; False: never).
     """
     cluster = resolve_cluster(workers=workers, speeds=speeds, cluster=cluster)
     plan = make_plan(profile=profile, cluster=cluster, config=config, method=method,
                      memory_cap=memory_cap, time_limit_s=time_limit_s,
-                     ilp_max_binaries=ilp_max_binaries, owners=owners)
+                     ilp_max_binaries=ilp_max_binaries, owners=owners, split=split)
     return placement_document(plan, profile_path=profile_path, memory_cap=memory_cap)
 
 
@@ -70,8 +74,14 @@ def placement_document(plan: Plan, *, profile_path: str | os.PathLike | None = N
             "owners": len(set(solution.owners)),
             "owner_search": [{"owners": t.owners, "step_time_s": t.step_time_s}
                              for t in plan.owner_trials],
+            "split_search": [{"layer": profile.layers[t.layer].name, "rows": list(t.rows),
+                              "step_time_s": t.step_time_s, "kept": t.kept}
+                             for t in plan.split_trials],
         },
     }
+    if plan.split:
+        doc["precondition_split"] = {profile.layers[i].name: list(plan.split[i])
+                                     for i in sorted(plan.split)}
     if plan.staggered is not None:
         st = plan.staggered
         doc["decomposition_step"] = {layer.name: k for layer, k in zip(profile.layers, st.slots)}
@@ -85,12 +95,24 @@ def placement_document(plan: Plan, *, profile_path: str | os.PathLike | None = N
     return doc
 
 
+def broadcast_bytes_per_worker(plan: Plan) -> tuple[int, ...]:
+    """Bytes each rank broadcasts per step as an owner (payloads, counters excluded): its
+    unsplit layers' preconditioned gradients every step and its split layers' decompositions
+    every inv_update_freq steps (amortised). The split layers' all-reduce is not a broadcast."""
+    profile, pred = plan.profile, plan.prediction
+    whole = unsplit_mask(profile, plan.split)
+    grads = np.asarray([layer.grad_numel * profile.dtype_bytes for layer in profile.layers],
+                       dtype=float)
+    decomps = np.asarray(decomposition_sizes(profile), dtype=float) / plan.config.inv_update_freq
+    sent = per_owner(np.where(whole, grads, decomps), pred.owners, pred.workers)
+    return tuple(int(round(v)) for v in sent)
+
+
 def _predicted(plan: Plan) -> dict:
     """The `predicted` section: the step, its parts, the cycle, the critical path, per worker."""
     pred, cycle, profile = plan.prediction, plan.prediction.cycle, plan.profile
     busy, idle, comm_s = (cycle.mean_per_worker(f) for f in ("busy_s", "idle_s", "comm_s"))
-    sent = per_owner([layer.grad_numel * profile.dtype_bytes for layer in profile.layers],
-                     pred.owners, pred.workers)
+    sent = broadcast_bytes_per_worker(plan)
     owned = pred.layers_owned
     per_worker = [
         {"rank": rank, "compute_s": pred.compute_s[rank], "memory_bytes": pred.state_bytes[rank],

@@ -2,32 +2,36 @@
 
 profile + cluster -> per-layer work (seconds, amortised over the update frequencies) and state
 (bytes), per-worker speeds and state caps (bytes) -> planner.solve.solvers.solve -> owners ->
-the owner search (fewer owners when that predicts a shorter step) -> the step model's prediction
-(planner.model.step) and, when inv_update_freq > 1, a staggered decomposition schedule with its
-own prediction.
+the owner search (fewer owners when that predicts a shorter step) -> the split pass (share the
+preconditioning of the heaviest layers across all workers when that predicts a shorter step;
+planner.solve.split) -> the step model's prediction (planner.model.step) and, when
+inv_update_freq > 1, a staggered decomposition schedule with its own prediction.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Mapping, Sequence
 
 from dpkfac.core.cluster import Cluster, flat_cluster
 from dpkfac.core.errors import InputError
 from dpkfac.core.profile import Profile
+from dpkfac.core.strategy import DP_KFAC
 from planner.model.costs import (
     PlanConfig,
     common_memory_bytes,
     layer_state_bytes,
     layer_works_s,
     second_order_lower_bound_s,
+    state_bytes_per_worker,
 )
 from planner.model.network import Network
 from planner.model.stagger import per_slot_makespan_s, stagger_decompositions
-from planner.model.step import StepPrediction, predict_step
+from planner.model.step import StepPrediction, compute_per_worker_s, predict_step
 from planner.model.topology import cluster_network, state_caps
 from planner.solve.names import DEFAULT_ILP_MAX_BINARIES, OWNER_MODES
 from planner.solve.owners import OwnerTrial, search_owners
 from planner.solve.solvers import Solution, solve
+from planner.solve.split import SplitTrial, search_split, split_candidates
 
 
 @dataclass(frozen=True)
@@ -50,7 +54,9 @@ class Staggered:
 class Plan:
     """A solved placement with its prediction. caps: per-worker state caps in bytes (None: no
     cap); common_bytes: what every worker holds besides its layers' state; lower_bound_s: a
-    proven lower bound on the amortised second-order seconds of any placement."""
+    proven lower bound on the amortised second-order seconds of any placement (split ones too
+    when the split pass ran); split: layer index -> G-side rows per rank of the layers whose
+    preconditioning every worker shares ({}: none); split_trials: the split pass's trials."""
     profile: Profile
     cluster: Cluster
     config: PlanConfig
@@ -64,6 +70,8 @@ class Plan:
     time_limit_s: float
     method: str
     owner_trials: tuple[OwnerTrial, ...] = ()  # the owner search's counts ("auto" only)
+    split: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
+    split_trials: tuple[SplitTrial, ...] = ()
 
     @property
     def cycle(self):
@@ -90,11 +98,15 @@ def resolve_cluster(*, workers: int | None, speeds: Sequence[float] | None,
 def make_plan(*, profile: Profile, cluster: Cluster, config: PlanConfig, method: str = "best",
               memory_cap: int | None = None, time_limit_s: float = 10.0,
               ilp_max_binaries: int | None = DEFAULT_ILP_MAX_BINARIES,
-              owners: str = "auto") -> Plan:
+              owners: str = "auto", split: bool = True) -> Plan:
     """Solve and predict. memory_cap: bytes of second-order state per worker (on top of the
     cluster's per-worker memory, if any). time_limit_s: solver budget, seconds. owners: "auto"
     (with the best solver, also try fewer owners and keep the shortest predicted step;
-    planner.solve.owners) or "all" (the solvers' placement as is)."""
+    planner.solve.owners) or "all" (the solvers' placement as is). split: after the owners are
+    final, on more than one worker, also try splitting the heaviest layers' preconditioning
+    across all workers (planner.solve.split) and keep what shortens the predicted step by more
+    than 0.5% while every worker's state (the split layers' decompositions the non-owners then
+    hold included) stays within its cap."""
     if owners not in OWNER_MODES:
         raise ValueError(f"owners must be one of {OWNER_MODES}, got {owners!r}")
     workers = cluster.workers
@@ -110,10 +122,49 @@ def make_plan(*, profile: Profile, cluster: Cluster, config: PlanConfig, method:
         solution, trials = _fewer_owners(profile, solution, config=config, speeds=cluster.speeds,
                                          network=network, caps=caps,
                                          time_limit_s=min(time_limit_s, 1.0))
-    plan = evaluate(profile=profile, cluster=cluster, config=config, solution=solution,
-                    network=network, caps=caps, common_bytes=common, time_limit_s=time_limit_s,
-                    method=method)
+    splittable = split and workers > 1
+    shared = dict(profile=profile, cluster=cluster, config=config, solution=solution,
+                  network=network, caps=caps, common_bytes=common, time_limit_s=time_limit_s,
+                  method=method, splittable=splittable)
+    plan = evaluate(**shared)
+    if splittable:
+        chosen, split_trials = _split_pass(profile, solution.owners, config=config,
+                                           speeds=cluster.speeds, network=network, caps=caps)
+        if chosen:
+            plan = evaluate(**shared, split=chosen)
+        plan = replace(plan, split_trials=split_trials)
     return replace(plan, owner_trials=trials)
+
+
+def _split_pass(profile: Profile, owners: Sequence[int], *, config: PlanConfig,
+                speeds: Sequence[float], network: Network | None, caps
+                ) -> tuple[dict[int, tuple[int, ...]], tuple[SplitTrial, ...]]:
+    """planner.solve.split.search_split with the step model's DP-KFAC compute per worker and
+    mean step (seconds) under the final owners; a split must keep every worker's state (the
+    split layers' decompositions included) within its cap (bytes; None: no caps)."""
+    workers = len(speeds)
+    layers = profile.layers
+
+    def compute_of(split) -> tuple[float, ...]:
+        return compute_per_worker_s(profile, strategy=DP_KFAC, owners=owners, workers=workers,
+                                    config=config, speeds=speeds, split=split)
+
+    def step_time_of(split) -> float:
+        return predict_step(profile, variant="dp-kfac", owners=owners, workers=workers,
+                            config=config, speeds=speeds, network=network, trace=False,
+                            split=split).step_time_s
+
+    def fits(split) -> bool:
+        held = state_bytes_per_worker(profile, strategy=DP_KFAC, owners=owners,
+                                      workers=workers, split=split)
+        return caps is None or all(h <= c for h, c in zip(held, caps))
+
+    precondition = [l.precondition_s for l in layers]
+    dims_g = [l.dim_g for l in layers]
+    return search_split(candidates=split_candidates(precondition, dims_g, workers=workers),
+                        precondition_s=precondition, dims_g=dims_g, owners=owners,
+                        speeds=speeds, compute_of=compute_of, step_time_of=step_time_of,
+                        fits=fits)
 
 
 def _fewer_owners(profile: Profile, solution: Solution, *, config: PlanConfig,
@@ -156,27 +207,29 @@ def plan_owners(profile: Profile, *, workers: int, config: PlanConfig,
 
 def evaluate(*, profile: Profile, cluster: Cluster, config: PlanConfig, solution: Solution,
              network: Network | None, caps, common_bytes: int, time_limit_s: float,
-             method: str) -> Plan:
-    """Predict and stagger a solved assignment."""
+             method: str, splittable: bool = False,
+             split: Mapping[int, tuple[int, ...]] | None = None) -> Plan:
+    """Predict and stagger a solved assignment, with `split` (layer index -> rows per rank)
+    when given. splittable: the lower bound covers placements with split layers too."""
     workers, speeds, owners = cluster.workers, cluster.speeds, solution.owners
-    prediction = predict_step(profile, variant="dp-kfac", owners=owners, workers=workers,
-                              config=config, speeds=speeds, network=network)
+    split = dict(split or {})
+    common = dict(variant="dp-kfac", owners=owners, workers=workers, config=config,
+                  speeds=speeds, network=network, split=split)
+    prediction = predict_step(profile, **common)
     bound = second_order_lower_bound_s(profile, workers=workers, config=config, speeds=speeds,
-                                       compute_bound_s=solution.lower_bound_s, network=network)
+                                       compute_bound_s=solution.lower_bound_s, network=network,
+                                       split=splittable or bool(split))
     staggered = None
     if config.inv_update_freq > 1:
-        slots = stagger_decompositions(profile, owners=owners, workers=workers, config=config)
+        mine = dict(profile=profile, owners=owners, workers=workers, config=config, split=split)
+        slots = stagger_decompositions(**mine)
         staggered = Staggered(
             slots=slots,
-            per_step_makespan_s=per_slot_makespan_s(profile, owners=owners, workers=workers,
-                                                    config=config, slots=slots, speeds=speeds),
-            executor_per_step_makespan_s=per_slot_makespan_s(
-                profile, owners=owners, workers=workers, config=config, slots=None,
-                speeds=speeds),
-            prediction=predict_step(profile, variant="dp-kfac", owners=owners, workers=workers,
-                                    config=config, speeds=speeds, network=network,
-                                    decomposition_step=slots))
+            per_step_makespan_s=per_slot_makespan_s(**mine, slots=slots, speeds=speeds),
+            executor_per_step_makespan_s=per_slot_makespan_s(**mine, slots=None,
+                                                             speeds=speeds),
+            prediction=predict_step(profile, **common, decomposition_step=slots))
     return Plan(profile=profile, cluster=cluster, config=config, network=network, caps=caps,
                 common_bytes=common_bytes, solution=solution, prediction=prediction,
                 lower_bound_s=bound, staggered=staggered, time_limit_s=time_limit_s,
-                method=method)
+                method=method, split=split)

@@ -48,9 +48,12 @@ def random_batches(seed: int, count: int,
              torch.randint(0, 10, (batch,), generator=gen)) for _ in range(count)]
 
 
-def train_steps(model: nn.Module, precond, batches, *, world_size: int, lr: float = 0.05) -> None:
-    """SGD steps with gradients averaged across ranks, preconditioned before each update."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+def train_steps(model: nn.Module, precond, batches, *, world_size: int, lr: float = 0.05,
+                optimizer: torch.optim.Optimizer | None = None) -> None:
+    """SGD steps (momentum 0.9, or `optimizer`) with gradients averaged across ranks,
+    preconditioned before each update."""
+    if optimizer is None:
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     for x, y in batches:
         optimizer.zero_grad()
         F.cross_entropy(model(x), y).backward()

@@ -99,7 +99,10 @@ def test_plan_on_a_heterogeneous_capped_cluster():
                 for l, o in zip(profile.layers, plan.solution.owners) if o == w)
             for w in range(4)]
     assert work[1] == max(work) and work[0] == min(work)
-    assert max(loads) == pytest.approx(plan.solution.makespan_s)
+    if plan.split:  # shared preconditioning takes work off the busiest owners
+        assert max(loads) < plan.solution.makespan_s
+    else:
+        assert max(loads) == pytest.approx(plan.solution.makespan_s)
     cap = max(l.state_bytes for l in profile.layers) * 3
     capped = make_plan(profile=profile, cluster=cluster, config=PlanConfig(), memory_cap=cap,
                        time_limit_s=2)

@@ -81,3 +81,29 @@ def owners_by_layer(placement: dict, layer_names: Sequence[str], *,
         raise InputError(f"{source}: field assignment: no owner for layer {missing[0]!r} "
                          "(placement and profile are for different models)")
     return tuple(int(assignment[name]) for name in layer_names)
+
+
+def precondition_split(placement: dict, *, dims_g: dict[str, int] | None = None,
+                       source: Any = "placement") -> dict[str, tuple[int, ...]]:
+    """The placement's `precondition_split`: layer -> rows of its G side each rank
+    preconditions (index = rank), in model order of the file; {} when it has none.
+
+    InputError unless every split layer is assigned, every list has world_size entries with at
+    least one row, and (with `dims_g`: layer -> dim_g) the rows add up to the layer's dim_g."""
+    split = placement.get("precondition_split") or {}
+    world = placement["world_size"]
+    rows_of: dict[str, tuple[int, ...]] = {}
+    for name, rows in split.items():
+        where = f"{source}: field precondition_split/{name}"
+        if name not in placement["assignment"]:
+            raise InputError(f"{where}: layer {name!r} is not in the assignment")
+        if len(rows) != world:
+            raise InputError(f"{where}: expected {world} row counts (one per rank), "
+                             f"got {len(rows)}")
+        if dims_g is not None and sum(rows) != dims_g[name]:
+            raise InputError(f"{where}: rows add up to {sum(rows)}, the layer's G side has "
+                             f"{dims_g[name]}")
+        if sum(rows) == 0:
+            raise InputError(f"{where}: no rows")
+        rows_of[name] = tuple(int(r) for r in rows)
+    return rows_of

@@ -136,6 +136,11 @@ PLACEMENT_SCHEMA: dict = {
             "minProperties": 1,
             "additionalProperties": NONNEGATIVE_INTEGER,
         },
+        "precondition_split": {
+            "type": "object",
+            "additionalProperties": {"type": "array", "minItems": 1,
+                                     "items": NONNEGATIVE_INTEGER},
+        },
         "predicted": {
             "type": "object",
             "required": ["step_time_s", "second_order_s", "lower_bound_s", "per_worker"],

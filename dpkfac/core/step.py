@@ -14,9 +14,16 @@ A step, on every rank, in this order (the executor's timers have the same names)
 | decompose          | the owned layers' decompositions due this step                       |
 | precondition       | the layers this rank preconditions                                   |
 | broadcast          | one fused broadcast per owner: preconditioned gradients every step,  |
-|                    | or decompositions at decomposition updates (DECOMPOSITION)           |
+|                    | or decompositions at decomposition updates (DECOMPOSITION); split    |
+|                    | layers: their decompositions at updates, then one fused all-reduce   |
+|                    | (sum) of every rank's share of their preconditioned gradients        |
 | apply              | KL clip and write-back of the preconditioned gradients               |
 | optimizer          | the optimizer's step                                                 |
+
+A split layer (the placement's `precondition_split`, PRECONDITIONED_GRADIENT strategies) is
+preconditioned by every rank with rows of its split: rank r takes rows[r] of the dim_g
+directions of the G side (eigenvectors of G, or columns of G^-1), the owner still builds and
+decomposes its factors; the shares add up to the layer's preconditioned gradient.
 
 Traffic is counted as bytes a rank SENDS PLUS RECEIVES: a ring all-reduce of n bytes counts
 4 (p-1)/p n, a broadcast n on every rank (sent by its owner, received by the others).
@@ -33,7 +40,8 @@ PHASES = ("forward_backward", "allreduce", "factors", "factor_allreduce", "decom
 SECOND_ORDER_PHASES = ("factors", "factor_allreduce", "decompose", "precondition", "broadcast")
 
 TRAFFIC_KINDS = ("gradient_allreduce", "factor_allreduce", "decomposition_broadcast",
-                 "preconditioned_gradient_broadcast", "numerics_counters")
+                 "preconditioned_gradient_broadcast", "preconditioned_gradient_allreduce",
+                 "numerics_counters")
 SECOND_ORDER_TRAFFIC = TRAFFIC_KINDS[1:]
 
 LOSS_ELEMENTS = 1  # the loss rides at the end of the gradient all-reduce buffer
@@ -82,12 +90,16 @@ def decomposition_numel(dim_a: int, dim_g: int, compute_method: str) -> int:
 def traffic_by_kind(*, strategy: Strategy | None, workers: int, dtype_bytes: int,
                     model_grad_numel: int, layer_dims: Iterable[tuple[int, int]],
                     grad_numel: int, owners: int, compute_method: str,
-                    factor_update_freq: int = 1, inv_update_freq: int = 1) -> dict[str, float]:
+                    factor_update_freq: int = 1, inv_update_freq: int = 1,
+                    split_dims: Iterable[tuple[int, int]] = (), split_owners: int = 0
+                    ) -> dict[str, float]:
     """Bytes one rank sends plus receives per step, by TRAFFIC_KINDS kind (strategy None: plain
     data-parallel SGD). The same on every rank; amortised kinds are per-call bytes / period.
 
     layer_dims: (dim_a, dim_g) of every K-FAC layer; grad_numel: elements of all K-FAC layers'
-    gradients; owners: ranks that own at least one layer.
+    gradients; owners: ranks that broadcast every step (own at least one layer that is not
+    split). split_dims: (dim_a, dim_g) of the split layers (PRECONDITIONED_GRADIENT only);
+    split_owners: ranks that own at least one of them.
     """
     kinds = dict.fromkeys(TRAFFIC_KINDS, 0.0)
     if workers == 1:
@@ -102,8 +114,17 @@ def traffic_by_kind(*, strategy: Strategy | None, workers: int, dtype_bytes: int
         factors = sum(factor_numel(a, g) for a, g in dims) * dtype_bytes
         kinds["factor_allreduce"] = ring_allreduce_bytes(factors, workers) / factor_update_freq
     if strategy.shared is SharedResult.PRECONDITIONED_GRADIENT:
-        kinds["preconditioned_gradient_broadcast"] = float(grad_numel * dtype_bytes)
-        kinds["numerics_counters"] = float(counters)
+        split = list(split_dims)
+        split_numel = sum(a * g for a, g in split)
+        kinds["preconditioned_gradient_broadcast"] = float((grad_numel - split_numel)
+                                                           * dtype_bytes)
+        kinds["preconditioned_gradient_allreduce"] = float(ring_allreduce_bytes(
+            split_numel * dtype_bytes, workers))
+        kinds["decomposition_broadcast"] = sum(
+            decomposition_numel(a, g, compute_method) for a, g in split
+        ) * dtype_bytes / inv_update_freq
+        kinds["numerics_counters"] = (counters + split_owners * NUMERICS_ELEMENTS * dtype_bytes
+                                      / inv_update_freq)
     else:
         decomps = sum(decomposition_numel(a, g, compute_method) for a, g in dims) * dtype_bytes
         kinds["decomposition_broadcast"] = decomps / inv_update_freq

@@ -122,6 +122,23 @@ class KFACBlock(ABC):
             return d["q_g"] @ v @ d["q_a"].t()
         return d["inv_g"] @ grad @ d["inv_a"]
 
+    def precondition_rows(self, grad: torch.Tensor, method: ComputeMethod, damping: float,
+                          start: int, stop: int) -> torch.Tensor:
+        """The share of precondition(grad) that G-side directions start..stop-1 give (dim_g x
+        dim_a); the shares of a partition of 0..dim_g-1 add up to precondition(grad), and each
+        costs (stop - start) / dim_g of it.
+
+        eigen:   Q_I [(Q_I^T dW Q_A) / (d_I d_A^T + damping)] Q_A^T, Q_I = Q_G[:, I], d_I = d_G[I]
+        inverse: (G + sqrt(damping) I)^-1[:, I] (dW[I, :] (A + sqrt(damping) I)^-1)
+        """
+        d = self.decomposition
+        if method is ComputeMethod.EIGEN:
+            q_i = d["q_g"][:, start:stop]
+            v = q_i.t() @ grad @ d["q_a"]
+            v.div_(self._eigen_denominator(damping)[start:stop])
+            return q_i @ (v @ d["q_a"].t())
+        return d["inv_g"][:, start:stop] @ (grad[start:stop] @ d["inv_a"])
+
     def _eigen_denominator(self, damping: float, transposed: bool = False) -> torch.Tensor:
         """d_G d_A^T + damping (its transpose d_A d_G^T + damping when `transposed`: the same
         numbers) for the current eigendecomposition, cached while its eigenvalue tensors, the

@@ -14,6 +14,7 @@ from dpkfac.core.step import SECOND_ORDER_PHASES
 from dpkfac.core.strategy import FactorMode, SharedResult
 
 from ..kfac import ComputeMethod, DecomposeOutcome, KFACBlock, apply_preconditioned
+from ..runtime.finite import all_finite
 from ..runtime.timing import PhaseTimer
 from .assignment import WorkAssignment
 from .capture import Capture
@@ -199,20 +200,28 @@ class BaseKFACPreconditioner:
                     self.decompose_factor(name, "g")
 
     def _shared_phases(self) -> None:
-        """Shared decompositions or preconditioned gradients, then the write-back."""
+        """Shared decompositions (of every layer, or of the split ones) or preconditioned
+        gradients (the split layers' shares summed), then the write-back."""
         shares_decompositions = self.strategy.shared is SharedResult.DECOMPOSITION
-        if shares_decompositions and self.steps % self.inv_update_freq == 0:
+        shared = (self.work.layers_of_rank if shares_decompositions
+                  else self.work.split_layers_of_rank)
+        if shared and self.steps % self.inv_update_freq == 0:
             with self.timer.phase("broadcast"):
-                self.exchange.share_decompositions(self.blocks, self.work.layers_of_rank,
-                                                   self.method, self.ledger)
+                self.exchange.share_decompositions(self.blocks, shared, self.method, self.ledger)
                 self._decompositions_to_factor_dtype()
         with self.timer.phase("precondition"):
             results = {name: self.precondition_layer(name)
                        for name in self.work.preconditioned_layers}
+            shares = {name: share for name in self.work.split_layers
+                      if (share := self.precondition_share(name)) is not None}
         if not shares_decompositions:
             with self.timer.phase("broadcast"):
+                totals = self.exchange.sum_shares(shares)
                 results = self.exchange.share_gradients(results, self.blocks,
-                                                        self.work.layers_of_rank, self.ledger)
+                                                        self.work.broadcast_layers_of_rank,
+                                                        self.ledger)
+            results.update({name: self._finite_or_plain(name, totals.get(name))
+                            for name in self.work.split_layers})
         self.apply(results)
         self.steps += 1
         self.calls += 1
@@ -282,6 +291,29 @@ class BaseKFACPreconditioner:
         self.ledger.count(name, "plain_gradient", 1)
         return grad
 
+    def precondition_share(self, name: str) -> torch.Tensor | None:
+        """This rank's share (its rows of the G side) of split layer `name`'s preconditioned
+        gradient, in the gradient's dtype; None when there is no gradient or no decomposition
+        (the same on every rank: the gradients are averaged and the decomposition shared)."""
+        block = self.blocks[name]
+        if block.module.weight.grad is None or not block.ready(self.method):
+            return None
+        grad = block.grad_matrix()
+        start, stop = self.work.rows(name)
+        share = block.precondition_rows(grad.to(self.factor_dtype), self.method, self.damping,
+                                        start, stop)
+        return share.to(grad.dtype)
+
+    def _finite_or_plain(self, name: str, total: torch.Tensor | None) -> torch.Tensor:
+        """A split layer's summed preconditioned gradient, or its plain gradient when there is
+        none or it is not finite (every rank decides alike: it holds the same sum)."""
+        if total is not None and all_finite(total):
+            return total
+        block = self.blocks[name]
+        if block.module.weight.grad is not None:
+            self.ledger.count(name, "plain_gradient", 1)
+        return block.grad_or_zeros()
+
     def apply(self, results: dict[str, torch.Tensor]) -> None:
         """KL-clip every layer's preconditioned gradient and write it into the modules."""
         lr = self.lr() if callable(self.lr) else self.lr
@@ -300,8 +332,8 @@ class BaseKFACPreconditioner:
 
     def _check_decomposition_wire_dtype(self) -> None:
         """Shared decompositions travel in the weights' dtype: it must hold factor_dtype exactly."""
-        if (self.strategy.shared is not SharedResult.DECOMPOSITION or not self.blocks
-                or self.exchange.world_size == 1):
+        shared = self.strategy.shared is SharedResult.DECOMPOSITION or self.work.split
+        if not shared or not self.blocks or self.exchange.world_size == 1:
             return
         wire = next(iter(self.blocks.values())).module.weight.dtype
         if torch.promote_types(wire, self.factor_dtype) != wire:
@@ -380,7 +412,7 @@ class BaseKFACPreconditioner:
         self.skipped_steps = int(state.get("skipped_steps", 0))
         holds_any = (self.strategy.factors is FactorMode.ALLREDUCED
                      or self.strategy.shared is SharedResult.DECOMPOSITION)
-        owned = set(self.work.owned)
+        owned = set(self.work.owned) | set(self.work.split_layers)
         for name, tensors in state["blocks"].items():
             if name not in self.blocks or (name not in owned and not holds_any):
                 raise ValueError(f"checkpoint holds layer {name!r} that rank {self.rank} "

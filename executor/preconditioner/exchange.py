@@ -93,8 +93,9 @@ class Exchange:
     def share_gradients(self, mine: dict[str, torch.Tensor], blocks: dict[str, KFACBlock],
                         layers_of_rank: dict[int, list[str]], ledger: NumericsLedger
                         ) -> dict[str, torch.Tensor]:
-        """Every owner broadcasts its preconditioned gradients; every layer's, on every rank."""
-        if self.world_size == 1:
+        """Every owner in `layers_of_rank` broadcasts its preconditioned gradients of the layers
+        listed there; those layers' and `mine`, on every rank."""
+        if self.world_size == 1 or not layers_of_rank:
             return mine
         received = self.broadcast_per_owner(
             layers_of_rank, lambda names: [mine[n] for n in names],
@@ -110,6 +111,22 @@ class Exchange:
                 offset += block.grad_numel
         return results
 
+    def sum_shares(self, shares: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Add every rank's shares of the split layers' preconditioned gradients (every rank
+        passes the same layers), in one fused all-reduce (sum); each layer's total, on every
+        rank."""
+        if self.world_size == 1 or not shares:
+            return shares
+        flat = torch.cat([t.reshape(-1) for t in shares.values()])
+        dist.all_reduce(flat, group=self.process_group)
+        self._count("preconditioned_gradient_allreduce",
+                    ring_allreduce_bytes(flat.numel() * flat.element_size(), self.world_size))
+        totals, offset = {}, 0
+        for name, share in shares.items():
+            totals[name] = flat[offset:offset + share.numel()].view_as(share)
+            offset += share.numel()
+        return totals
+
     def share_decompositions(self, blocks: dict[str, KFACBlock],
                              layers_of_rank: dict[int, list[str]], method: ComputeMethod,
                              ledger: NumericsLedger) -> None:
@@ -118,7 +135,7 @@ class Exchange:
         and memory layout (eigh returns column-major ones; layout changes matmul's rounding)
         and end with identical parameters. A layer sent as NaN (no decomposition yet) keeps
         none."""
-        if self.world_size == 1:
+        if self.world_size == 1 or not layers_of_rank:
             return
         received = self.broadcast_per_owner(
             layers_of_rank,

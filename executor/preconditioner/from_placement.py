@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from dpkfac.core.placement import check_placement_matches, load_placement
+from dpkfac.core.placement import check_placement_matches, load_placement, precondition_split
 from dpkfac.core.strategy import DP_KFAC, Strategy
 
 from ..kfac import ComputeMethod, make_block, require_kfac_layers
@@ -36,6 +36,8 @@ class KFACPreconditioner(BaseKFACPreconditioner):
         precise_timing: synchronise the device around each phase so phase times are exact.
         stagger_decompositions: follow the placement's `decomposition_step` schedule (spread
             each owner's decompositions over the inv_update_freq steps of a cycle).
+            The placement's `precondition_split` (layers whose preconditioning every rank
+            shares, by rows of the G side) is followed under DP-KFAC, ignored otherwise.
         factor_dtype: dtype of the factors, decompositions and preconditioning (default
             float32); captured tensors (bf16 under autocast) are cast to it, and preconditioned
             gradients back to the gradients' dtype.
@@ -82,10 +84,14 @@ class KFACPreconditioner(BaseKFACPreconditioner):
         names = [name for name, _ in layers]
         check_placement_matches(self.placement, layer_names=names,
                                 world_size=exchange.world_size, source="placement")
+        blocks = {name: make_block(m, name) for name, m in layers}
+        split = precondition_split(self.placement, source="placement",
+                                   dims_g={name: b.dim_g for name, b in blocks.items()})
         work = WorkAssignment.from_placement(self.placement, names, rank=exchange.rank,
-                                             strategy=strategy, stagger=stagger_decompositions)
+                                             strategy=strategy, stagger=stagger_decompositions,
+                                             split=split)
         super().__init__(
-            {name: make_block(m, name) for name, m in layers}, work, exchange, lr=lr,
+            blocks, work, exchange, lr=lr,
             damping=damping, factor_decay=factor_decay, kl_clip=kl_clip,
             factor_update_freq=factor_update_freq or config["factor_update_freq"],
             inv_update_freq=inv_update_freq or config["inv_update_freq"],

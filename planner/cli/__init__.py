@@ -43,6 +43,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="auto (default): with --solver best, also place the layers on fewer "
                       "owners (halving the count) and keep the shortest predicted step, since "
                       "every owner pays a broadcast; all: the solver's placement as is")
+    plan.add_argument("--no-split", dest="split", action="store_false",
+                      help="never split a layer's preconditioning across workers (by default "
+                      "the heaviest layers' preconditioning is shared by all workers when that "
+                      "predicts a shorter step: the placement's precondition_split)")
     plan.add_argument("--explain", action="store_true",
                       help="also explain why the bottleneck worker is the bottleneck")
     plan.add_argument("--compare", action="store_true",

@@ -39,14 +39,15 @@ def run(args: argparse.Namespace) -> int:
     limit = args.time_limit if args.time_limit is not None else auto_time_limit_s(
         layers=len(profile.layers), workers=cluster.workers)
     plan = make_plan(profile=profile, cluster=cluster, config=config, method=args.solver,
-                     memory_cap=cap, time_limit_s=limit, owners=args.owners)
+                     memory_cap=cap, time_limit_s=limit, owners=args.owners,
+                     split=args.split)
     placement = placement_document(plan, profile_path=args.profile, memory_cap=cap)
     console = make_console()
     rows = None
     if args.compare:
         rows = compare_rows(profile=profile, cluster=cluster, config=config, memory_cap=cap,
                             time_limit_s=limit, ilp_max_binaries=DEFAULT_ILP_MAX_BINARIES,
-                            owners=args.owners)
+                            owners=args.owners, split=args.split)
     write_json_atomic(out, placement)
     print_plan_report(placement, console=console)
     if args.explain:

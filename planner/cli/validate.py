@@ -19,6 +19,7 @@ from planner.model.calibrate import (
     measured_phases,
     predicted_phases,
 )
+from planner.model.step import placement_split
 from planner.report.tables import validation_table
 
 
@@ -28,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
     placement = load_placement(args.placement)
     profile_path = args.profile or placement["profile"]["path"]
     profile = load_profile(profile_path)
+    placement_split(profile, placement, source=f"placement {args.placement!r}")  # checked early
     summary = load_run_summary(args.run)
     if summary["world_size"] != placement["world_size"]:
         raise InputError(f"run {args.run!r} has world_size {summary['world_size']}, placement "

@@ -14,6 +14,7 @@ from dpkfac.core.placement import load_placement, owners_by_layer
 from dpkfac.core.profile import Profile, load_profile
 from dpkfac.core.units import parse_float_list, parse_int_list
 from planner.cli.common import checked_output, make_console
+from planner.model.step import placement_split
 from planner.report.tables import print_whatif_table, setting_title, write_whatif_plot
 from planner.whatif.sweep import (
     ROW_KEYS,
@@ -79,14 +80,17 @@ def _whatif_sweep(args: argparse.Namespace, profile: Profile) -> Sweep:
                             inter_node=cluster.inter_node)
     batches = (parse_int_list(args.batch_sizes, what="--batch-sizes")
                if args.batch_sizes is not None else None)
-    owners, placed_workers = None, None
+    owners, placed_workers, split = None, None, None
     if args.placement is not None:
         placement = load_placement(args.placement)
+        source = f"placement {args.placement!r}"
         owners = owners_by_layer(placement, [layer.name for layer in profile.layers],
-                                 source=f"placement {args.placement!r}")
+                                 source=source)
         placed_workers = placement["world_size"]
+        split = placement_split(profile, placement, source=source)
     return Sweep(workers=expand_workers(args.workers), batch_sizes=batches,
                  placement_owners=owners, placement_workers=placed_workers,
+                 placement_split=split,
                  bandwidth_scales=parse_float_list(args.bandwidth_scale, what="--bandwidth-scale"),
                  factor_update_freqs=parse_int_list(args.factor_update_freq,
                                                     what="--factor-update-freq"),

@@ -15,7 +15,7 @@ from dpkfac.core.placement import owners_by_layer
 from dpkfac.core.profile import Profile
 from dpkfac.core.step import PHASES
 from planner.model.costs import PlanConfig
-from planner.model.step import predict_step
+from planner.model.step import placement_split, predict_step
 
 SUMMARY_FIELDS = ("world_size", "mean_step_time_s", "phase_means_by_rank_s")
 
@@ -57,7 +57,8 @@ def predicted_phases(profile: Profile, placement: Mapping, *, variant: str = "dp
     """Per phase, per rank: the step model's mean over a cycle of `variant` under the
     placement's owners, as the executor's timers see it (following the placement's
     decomposition_step schedule when the run was `staggered`; overlapped or serial as
-    `overlap` says, default the placement's config, overlapped when it says nothing)."""
+    `overlap` says, default the placement's config, overlapped when it says nothing; with the
+    placement's precondition_split, which dp-kfac runs and the other variants ignore)."""
     config = placement["config"]
     names = [layer.name for layer in profile.layers]
     slots = placement.get("decomposition_step") if staggered else None
@@ -67,7 +68,8 @@ def predicted_phases(profile: Profile, placement: Mapping, *, variant: str = "dp
         config=PlanConfig(factor_update_freq=config["factor_update_freq"],
                           inv_update_freq=config["inv_update_freq"],
                           overlap=config.get("overlap", True) if overlap is None else overlap),
-        decomposition_step=None if slots is None else [int(slots.get(n, 0)) for n in names])
+        decomposition_step=None if slots is None else [int(slots.get(n, 0)) for n in names],
+        split=placement_split(profile, placement))
     phases = prediction.cycle.mean_phases()
     phases["step_time"] = (prediction.step_time_s,) * placement["world_size"]
     return phases

@@ -114,6 +114,24 @@ class Network:
                     for n in (0.0, total_bytes))
         return self.broadcast_points.floor_s(total_bytes) * ratio
 
+    def allreduce_floor_s(self, *, ranks: int, nbytes: float) -> float:
+        """A proven lower bound on the seconds of one all-reduce of at least `nbytes` bytes
+        among `ranks` ranks. Model only: the model at `nbytes` (it grows with the size). With
+        measured points: the least measured time (the curve is interpolated between them, flat
+        below and rising beyond) times the least model ratio to the measured rank count (a
+        ratio of two affine functions of the size: least at 0 bytes or as the size grows)."""
+        _check_ranks(ranks)
+        if ranks == 1:
+            return 0.0
+        model = self._allreduce_model
+        if self.allreduce_points is None:
+            return model(ranks, nbytes)
+        p0 = self.measured_ranks
+        ratio = 1.0 if ranks == p0 else min(
+            _ratio(model(ranks, 0.0), model(p0, 0.0)),
+            _ratio(model(ranks, 1.0) - model(ranks, 0.0), model(p0, 1.0) - model(p0, 0.0)))
+        return min(self.allreduce_points.seconds) * ratio
+
     def _broadcast_model(self, ranks: int, nbytes: float) -> float:
         hop = self.broadcast_hop
         return (ranks - 1) * hop.alpha_s + nbytes * hop.beta_s_per_byte

@@ -13,7 +13,13 @@ dpkfac.core.step.PHASES:
    whose slot is step % inv_update_freq);
 6. DECOMPOSITION (KAISA COMM-OPT): at step % inv_update_freq == 0 the owners broadcast their
    decompositions, then every worker preconditions every layer; PRECONDITIONED_GRADIENT: every
-   owner preconditions its layers, then the owners broadcast the results, every step;
+   owner preconditions its layers, then the owners broadcast the results, every step. DP-KFAC
+   with split layers (`split`: layer index -> G-side rows per rank): at step % inv_update_freq
+   == 0 their owners first broadcast the split layers' decompositions (one fused broadcast per
+   such owner, timed as broadcast; split layers are never staggered); every rank preconditions
+   its owned unsplit layers and rows[r] / dim_g of every split layer (precondition); then one
+   fused all-reduce of the split layers' gradients, then the owners' broadcasts of the unsplit
+   layers (both timed as broadcast);
 7. apply (KL clip, write-back), then the optimizer.
 
 Overlapped (config.overlap, strategies whose factors are LOCAL, more than one worker): each
@@ -48,12 +54,17 @@ from dpkfac.core.step import NUMERICS_ELEMENTS, PHASES
 from dpkfac.core.strategy import DP_KFAC, FactorMode, SharedResult, Strategy
 from planner.model.costs import (
     PlanConfig,
+    Split,
+    applied_split,
     decomposition_sizes,
     factor_bytes,
     gradient_allreduce_cpu_s,
     gradient_allreduce_s,
     network_of,
     per_owner,
+    precondition_counts,
+    precondition_per_worker_s,
+    unsplit_mask,
 )
 from planner.model.network import Network
 from planner.model.timeline import Segment, Timeline
@@ -120,12 +131,15 @@ def simulate_step(profile: Profile, *, owners: Sequence[int], workers: int, conf
                   strategy: Strategy | None = DP_KFAC, step: int = 0,
                   speeds: Sequence[float] | None = None, network: Network | None = None,
                   decomposition_step: Sequence[int] | None = None,
-                  trace: bool = True) -> StepResult:
+                  trace: bool = True, split: Split | None = None) -> StepResult:
     """Simulate step number `step` of `profile` under `strategy` (None: plain SGD) with layer i
     owned by rank owners[i]. decomposition_step[i]: the slot in 0..inv_update_freq-1 of layer
-    i's decomposition (None: all at step % inv_update_freq == 0). trace: also find the
-    critical path (False: empty, faster for sweeps)."""
+    i's decomposition (None: all at step % inv_update_freq == 0; split layers always 0). trace:
+    also find the critical path (False: empty, faster for sweeps). split: layer index -> rows
+    of its G side per rank (DP-KFAC only; other strategies ignore it)."""
     speed = np.asarray(check_speeds(speeds, workers))
+    split = applied_split(split, strategy)
+    decomposition_step = _unstaggered(decomposition_step, split)
     net = network_of(profile, network)
     line = Timeline(workers, trace=trace, contention=profile.contention)
     line.compute("forward_backward", profile.forward_backward_s / speed)
@@ -150,7 +164,7 @@ def simulate_step(profile: Profile, *, owners: Sequence[int], workers: int, conf
     if strategy is not None:
         broadcast_s = _shared_phases(line, profile, strategy=strategy, owners=owners,
                                      workers=workers, slot=step % config.inv_update_freq,
-                                     speed=speed, net=net)
+                                     speed=speed, net=net, split=split)
         second_order_end = float(line.t.max())
         line.compute("apply", profile.apply_s / speed)
     line.compute("optimizer", profile.optimizer_s / speed)
@@ -198,9 +212,9 @@ def _local_phases(line: Timeline, *, profile: Profile, strategy: Strategy,
 
 def _shared_phases(line: Timeline, profile: Profile, *, strategy: Strategy,
                    owners: Sequence[int], workers: int, slot: int, speed: np.ndarray,
-                   net: Network) -> float:
+                   net: Network, split: Split) -> float:
     """Preconditioning and the owners' broadcasts of one step (decomposition slot `slot`);
-    returns the seconds of its broadcasts."""
+    returns the seconds of its collectives."""
     layers = profile.layers
     owned = np.bincount(np.asarray(owners, dtype=int), minlength=workers)
     counters = NUMERICS_ELEMENTS * profile.dtype_bytes
@@ -212,10 +226,52 @@ def _shared_phases(line: Timeline, profile: Profile, *, strategy: Strategy,
         line.compute("precondition", np.full(workers, sum(l.precondition_s for l in layers))
                      / speed, [len(layers)] * workers)
         return seconds
-    line.compute("precondition", per_owner([l.precondition_s for l in layers], owners, workers)
-                 / speed, owned)
-    sizes = per_owner([l.grad_numel * profile.dtype_bytes for l in layers], owners, workers)
-    return _broadcasts(line, net, sizes, owned, workers, counters)
+    seconds = _split_decomposition_broadcasts(line, profile, owners=owners, workers=workers,
+                                              net=net, split=split) if slot == 0 else 0.0
+    line.compute("precondition",
+                 precondition_per_worker_s(profile, owners=owners, workers=workers, split=split)
+                 / speed, precondition_counts(profile, owners=owners, workers=workers,
+                                              split=split))
+    seconds += _split_allreduce(line, profile, workers=workers, net=net, split=split)
+    whole = unsplit_mask(profile, split)
+    nbytes = np.asarray([l.grad_numel * profile.dtype_bytes for l in layers], dtype=float)
+    return seconds + _broadcasts(line, net, per_owner(nbytes * whole, owners, workers),
+                                 per_owner(whole, owners, workers), workers, counters)
+
+
+def _split_decomposition_broadcasts(line: Timeline, profile: Profile, *, owners: Sequence[int],
+                                    workers: int, net: Network, split: Split) -> float:
+    """At a decomposition update, one fused broadcast per owner of split layers: their
+    decompositions plus its counters; seconds (0 without split layers)."""
+    if not split:
+        return 0.0
+    index = sorted(split)
+    split_owners = [owners[i] for i in index]
+    sizes = per_owner(np.asarray(decomposition_sizes(profile), dtype=float)[index],
+                      split_owners, workers)
+    return _broadcasts(line, net, sizes, np.bincount(split_owners, minlength=workers), workers,
+                       NUMERICS_ELEMENTS * profile.dtype_bytes)
+
+
+def _split_allreduce(line: Timeline, profile: Profile, *, workers: int, net: Network,
+                     split: Split) -> float:
+    """The fused all-reduce (sum) of every rank's shares of the split layers' preconditioned
+    gradients, timed as broadcast; seconds (0 without split layers or at one worker)."""
+    if not split or workers == 1:
+        return 0.0
+    nbytes = sum(profile.layers[i].grad_numel for i in split) * profile.dtype_bytes
+    seconds = net.allreduce_s(ranks=workers, nbytes=nbytes)
+    line.collective("broadcast", seconds)
+    return seconds
+
+
+def _unstaggered(decomposition_step: Sequence[int] | None, split: Split
+                 ) -> Sequence[int] | None:
+    """The decomposition slots with every split layer's at 0 (split layers are never
+    staggered: their decompositions go out in one fused broadcast per cycle)."""
+    if decomposition_step is None or not split:
+        return decomposition_step
+    return tuple(0 if i in split else int(k) for i, k in enumerate(decomposition_step))
 
 
 def _broadcasts(line: Timeline, net: Network, sizes: Sequence[float], owned: np.ndarray,
@@ -234,9 +290,9 @@ def simulate_cycle(profile: Profile, *, owners: Sequence[int], workers: int, con
                    strategy: Strategy | None = DP_KFAC, speeds: Sequence[float] | None = None,
                    network: Network | None = None,
                    decomposition_step: Sequence[int] | None = None,
-                   trace: bool = True) -> CycleResult:
+                   trace: bool = True, split: Split | None = None) -> CycleResult:
     """Simulate the steps 0 .. cycle_length(config)-1 (steps of the same kind only once);
-    trace as simulate_step's."""
+    trace and split as simulate_step's."""
     memo: dict[tuple[bool, int], StepResult] = {}
     steps = []
     for k in range(cycle_length(config)):
@@ -246,6 +302,7 @@ def simulate_cycle(profile: Profile, *, owners: Sequence[int], workers: int, con
         if key not in memo:
             memo[key] = simulate_step(profile, owners=owners, workers=workers, config=config,
                                       strategy=strategy, step=k, speeds=speeds, network=network,
-                                      decomposition_step=decomposition_step, trace=trace)
+                                      decomposition_step=decomposition_step, trace=trace,
+                                      split=split)
         steps.append(memo[key])
     return CycleResult(steps=tuple(steps))

@@ -11,16 +11,17 @@ from planner.solve.names import METHODS
 
 def compare_rows(*, profile: Profile, cluster: Cluster, config: PlanConfig,
                  memory_cap: int | None, time_limit_s: float,
-                 ilp_max_binaries: int | None, owners: str = "auto") -> list[dict]:
+                 ilp_max_binaries: int | None, owners: str = "auto",
+                 split: bool = True) -> list[dict]:
     """One row per method in METHODS (keys: see planner.report.compare_table). Seconds, bytes.
-    A method that finds no plan within the caps gets an `error` instead of numbers. owners:
-    as make_plan's (the "best" row then shows the placement `dpkfac plan` writes)."""
+    A method that finds no plan within the caps gets an `error` instead of numbers. owners and
+    split: as make_plan's (the "best" row then shows the placement `dpkfac plan` writes)."""
     rows = []
     for method in METHODS:
         try:
             plan = make_plan(profile=profile, cluster=cluster, config=config, method=method,
                              memory_cap=memory_cap, time_limit_s=time_limit_s,
-                             ilp_max_binaries=ilp_max_binaries, owners=owners)
+                             ilp_max_binaries=ilp_max_binaries, owners=owners, split=split)
         except InputError as exc:
             rows.append({"solver": method, "error": str(exc)})
             continue

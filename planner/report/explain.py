@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from planner.model.costs import layer_work_s
+from planner.model.costs import layer_work_s, split_compute_lower_bound_s
 from planner.plan import Plan
 from planner.report.tables import format_bytes, format_seconds
 from planner.solve.bounds import pigeonhole_lower_bound_s
@@ -22,17 +22,21 @@ def explain_lines(plan: Plan, *, top: int = 8) -> list[str]:
     b = int(np.argmax(loads))
     span = float(loads[b])
     mine = sorted((i for i, o in enumerate(sol.owners) if o == b), key=lambda i: -works[i])
+    works_b = _works_on(plan, works, b)
     lines = [f"Bottleneck: rank {b} computes {format_seconds(span)} per step (amortised) over "
              f"{len(mine)} layer(s) at speed {speeds[b]:g}; the next busiest rank computes "
              f"{format_seconds(float(np.sort(loads)[-2]) if len(loads) > 1 else 0.0)}."]
     for i in mine[:top]:
         layer = profile.layers[i]
+        precondition = works_b[i] - works[i] + layer.precondition_s
         parts = (f"factors {format_seconds(layer.factor_s / config.factor_update_freq)}, "
                  f"decompose {format_seconds(layer.decompose_s / config.inv_update_freq)}, "
-                 f"precondition {format_seconds(layer.precondition_s)}")
-        share = works[i] / speeds[b] / span if span > 0 else 0.0
+                 f"precondition {format_seconds(precondition)}"
+                 + (" of its split rows" if i in plan.split else ""))
+        share = works_b[i] / speeds[b] / span if span > 0 else 0.0
         lines.append(f"  {layer.name} (A {layer.dim_a} x G {layer.dim_g}): "
-                     f"{format_seconds(works[i] / speeds[b])} = {share:.0%} of rank {b} ({parts})")
+                     f"{format_seconds(works_b[i] / speeds[b])} = {share:.0%} of rank {b} "
+                     f"({parts})")
     if len(mine) > top:
         lines.append(f"  ... and {len(mine) - top} smaller layer(s)")
     lines.extend(_bound_lines(plan, works=works, span=span, b=b, mine=mine))
@@ -41,7 +45,53 @@ def explain_lines(plan: Plan, *, top: int = 8) -> list[str]:
     return lines
 
 
+def _works_on(plan: Plan, works, rank: int) -> list[float]:
+    """Each layer's work on `rank` if it owns it (seconds at speed 1): a split layer's
+    preconditioning counts only the rank's rows of it."""
+    out = list(works)
+    for i, rows in plan.split.items():
+        layer = plan.profile.layers[i]
+        out[i] += layer.precondition_s * (rows[rank] / layer.dim_g - 1)
+    return out
+
+
 def _bound_lines(plan: Plan, *, works, span, b, mine) -> list[str]:
+    """The lower bound that binds and why the plan sits where it does."""
+    speeds = plan.cluster.speeds
+    out = (_split_bound_lines(plan, works=works, span=span) if plan.split
+           else _whole_bound_lines(plan, works=works, span=span, b=b, mine=mine))
+    if len(set(speeds)) > 1:
+        out.append(f"Speeds differ (slowest {min(speeds):g}, fastest {max(speeds):g}); rank {b} "
+                   f"runs at {speeds[b]:g}.")
+    return out
+
+
+def _owner_search_line(plan: Plan) -> str | None:
+    """Why fewer owners than workers, when the owner search chose so."""
+    chosen, all_owners = len(set(plan.solution.owners)), _full_owner_trial(plan)
+    if all_owners is None or chosen >= all_owners.owners:
+        return None
+    return (f"Why: the owner search placed the layers on {chosen} of "
+            f"{all_owners.owners} owners on purpose: a longer compute makespan, but one "
+            f"broadcast per owner fewer, so a shorter predicted step "
+            f"({format_seconds(plan.cycle.mean_step_time_s)} vs "
+            f"{format_seconds(all_owners.step_time_s)}); --owners all keeps every owner.")
+
+
+def _split_bound_lines(plan: Plan, *, works, span) -> list[str]:
+    """The bound that holds when preconditioning may be split (the solvers' is whole-layer)."""
+    speeds = plan.cluster.speeds
+    bound = split_compute_lower_bound_s(plan.profile, workers=plan.cluster.workers,
+                                        config=plan.config, speeds=speeds)
+    gap = span / bound - 1 if bound > 0 else 0.0
+    out = [f"Lower bound with split preconditioning {format_seconds(bound)} (gap {gap:.2%}): "
+           f"a layer's factors and decompositions run whole on its owner, its preconditioning "
+           f"may be spread; total work / total speed {format_seconds(sum(works) / sum(speeds))}."]
+    line = _owner_search_line(plan)
+    return out + ([line] if line else [])
+
+
+def _whole_bound_lines(plan: Plan, *, works, span, b, mine) -> list[str]:
     speeds, workers = plan.cluster.speeds, plan.cluster.workers
     largest = max(works) / max(speeds) if works else 0.0
     share = sum(works) / sum(speeds)
@@ -51,13 +101,9 @@ def _bound_lines(plan: Plan, *, works, span, b, mine) -> list[str]:
     out = [f"Lower bound {format_seconds(bound)} (gap {gap:.2%}, status {plan.solution.status}): "
            f"largest layer {format_seconds(largest)}, total work / total speed "
            f"{format_seconds(share)}, pigeonhole {format_seconds(pigeon)}."]
-    chosen, all_owners = len(set(plan.solution.owners)), _full_owner_trial(plan)
-    if all_owners is not None and chosen < all_owners.owners:
-        out.append(f"Why: the owner search placed the layers on {chosen} of "
-                   f"{all_owners.owners} owners on purpose: a longer compute makespan, but one "
-                   f"broadcast per owner fewer, so a shorter predicted step "
-                   f"({format_seconds(plan.cycle.mean_step_time_s)} vs "
-                   f"{format_seconds(all_owners.step_time_s)}); --owners all keeps every owner.")
+    owner_line = _owner_search_line(plan)
+    if owner_line:
+        out.append(owner_line)
     elif span <= largest * (1 + 1e-6) and len(mine) == 1:
         out.append("Why: rank {} holds only the largest layer, which must run whole on some "
                    "worker; no placement can beat it. Split work differently (a smaller "
@@ -74,9 +120,6 @@ def _bound_lines(plan: Plan, *, works, span, b, mine) -> list[str]:
     else:
         out.append(f"Why not lower: the solver did not prove optimality within its time limit "
                    f"({plan.solution.ilp}); a longer --time-limit may close the gap.")
-    if len(set(speeds)) > 1:
-        out.append(f"Speeds differ (slowest {min(speeds):g}, fastest {max(speeds):g}); rank {b} "
-                   f"runs at {speeds[b]:g}.")
     return out
 
 
@@ -110,6 +153,12 @@ def _step_lines(plan: Plan) -> list[str]:
            f"{len(cycle.steps)} step(s); broadcasts {format_seconds(bcast)} and the gradient "
            f"all-reduce {format_seconds(worst.allreduce_s)} per step.",
            f"Critical path of the slowest step: {path}."]
+    if plan.split:
+        names = ", ".join(plan.profile.layers[i].name for i in sorted(plan.split))
+        out.append(f"Split: every worker preconditions its rows of {names}; the owners still "
+                   f"build and decompose their factors and broadcast the decompositions every "
+                   f"{plan.config.inv_update_freq} step(s), and one all-reduce per step adds "
+                   f"the shares (--no-split keeps every layer whole).")
     if plan.staggered is not None:
         st = plan.staggered
         out.append(f"Decompositions: by default the executor runs them all in step 0 of each cycle "

@@ -125,10 +125,26 @@ def critical_path_line(placement: dict) -> str | None:
     return "critical path: " + " -> ".join(parts)
 
 
+def split_line(placement: dict, *, max_layers: int = 8) -> str | None:
+    """The layers whose preconditioning every worker shares (precondition_split) and their rows
+    per rank, as one line (None when none is split)."""
+    split = placement.get("precondition_split") or {}
+    if not split:
+        return None
+    parts = [f"{name} (rows {'/'.join(str(r) for r in rows)})"
+             for name, rows in list(split.items())[:max_layers]]
+    more = f" and {len(split) - max_layers} more" if len(split) > max_layers else ""
+    return ("split preconditioning (every rank takes its rows, one all-reduce adds them): "
+            + ", ".join(parts) + more)
+
+
 def print_plan_report(placement: dict, *, console: Console) -> None:
     """Print the per-worker table and the prediction summary of a placement to `console`."""
     console.print(plan_table(placement))
     console.print(summary_table(placement))
+    split = split_line(placement)
+    if split:
+        console.print(split, highlight=False)
     line = critical_path_line(placement)
     if line:
         console.print(line)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from dpkfac.core.profile import Profile
 from dpkfac.core.step import TRAFFIC_KINDS
@@ -90,14 +90,17 @@ def kaisa_owners(profile: Profile, *, workers: int) -> tuple[int, ...]:
 
 def algorithm_cost(profile: Profile, *, algorithm: str, workers: int, config: PlanConfig,
                    owners: Sequence[int] | None = None,
-                   network: Network | None = None) -> AlgorithmCost:
+                   network: Network | None = None,
+                   split: Mapping[int, tuple[int, ...]] | None = None) -> AlgorithmCost:
     """Predicted step of `algorithm` (ALGORITHMS) at `workers` ranks; owners default to the
-    algorithm's own choice (default_owners)."""
+    algorithm's own choice (default_owners); split: layer index -> rows per rank (a
+    placement's precondition_split; DP-KFAC variants run it, the others ignore it). The
+    planner's own dp-kfac owners here come unsplit (plan_owners)."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; expected one of {ALGORITHMS}")
     if owners is None or algorithm == "sgd":
         owners = default_owners(profile, algorithm=algorithm, workers=workers, config=config,
                                 network=network)
     prediction = predict_step(profile, variant=algorithm, owners=owners, workers=workers,
-                              config=config, network=network, trace=False)
+                              config=config, network=network, trace=False, split=split)
     return AlgorithmCost.of(prediction)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from dpkfac.core.cluster import Cluster, Link
 from dpkfac.core.errors import InputError
@@ -73,6 +73,7 @@ class Sweep:
     algorithms: tuple[str, ...] = ALGORITHMS
     placement_owners: tuple[int, ...] | None = None  # dp-kfac's owners at placement_workers
     placement_workers: int | None = None
+    placement_split: Mapping[int, tuple[int, ...]] | None = None  # its precondition_split
     overlap: bool = True  # dp-kfac rows: the overlapped step (False: the serial one)
 
     def __post_init__(self) -> None:
@@ -157,7 +158,9 @@ def sweep_rows(profile: Profile, sweep: Sweep) -> list[dict]:
             for name in sweep.algorithms:
                 cost = algorithm_cost(point_profile, algorithm=name, workers=p, config=config,
                                       network=network,
-                                      owners=placed if name == "dp-kfac" else None)
+                                      owners=placed if name == "dp-kfac" else None,
+                                      split=sweep.placement_split
+                                      if placed is not None and name == "dp-kfac" else None)
                 rows.append({**cost.as_row(), **settings})
     return rows
 
