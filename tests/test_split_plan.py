@@ -229,7 +229,9 @@ def test_split_bound_is_not_fixed_plus_precondition_over_workers():
     assert bound <= pred.second_order_s
 
 
-def test_placement_round_trip_and_validate(tmp_path):
+def _written_plan(tmp_path):
+    """The dominant profile planned on 4 workers: its plan, placement document, and the
+    paths of both files written under tmp_path."""
     doc = dominant_profile()
     profile_path = tmp_path / "profile.json"
     profile_path.write_text(json.dumps(doc))
@@ -237,6 +239,11 @@ def test_placement_round_trip_and_validate(tmp_path):
     placement = placement_document(plan, profile_path=profile_path)
     path = tmp_path / "placement.json"
     path.write_text(json.dumps(placement))
+    return plan, placement, profile_path, path
+
+
+def test_placement_round_trip_and_validate(tmp_path):
+    plan, placement, _, path = _written_plan(tmp_path)
     loaded = load_placement(path)
     assert loaded == placement
     dims_g = {layer.name: layer.dim_g for layer in plan.profile.layers}
@@ -307,13 +314,7 @@ def test_library_split_keyword():
 
 
 def test_validate_command_predicts_with_the_placements_split(tmp_path, capsys):
-    doc = dominant_profile()
-    profile_path = tmp_path / "profile.json"
-    profile_path.write_text(json.dumps(doc))
-    plan = _plan(doc, 4, inv_update_freq=10)
-    placement = placement_document(plan, profile_path=profile_path)
-    placement_path = tmp_path / "placement.json"
-    placement_path.write_text(json.dumps(placement))
+    plan, _, _, placement_path = _written_plan(tmp_path)
     phases = plan.prediction.cycle.mean_phases()  # the run took exactly the split prediction
     by_rank = [{f"{phase}_s": phases[phase][r] for phase in phases} for r in range(4)]
     for rank in by_rank:

@@ -27,25 +27,12 @@ class BaseKFACPreconditioner:
     this rank does, `exchange` carries the collectives. Call `.step()` after backward (gradients
     already averaged across ranks) and before the optimizer's step.
 
-    lr: learning rate (float, or a callable returning it), for the KL clip; damping: Tikhonov
-    damping of the factors; factor_decay: their running-average decay; kl_clip: KL-clip bound
-    (None: no clip); factor_update_freq / inv_update_freq: steps between factor / decomposition
-    updates; precise_timing: synchronise the device around each phase; stagger_decompositions:
-    whether `work` follows the placement's staggered schedule.
-
-    factor_dtype (default torch.float32): the dtype of the factors, their decompositions and
-    the preconditioning. Captured inputs and output gradients (bf16 under autocast) are cast to
-    it before the factors are built, gradients are cast to it to be preconditioned, and the
-    result is cast back to the gradient's dtype. step() runs with autocast disabled.
-
-    grad_scaler (default None): the torch.amp.GradScaler whose scaled loss the backward passes
-    used. The captured output gradients then carry the loss scale s = grad_scaler.get_scale(),
-    so each batch G factor is multiplied by 1 / s**2 (A is unaffected). Call
-    grad_scaler.unscale_(optimizer) BEFORE step(), so the gradients step() preconditions are
-    unscaled, then grad_scaler.step(optimizer) and grad_scaler.update(). With a scaler, step()
-    first checks that every gradient of `parameters` is finite (one fused check); if one is
-    not, it drops the captured tensors, does nothing else (no factor, no collective, `steps`
-    unchanged), counts the skip in `skipped_steps` and returns False.
+    The hyper-parameters (lr, damping, factor_decay, kl_clip, the update periods,
+    precise_timing, stagger_decompositions, factor_dtype, grad_scaler, overlap) are those of
+    KFACPreconditioner (from_placement), documented there. step() runs with autocast disabled;
+    with a grad_scaler it first checks that every gradient of `parameters` is finite (one fused
+    check) and, if one is not, drops the captured tensors, counts the skip in `skipped_steps`
+    and returns False without any factor or collective.
 
     parameters: the parameters whose gradients that check covers (default: the K-FAC layers'),
     kept as `params`.
