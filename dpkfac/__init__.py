@@ -10,13 +10,17 @@
   placement on every rank (dpkfac.group);
 - `dpkfac.DPKFAC(model, placement, **hyper)`: the preconditioner (executor.DPKFAC);
 - `dpkfac.start_gradient_average(tensors, world_size)`: the fused gradient all-reduce started
-  asynchronously, for the overlapped step (DPKFAC.prepare / finish).
+  asynchronously, for the overlapped step (DPKFAC.prepare / finish);
+- `dpkfac.GradientBuckets(model, world_size)`: the gradient all-reduce in buckets posted from
+  backward as gradients become ready (arm, backward, post_remaining, wait), for loops without
+  DDP (with DDP, DDP's own buckets do this).
 torch is imported on first use of what needs it. The `dpkfac` console command is dpkfac.cli;
 the torch-free core shared by the planner and the executor is dpkfac.core.
 """
 from __future__ import annotations
 
-__all__ = ["profile", "plan", "plan_for_group", "DPKFAC", "start_gradient_average"]
+__all__ = ["profile", "plan", "plan_for_group", "DPKFAC", "start_gradient_average",
+           "GradientBuckets"]
 
 
 def __getattr__(name: str):
@@ -32,6 +36,9 @@ def __getattr__(name: str):
     if name == "start_gradient_average":
         from executor.runtime.distributed import start_gradient_average
         return start_gradient_average
+    if name == "GradientBuckets":
+        from executor.runtime.buckets import GradientBuckets
+        return GradientBuckets
     if name == "DPKFAC":
         from executor import DPKFAC
         return DPKFAC

@@ -4,8 +4,10 @@ profile + cluster -> per-layer work (seconds, amortised over the update frequenc
 (bytes), per-worker speeds and state caps (bytes) -> planner.solve.solvers.solve -> owners ->
 the owner search (fewer owners when that predicts a shorter step) -> the split pass (share the
 preconditioning of the heaviest layers across all workers when that predicts a shorter step;
-planner.solve.split) -> the step model's prediction (planner.model.step) and, when
-inv_update_freq > 1, a staggered decomposition schedule with its own prediction.
+planner.solve.split) -> the relabel pass (among interchangeable workers, the owner groups that
+finish preconditioning first take the low ranks, whose broadcasts go first, when that predicts
+a shorter step; planner.solve.relabel) -> the step model's prediction (planner.model.step)
+and, when inv_update_freq > 1, a staggered decomposition schedule with its own prediction.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from planner.model.step import StepPrediction, compute_per_worker_s, predict_ste
 from planner.model.topology import cluster_network, state_caps
 from planner.solve.names import DEFAULT_ILP_MAX_BINARIES, OWNER_MODES
 from planner.solve.owners import OwnerTrial, search_owners
+from planner.solve.relabel import search_relabel
 from planner.solve.solvers import Solution, solve
 from planner.solve.split import SplitTrial, search_split, split_candidates
 
@@ -133,7 +136,30 @@ def make_plan(*, profile: Profile, cluster: Cluster, config: PlanConfig, method:
         if chosen:
             plan = evaluate(**shared, split=chosen)
         plan = replace(plan, split_trials=split_trials)
+    if workers > 1:
+        owners_, split_, changed = _relabel_pass(profile, plan.solution.owners, plan.split,
+                                                 config=config, speeds=cluster.speeds,
+                                                 network=network, caps=caps)
+        if changed:
+            shared["solution"] = replace(solution, owners=owners_)
+            plan = replace(evaluate(**shared, split=split_), split_trials=plan.split_trials)
     return replace(plan, owner_trials=trials)
+
+
+def _relabel_pass(profile: Profile, owners: Sequence[int], split, *, config: PlanConfig,
+                  speeds: Sequence[float], network: Network | None, caps
+                  ) -> tuple[tuple[int, ...], dict[int, tuple[int, ...]], bool]:
+    """planner.solve.relabel.search_relabel with the step model's DP-KFAC mean step and each
+    worker's mean precondition end (seconds) over the cycle."""
+    workers = len(speeds)
+
+    def evaluate(candidate, rows) -> tuple[float, tuple[float, ...]]:
+        cycle = predict_step(profile, variant="dp-kfac", owners=candidate, workers=workers,
+                             config=config, speeds=speeds, network=network, trace=False,
+                             split=rows).cycle
+        return cycle.mean_step_time_s, cycle.mean_per_worker("precondition_end_s")
+
+    return search_relabel(owners, split, speeds=speeds, caps=caps, evaluate=evaluate)
 
 
 def _split_pass(profile: Profile, owners: Sequence[int], *, config: PlanConfig,
@@ -189,7 +215,8 @@ def plan_owners(profile: Profile, *, workers: int, config: PlanConfig,
     """The planner's owners for a what-if point, fast: the best of the heuristics and local
     search (the ILP only on small instances), so a 1..4096 sweep stays within seconds; with at
     least as many workers as layers every layer first gets its own worker (the compute makespan
-    then meets its lower bound, the largest layer); then the owner search."""
+    then meets its lower bound, the largest layer); then the owner search and the relabel
+    pass."""
     works = layer_works_s(profile, config=config)
     if workers >= len(profile.layers):
         full = Solution(owners=tuple(range(len(profile.layers))), method="one layer each",
@@ -200,9 +227,12 @@ def plan_owners(profile: Profile, *, workers: int, config: PlanConfig,
                      ilp_max_binaries=300)
     if workers == 1:
         return full.owners
-    best, _ = _fewer_owners(profile, full, config=config, speeds=(1.0,) * workers,
-                            network=network, caps=None, time_limit_s=time_limit_s)
-    return best.owners
+    speeds = (1.0,) * workers
+    best, _ = _fewer_owners(profile, full, config=config, speeds=speeds, network=network,
+                            caps=None, time_limit_s=time_limit_s)
+    owners, _, _ = _relabel_pass(profile, best.owners, {}, config=config, speeds=speeds,
+                                 network=network, caps=None)
+    return owners
 
 
 def evaluate(*, profile: Profile, cluster: Cluster, config: PlanConfig, solution: Solution,

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from executor import DPKFAC
+from executor.runtime.buckets import GradientBuckets
 from executor.runtime.distributed import start_gradient_average
 
 from distributed_helpers import run_distributed
@@ -29,13 +30,38 @@ def _overlapped_steps(model, precond, batches, world_size: int) -> None:
         optimizer.step()
 
 
-def _train(rank: int, world_size: int, overlapped: bool) -> dict:
+def _bucketed_steps(model, precond, batches, world_size: int, overlapped: bool) -> None:
+    """The loop of docs/executor.md: buckets from backward (several: tiny caps), prepare()
+    while they are in flight, finish(); or, not overlapped, the same buckets after backward
+    and step()."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    buckets = GradientBuckets(model, world_size, first_bytes=64, bytes_per_bucket=512)
+    for x, y in batches:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        if overlapped:
+            buckets.arm(loss.detach().reshape(1).clone())
+        loss.backward()
+        if not overlapped:
+            buckets.arm(loss.detach().reshape(1).clone())
+        buckets.post_remaining()
+        prepared = precond.prepare()
+        assert prepared == overlapped
+        _, finite = buckets.wait()
+        assert finite and (precond.finish() if prepared else precond.step())
+        optimizer.step()
+    assert len(buckets.members) >= 3
+
+
+def _train(rank: int, world_size: int, overlapped: bool, bucketed: bool = False) -> dict:
     torch.manual_seed(0)
     model = small_cnn()
     placement = placement_dict("tests:small_cnn", ASSIGNMENT, world_size, inv_update_freq=2)
-    precond = DPKFAC(model, placement, lr=0.05, damping=0.01)
+    precond = DPKFAC(model, placement, lr=0.05, damping=0.01, overlap=overlapped)
     batches = random_batches(100 + rank, STEPS)
-    if overlapped:
+    if bucketed:
+        _bucketed_steps(model, precond, batches, world_size, overlapped)
+    elif overlapped:
         _overlapped_steps(model, precond, batches, world_size)
     else:
         train_steps(model, precond, batches, world_size=world_size)
@@ -56,6 +82,17 @@ def test_overlapped_equals_serial_to_the_bit_on_every_rank():
             for key, tensor in tensors.items():
                 assert torch.equal(got_blocks[name][key], tensor), (rank, name, key)
     assert overlapped[1]["phases"]["factors"] > 0  # prepare's phases are timed
+
+
+def test_buckets_from_backward_overlapped_equal_after_backward_serial_to_the_bit():
+    serial = run_distributed(_train, 3, False, True)
+    overlapped = run_distributed(_train, 3, True, True)
+    fused = run_distributed(_train, 3, False, False)
+    for rank in range(3):
+        for got, want, one in zip(overlapped[rank]["params"], serial[0]["params"],
+                                  fused[0]["params"]):
+            assert torch.equal(got, want)
+            torch.testing.assert_close(got, one, rtol=1e-5, atol=1e-6)  # summation order only
 
 
 def _one_step(model, precond) -> None:

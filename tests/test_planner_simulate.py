@@ -60,7 +60,11 @@ def test_second_order_is_the_slowest_compute_plus_the_broadcasts_at_frequency_on
         pred = predict_step(profile, variant="dp-kfac", owners=owners, workers=3,
                             config=SERIAL)
         step = pred.cycle.steps[0]
-        assert step.second_order_s == pytest.approx(max(pred.compute_s) + step.broadcast_s)
+        # broadcasts go in rank order, those of owners done early start before the rest is
+        # done: at most the slowest compute plus all broadcasts, exactly that with one owner
+        assert step.second_order_s <= max(pred.compute_s) + step.broadcast_s + 1e-12
+        if len(set(owners)) == 1:
+            assert step.second_order_s == pytest.approx(max(pred.compute_s) + step.broadcast_s)
         assert step.step_time_s == pytest.approx(
             profile.forward_backward_s + step.allreduce_s + step.second_order_s
             + profile.apply_s + profile.optimizer_s)

@@ -161,6 +161,20 @@ class Contention:
 
 
 @dataclass(frozen=True)
+class GradientBucket:
+    """One gradient all-reduce bucket as profiled (see dpkfac.core.buckets): `bytes`, its
+    gradients' bytes (the loss scalar excluded); `ready_s`, seconds from the start of the
+    step's forward to the moment its last gradient was accumulated (mean over the profiled
+    steps, on the profiling rank)."""
+    bytes: int
+    ready_s: float
+
+    def scaled(self, factor: float) -> "GradientBucket":
+        """The bucket with its ready time times `factor` (forward/backward rescaled)."""
+        return GradientBucket(bytes=self.bytes, ready_s=self.ready_s * factor)
+
+
+@dataclass(frozen=True)
 class Profile:
     """One model's measured K-FAC costs at one per-worker batch size."""
     model: str
@@ -176,6 +190,9 @@ class Profile:
     pack_s: float = 0.0   # local part of the gradient all-reduce (flatten, average, copy back)
     apply_s: float = 0.0  # KL clip and writing the preconditioned gradients back, every rank
     contention: Contention | None = None  # measured under torchrun with > 1 rank
+    # The gradient all-reduce buckets in posting order; empty: one fused all-reduce posted at
+    # the end of forward/backward (profiles written before buckets existed).
+    gradient_buckets: tuple[GradientBucket, ...] = ()
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -192,6 +209,12 @@ class Profile:
     def model_grad_bytes(self) -> int:
         """Bytes of the whole model's gradient (what the gradient all-reduce moves)."""
         return int(self.extra.get("model_grad_numel", sum(l.grad_numel for l in self.layers))) * self.dtype_bytes
+
+    def forward_backward_scaled(self, factor: float) -> "Profile":
+        """The profile with forward/backward `factor` times as long; every gradient bucket's
+        ready time scales by the same factor."""
+        return replace(self, forward_backward_s=self.forward_backward_s * factor,
+                       gradient_buckets=tuple(b.scaled(factor) for b in self.gradient_buckets))
 
 
 _KNOWN_KEYS = {"schema", "model", "batch_size", "device", "dtype", "compute_method", "measured",
@@ -216,6 +239,8 @@ def profile_from_dict(doc: Any, *, source: str = "profile") -> Profile:
         layers=layers, forward_backward_s=doc["step"]["forward_backward_s"],
         optimizer_s=doc["step"]["optimizer_s"],
         pack_s=doc["step"].get("pack_s", 0.0), apply_s=doc["step"].get("apply_s", 0.0),
+        gradient_buckets=tuple(GradientBucket(bytes=b["bytes"], ready_s=float(b["ready_s"]))
+                               for b in doc["step"].get("gradient_buckets", ())),
         comm=_comm_costs(doc["comm"], source=source),
         contention=Contention(**doc["contention"]) if "contention" in doc else None,
         extra={k: v for k, v in doc.items() if k not in _KNOWN_KEYS},
@@ -276,6 +301,9 @@ def profile_to_dict(profile: Profile) -> dict:
                  "apply_s": profile.apply_s},
         "comm": _comm_to_dict(profile.comm),
     }
+    if profile.gradient_buckets:
+        doc["step"]["gradient_buckets"] = [{"bytes": b.bytes, "ready_s": b.ready_s}
+                                           for b in profile.gradient_buckets]
     if profile.contention is not None:
         doc["contention"] = asdict(profile.contention)
     doc.update(profile.extra)

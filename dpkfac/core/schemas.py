@@ -67,7 +67,15 @@ PROFILE_SCHEMA: dict = {
             "type": "object",
             "required": ["forward_backward_s", "optimizer_s"],
             "properties": {"forward_backward_s": _SECONDS, "optimizer_s": _SECONDS,
-                           "pack_s": _SECONDS, "apply_s": _SECONDS},
+                           "pack_s": _SECONDS, "apply_s": _SECONDS,
+                           # the gradient all-reduce buckets in posting order (optional)
+                           "gradient_buckets": {
+                               "type": "array",
+                               "items": {"type": "object", "required": ["bytes", "ready_s"],
+                                         "additionalProperties": False,
+                                         "properties": {"bytes": NONNEGATIVE_INTEGER,
+                                                        "ready_s": _SECONDS}},
+                           }},
         },
         "model_grad_numel": POSITIVE_INTEGER,
         "contention": {  # kernels timed on all ranks at once vs on one alone (seconds ratio)

@@ -7,16 +7,23 @@ A step, on every rank, in this order (the executor's timers have the same names)
 | phase              | what                                                                 |
 | ------------------ | -------------------------------------------------------------------- |
 | forward_backward   | forward, loss, backward on the local batch                           |
-| allreduce          | one fused all-reduce of the whole gradient plus the loss             |
+| allreduce          | the gradient all-reduce in buckets (dpkfac.core.buckets), the loss   |
+|                    | at the end of bucket 0: each bucket posted from the last backward    |
+|                    | once its gradients are ready and the earlier ones are posted         |
+|                    | (serial step: all posted after backward, one after another); then    |
+|                    | wait for all (overlapped: after the local phases below)              |
 | factors            | batch factors A, G of the layers this rank builds, folded into the   |
 |                    | running averages (every factor_update_freq steps)                    |
 | factor_allreduce   | ALLREDUCED factors only: one fused all-reduce of every layer's A, G  |
 | decompose          | the owned layers' decompositions due this step                       |
 | precondition       | the layers this rank preconditions                                   |
-| broadcast          | one fused broadcast per owner: preconditioned gradients every step,  |
-|                    | or decompositions at decomposition updates (DECOMPOSITION); split    |
-|                    | layers: their decompositions at updates, then one fused all-reduce   |
-|                    | (sum) of every rank's share of their preconditioned gradients        |
+| broadcast          | one fused broadcast per owner. Preconditioned gradients, every step, |
+|                    | in ascending owner rank: rank r posts owners < r before its own      |
+|                    | preconditioning, its own right after, then owners > r, then (split   |
+|                    | layers) one fused all-reduce (sum) of every rank's share of their    |
+|                    | preconditioned gradients; then waits for all. Decompositions         |
+|                    | (DECOMPOSITION; split layers' at updates): posted together before    |
+|                    | preconditioning                                                      |
 | apply              | KL clip and write-back of the preconditioned gradients               |
 | optimizer          | the optimizer's step                                                 |
 

@@ -196,6 +196,8 @@ class BaseKFACPreconditioner:
             with self.timer.phase("broadcast"):
                 self.exchange.share_decompositions(self.blocks, shared, self.method, self.ledger)
                 self._decompositions_to_factor_dtype()
+        receiving = [] if shares_decompositions else self.exchange.post_gradient_receives(
+            self.blocks, self.work.broadcast_layers_of_rank, self.ledger)
         with self.timer.phase("precondition"):
             results = {name: self.precondition_layer(name)
                        for name in self.work.preconditioned_layers}
@@ -203,10 +205,9 @@ class BaseKFACPreconditioner:
                       if (share := self.precondition_share(name)) is not None}
         if not shares_decompositions:
             with self.timer.phase("broadcast"):
-                totals = self.exchange.sum_shares(shares)
-                results = self.exchange.share_gradients(results, self.blocks,
-                                                        self.work.broadcast_layers_of_rank,
-                                                        self.ledger)
+                results, totals = self.exchange.share_gradients(
+                    results, self.blocks, self.work.broadcast_layers_of_rank, self.ledger,
+                    receiving, shares=shares)
             results.update({name: self._finite_or_plain(name, totals.get(name))
                             for name in self.work.split_layers})
         self.apply(results)

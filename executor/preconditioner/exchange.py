@@ -5,7 +5,9 @@ gradients' dtype, holding its layers' payloads in model order followed by its cu
 numerical-safety counters (NUMERICS_ELEMENTS elements, NUMERICS_COUNTERS order). A payload is
 a layer's preconditioned gradient (dim_g x dim_a, row-major) or its decomposition (the tensors of
 dpkfac.core.step.decomposition_shapes, in that order, each row-major; all NaN when the owner has
-none). All owners' broadcasts are posted asynchronously, then waited for.
+none). Owners' broadcasts are posted asynchronously in ascending owner rank on every rank and
+waited for together; preconditioned gradients' receives from owners ranked below a rank are
+posted before it preconditions (post_gradient_receives), so they flow while it computes.
 
 Traffic is counted per dpkfac.core.step.TRAFFIC_KINDS kind in bytes SENT PLUS RECEIVED by this
 rank (a ring all-reduce of n bytes counts 4 (p-1)/p n, a broadcast n on every rank), plus
@@ -14,6 +16,7 @@ rank (a ring all-reduce of n bytes counts 4 (p-1)/p n, a broadcast n on every ra
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
@@ -30,6 +33,15 @@ from dpkfac.core.step import (
 from ..kfac import ComputeMethod, KFACBlock
 from ..runtime.distributed import allreduce_mean_, world_rank_and_size
 from .numerics import NumericsLedger
+
+
+@dataclass
+class PendingBroadcast:
+    """One owner's broadcast in flight: its layers, the buffer (sent or received into)."""
+    src: int
+    names: list[str]
+    flat: torch.Tensor
+    work: Any
 
 
 class Exchange:
@@ -67,8 +79,20 @@ class Exchange:
                             numel_of: Callable[[str], int], ledger: NumericsLedger, *,
                             kind: str, like: torch.Tensor) -> list[tuple[list[str], torch.Tensor]]:
         """One asynchronous broadcast per owner of [its layers' chunks..., its counters], in
-        `like`'s dtype and device; waits for all, records the peers' counters in `ledger` and
-        the bytes under `kind`. Returns (layers, payload without counters) per owner."""
+        `like`'s dtype and device, all posted, then waited for: post_broadcasts then
+        collect_broadcasts."""
+        pending = self.post_broadcasts(layers_of_rank, chunks_of, numel_of, ledger, kind=kind,
+                                       like=like)
+        return self.collect_broadcasts(pending, ledger)
+
+    def post_broadcasts(self, layers_of_rank: dict[int, list[str]],
+                        chunks_of: Callable[[list[str]], list[torch.Tensor]],
+                        numel_of: Callable[[str], int], ledger: NumericsLedger, *,
+                        kind: str, like: torch.Tensor) -> list[PendingBroadcast]:
+        """Post one asynchronous broadcast per owner in `layers_of_rank` (in its order): this
+        rank's own payload (chunks_of(its layers) and its counters) or a buffer to receive
+        into; counts the bytes under `kind`. Every rank must post the same owners in the same
+        order."""
         pending = []
         for src, names in layers_of_rank.items():
             if src == self.rank:
@@ -78,38 +102,70 @@ class Exchange:
                 numel = sum(numel_of(n) for n in names) + NUMERICS_ELEMENTS
                 flat = torch.empty(numel, dtype=like.dtype, device=like.device)
             work = dist.broadcast(flat, src=src, group=self.process_group, async_op=True)
-            pending.append((src, names, flat, work))
+            pending.append(PendingBroadcast(src, names, flat, work))
             tail = NUMERICS_ELEMENTS * flat.element_size()
             self._count(kind, flat.numel() * flat.element_size() - tail)
             self._count("numerics_counters", tail)
+        return pending
+
+    def collect_broadcasts(self, pending: list[PendingBroadcast], ledger: NumericsLedger
+                           ) -> list[tuple[list[str], torch.Tensor]]:
+        """Wait for posted broadcasts, record the peers' counters in `ledger`; (layers, payload
+        without counters) per owner."""
         received = []
-        for src, names, flat, work in pending:
-            work.wait()
-            if src != self.rank:
-                ledger.record_peer(src, [int(v) for v in flat[-NUMERICS_ELEMENTS:].tolist()])
-            received.append((names, flat[:-NUMERICS_ELEMENTS]))
+        for item in pending:
+            item.work.wait()
+            if item.src != self.rank:
+                ledger.record_peer(item.src,
+                                   [int(v) for v in item.flat[-NUMERICS_ELEMENTS:].tolist()])
+            received.append((item.names, item.flat[:-NUMERICS_ELEMENTS]))
         return received
 
+    def post_gradient_receives(self, blocks: dict[str, KFACBlock],
+                               layers_of_rank: dict[int, list[str]], ledger: NumericsLedger
+                               ) -> list[PendingBroadcast]:
+        """Post now the broadcasts of the owners ranked below this rank (its receives), so their
+        preconditioned gradients flow while this rank preconditions its own; the rest follow in
+        share_gradients (owners in ascending rank order on every rank)."""
+        if self.world_size == 1:
+            return []
+        return self._post_gradients({src: names for src, names in layers_of_rank.items()
+                                     if src < self.rank}, {}, blocks, ledger)
+
     def share_gradients(self, mine: dict[str, torch.Tensor], blocks: dict[str, KFACBlock],
-                        layers_of_rank: dict[int, list[str]], ledger: NumericsLedger
-                        ) -> dict[str, torch.Tensor]:
+                        layers_of_rank: dict[int, list[str]], ledger: NumericsLedger,
+                        posted: list[PendingBroadcast] = (), *,
+                        shares: dict[str, torch.Tensor] | None = None
+                        ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Every owner in `layers_of_rank` broadcasts its preconditioned gradients of the layers
-        listed there; those layers' and `mine`, on every rank."""
-        if self.world_size == 1 or not layers_of_rank:
-            return mine
-        received = self.broadcast_per_owner(
-            layers_of_rank, lambda names: [mine[n] for n in names],
-            lambda n: blocks[n].grad_numel, ledger, kind="preconditioned_gradient_broadcast",
-            like=_reference(blocks))
+        listed there (those in `posted`, from post_gradient_receives, already are), then the
+        split layers' `shares` are summed (sum_shares, after every broadcast); returns (those
+        layers' and `mine`, the shares' totals), on every rank."""
+        shares = shares or {}
+        if self.world_size == 1:
+            return mine, shares
+        posted = list(posted)
+        done = {item.src for item in posted}
+        later = {src: names for src, names in layers_of_rank.items() if src not in done}
+        pending = posted + self._post_gradients(later, mine, blocks, ledger)
+        totals = self.sum_shares(shares)
         results = dict(mine)
-        for names, payload in received:
+        for names, payload in self.collect_broadcasts(pending, ledger):
             offset = 0
             for name in names:
                 block = blocks[name]
                 results[name] = payload[offset:offset + block.grad_numel].view(block.dim_g,
                                                                                block.dim_a)
                 offset += block.grad_numel
-        return results
+        return results, totals
+
+    def _post_gradients(self, layers_of_rank: dict[int, list[str]], mine: dict[str, torch.Tensor],
+                        blocks: dict[str, KFACBlock], ledger: NumericsLedger
+                        ) -> list[PendingBroadcast]:
+        return self.post_broadcasts(
+            layers_of_rank, lambda names: [mine[n] for n in names],
+            lambda n: blocks[n].grad_numel, ledger, kind="preconditioned_gradient_broadcast",
+            like=_reference(blocks))
 
     def sum_shares(self, shares: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Add every rank's shares of the split layers' preconditioned gradients (every rank

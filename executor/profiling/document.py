@@ -18,6 +18,7 @@ from torch import nn
 from dpkfac.core.schemas import PROFILE_SCHEMA_ID
 
 from ..kfac import require_kfac_layers, uncovered_layers
+from ..runtime.buckets import model_bucket_bytes
 from ..runtime.cpu_runtime import flushed_denormals, keep_freed_memory
 from ..runtime.distributed import WorldInfo, all_gather_object, broadcast_object
 from ..workload.loaders import Batches
@@ -88,7 +89,7 @@ def _profile(model: nn.Module, batches: Batches, world: WorldInfo, loss_fn: Loss
         "compute_method": precond.method.value, "measured": True,
         "layers": [layer_record(block, samples[name], rows[name])
                    for name, block in precond.blocks.items()],
-        "step": step_record(samples["step"]), "comm": comm,
+        "step": step_record(samples["step"], model_bucket_bytes(model)), "comm": comm,
         "model_grad_numel": _grad_numel(model), "other_layers": uncovered_layers(model),
         "environment": _environment(world, options),
         **({"contention": contention} if contention else {}),

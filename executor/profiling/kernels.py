@@ -12,7 +12,8 @@ from torch import nn
 
 from ..kfac import ComputeMethod, KFACBlock, kfac_layers, make_block
 from ..preconditioner import BaseKFACPreconditioner, Exchange, WorkAssignment
-from ..runtime.distributed import average_gradients_, start_gradient_average
+from ..runtime.buckets import GradientBuckets
+from ..runtime.distributed import start_gradient_average
 from ..runtime.timing import synchronize_device
 from ..workload.loaders import Batches
 from ..workload.loss import LossFn
@@ -61,8 +62,8 @@ def time_steps(model: nn.Module, precond: BaseKFACPreconditioner, batches: Batch
     factors and decompositions, and rank 0 broadcasts every preconditioned gradient before the
     write-back; so kernels meet what the traffic costs the host (its network stack, caches).
 
-    Each step: forward/backward (with the capture hooks), the packing of the gradient
-    all-reduce, every layer's factors, then every decomposition, then every preconditioning,
+    Each step: forward/backward (with the capture hooks; the gradient buckets' ready times
+    recorded, runtime.buckets), the packing of the gradient all-reduce, every layer's factors, then every decomposition, then every preconditioning,
     the KL clip and write-back, and an optimizer step with learning rate 0 (weights stay put),
     in the executor's order, so each kernel meets the caches as training leaves them. The
     per-layer kernels are the preconditioner's per-layer methods: factor_a is batch_factor A;
@@ -74,42 +75,69 @@ def time_steps(model: nn.Module, precond: BaseKFACPreconditioner, batches: Batch
     samples["step"] = {k: [] for k in STEP_PHASES}
     step = samples["step"]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9, weight_decay=5e-4)
-    for i in range(options.warmup + options.repeats):
-        keep = i >= options.warmup
-        x, y = batches[i % len(batches)]
-        precond.capture.clear()
-        align()
-        with _timed(step["forward_backward"], keep):
-            optimizer.zero_grad(set_to_none=False)
-            loss = loss_fn(model(x), y)
-            loss.backward()
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        loss_buf = loss.detach().reshape(1).clone()
-        with _timed(step["pack"], keep):
-            average_gradients_(grads + [loss_buf], 1)
-        # the step's all-reduce itself (untimed, its own buffer): in flight during the factors
-        pending = start_gradient_average(grads + [loss_buf], world_size)
-        for name in names:
-            with _timed(samples[name]["factor_a"], keep):
-                a = precond.batch_factor(name, "a")
-            with _timed(samples[name]["factor_g"], keep):
-                precond.fold_factors(name, a, precond.batch_factor(name, "g"))
-        for name in names:
-            for side in ("a", "g"):
-                with _timed(samples[name][f"decompose_{side}"], keep):
-                    precond.decompose_factor(name, side)
-        pending.wait()
-        results = {}
-        for name in names:
-            with _timed(samples[name]["precondition"], keep):
-                results[name] = precond.precondition_layer(name)
-        _broadcast_from_rank0(list(results.values()), world_size)
-        with _timed(step["apply"], keep):
-            precond.apply(results)
-        with _timed(step["optimizer"], keep):
-            optimizer.step()
-        advance()
+    buckets = GradientBuckets(model, 1, record_times=True)
+    step.update({bucket_key(b): [] for b in range(len(buckets.members))})
+    try:
+        for i in range(options.warmup + options.repeats):
+            _time_one_step(model, precond, batches[i % len(batches)], loss_fn, optimizer,
+                           buckets, samples, keep=i >= options.warmup, align=align,
+                           world_size=world_size)
+            advance()
+    finally:
+        buckets.remove()
     return samples
+
+
+def bucket_key(b: int) -> str:
+    """The step sample holding gradient bucket `b`'s ready times (seconds from the forward's
+    start until its last gradient is accumulated)."""
+    return f"bucket_ready_{b}"
+
+
+def _time_one_step(model: nn.Module, precond: BaseKFACPreconditioner,
+                   batch: tuple[torch.Tensor, torch.Tensor], loss_fn: LossFn, optimizer,
+                   buckets: GradientBuckets, samples: dict, *, keep: bool,
+                   align: Callable[[], None], world_size: int) -> None:
+    names = list(precond.blocks)
+    step = samples["step"]
+    x, y = batch
+    precond.capture.clear()
+    align()
+    with _timed(step["forward_backward"], keep):
+        optimizer.zero_grad(set_to_none=False)
+        start = time.perf_counter()
+        loss = loss_fn(model(x), y)
+        loss_buf = loss.detach().reshape(1).clone()
+        buckets.arm(loss_buf)
+        loss.backward()
+    with _timed(step["pack"], keep):
+        buckets.post_remaining()
+        buckets.wait()
+    if keep:
+        for b, ready_at in enumerate(buckets.ready_at):
+            step[bucket_key(b)].append(ready_at - start)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    # the step's all-reduce itself (untimed, its own buffer): in flight during the factors
+    pending = start_gradient_average(grads + [loss_buf], world_size)
+    for name in names:
+        with _timed(samples[name]["factor_a"], keep):
+            a = precond.batch_factor(name, "a")
+        with _timed(samples[name]["factor_g"], keep):
+            precond.fold_factors(name, a, precond.batch_factor(name, "g"))
+    for name in names:
+        for side in ("a", "g"):
+            with _timed(samples[name][f"decompose_{side}"], keep):
+                precond.decompose_factor(name, side)
+    pending.wait()
+    results = {}
+    for name in names:
+        with _timed(samples[name]["precondition"], keep):
+            results[name] = precond.precondition_layer(name)
+    _broadcast_from_rank0(list(results.values()), world_size)
+    with _timed(step["apply"], keep):
+        precond.apply(results)
+    with _timed(step["optimizer"], keep):
+        optimizer.step()
 
 
 def traffic_steps(model: nn.Module, kfac_numel: int, steps: int,
@@ -169,8 +197,12 @@ def layer_record(block: KFACBlock, samples: dict[str, list[float]], rows: int) -
     return record
 
 
-def step_record(samples: dict[str, list[float]]) -> dict:
-    """A profile's step entry: median seconds of each step phase (STEP_PHASES)."""
+def step_record(samples: dict[str, list[float]], bucket_bytes: list[int]) -> dict:
+    """A profile's step entry: median seconds of each step phase (STEP_PHASES) and the
+    gradient buckets (bytes, median ready time: seconds from the forward's start)."""
     stats = {k: _median_and_spread(v) for k, v in samples.items()}
+    buckets = [{"bytes": int(nbytes), "ready_s": stats[bucket_key(b)][0]}
+               for b, nbytes in enumerate(bucket_bytes)]
     return {**{f"{k}_s": stats[k][0] for k in STEP_PHASES},
-            "spread_iqr_s": {k: stats[k][1] for k in STEP_PHASES}}
+            "spread_iqr_s": {k: stats[k][1] for k in STEP_PHASES},
+            "gradient_buckets": buckets}

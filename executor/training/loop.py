@@ -27,12 +27,12 @@ from dpkfac.core.step import SECOND_ORDER_PHASES
 from ..kfac import kfac_layers
 from ..preconditioner import KFACPreconditioner
 from ..runtime.cpu_runtime import flushed_denormals, keep_freed_memory
+from ..runtime.buckets import GradientBuckets
 from ..runtime.distributed import (
     WorldInfo,
     broadcast_parameters,
     init_distributed,
     shutdown_distributed,
-    start_gradient_average,
 )
 from ..runtime.faults import RunFault, RunPosition, fault_message
 from ..runtime.timing import synchronize_device
@@ -150,7 +150,7 @@ def _train(cfg: TrainConfig, placement: dict, work: Workload, world: WorldInfo,
         truncate_metrics(out / "metrics.jsonl", before_step=start["step"])
     log = MetricsLog(out / "metrics.jsonl", enabled=world.rank == 0, append=resumed)
     step_run = StepRun(model, optimizer, precond, world, StepClock(cfg.precise_timing),
-                       position, work.loss_fn, precision)
+                       position, work.loss_fn, precision, overlap=cfg.overlap)
     step, grad_bytes, skipped = start["step"], 0, start["skipped_steps"]
     here = (start["epoch"], start["batch_in_epoch"])  # where the next step's batch is
     records: list[dict] = []
@@ -209,18 +209,23 @@ def save_model(path: Path, model: nn.Module) -> None:
 
 class StepRun:
     """One training step at a time: the K micro-batches' forwards (under autocast when asked)
-    and backwards, the fused gradient all-reduce, the preconditioner, the optimizer.
+    and backwards, the gradient all-reduce in buckets (runtime.buckets), the preconditioner,
+    the optimizer.
 
-    The preconditioner's local phases (prepare(); DP-KFAC with overlap: an owner's factors and
-    decompositions, from its own batch) run while the gradient all-reduce is in flight, the
-    rest once it is done; the same numbers as the serial step, to the bit."""
+    With `overlap` (the default) the buckets go out from the last backward as they fill and
+    the preconditioner's local phases (prepare(); DP-KFAC: an owner's factors and
+    decompositions, from its own batch) run while they are in flight, the rest once they are
+    done. Without it every bucket is posted after backward and waited for, then the whole
+    preconditioner step runs. Both send the same buffers in the same order: the same numbers,
+    to the bit."""
 
     def __init__(self, model, optimizer, precond, world: WorldInfo, clock: StepClock,
                  position: RunPosition, loss_fn=cross_entropy,
-                 precision: Precision = Precision()) -> None:
+                 precision: Precision = Precision(), *, overlap: bool = True) -> None:
         self.model, self.optimizer, self.precond = model, optimizer, precond
         self.world, self.clock, self.position = world, clock, position
-        self.loss_fn, self.precision = loss_fn, precision
+        self.loss_fn, self.precision, self.overlap = loss_fn, precision, overlap
+        self.buckets = GradientBuckets(model, world.world_size)
 
     def __call__(self, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[dict, int]:
         """One step over `micro` (this rank's micro-batches, each loss divided by their count);
@@ -235,20 +240,24 @@ class StepRun:
         t0 = self.clock.mark()
         optimizer.zero_grad(set_to_none=False)
         loss_sum = torch.zeros((), device=self.world.device)
-        for x, y in micro:
+        for i, (x, y) in enumerate(micro):
             with self.precision.autocast():
                 loss = self.loss_fn(model(x), y)
+            loss_sum += loss.detach().float()
+            if self.overlap and i == len(micro) - 1:
+                loss_buf = (loss_sum / len(micro)).reshape(1)
+                self.buckets.arm(loss_buf)  # buckets go out from this backward as they fill
             scaled = loss / len(micro)
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
-            loss_sum += loss.detach().float()
+        if not self.overlap:
+            loss_buf = (loss_sum / len(micro)).reshape(1)
+            self.buckets.arm(loss_buf)
         t1 = self.clock.mark()
         self.position.at("allreduce")
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        loss_buf = (loss_sum / len(micro)).reshape(1)
-        pending = start_gradient_average(grads + [loss_buf], self.world.world_size)
+        self.buckets.post_remaining()
         prepared, prepared_s = self._prepare()
         self.position.at("allreduce")
-        grad_bytes, finite = pending.wait()
+        grad_bytes, finite = self.buckets.wait()
         if scaler is not None:
             scaler.unscale_(optimizer)  # records inf/NaN for scaler.update()
         t2 = self.clock.mark()
@@ -293,7 +302,11 @@ class StepRun:
 def train_step(model, optimizer, precond, x, y, world: WorldInfo, clock: StepClock,
                position: RunPosition):
     """One step on one batch with cross-entropy (StepRun without accumulation or autocast)."""
-    return StepRun(model, optimizer, precond, world, clock, position)([(x, y)])
+    run = StepRun(model, optimizer, precond, world, clock, position)
+    try:
+        return run([(x, y)])
+    finally:
+        run.buckets.remove()
 
 
 def _next_position(epoch: int, batch_index: int, per_epoch: int) -> tuple[int, int]:

@@ -160,7 +160,8 @@ def _ratio(measured_s: float, predicted_s: float) -> float:
 
 def _scaled_profile(profile: Profile, scales: Mapping[str, float], measured: Mapping[str, float],
                     predicted: Mapping[str, float]) -> Profile:
-    """`profile` with each phase's costs times its scale."""
+    """`profile` with each phase's costs times its scale (the gradient buckets' ready times
+    with forward/backward's)."""
     layers = tuple(replace(layer,
                            factor_a_s=layer.factor_a_s * scales["factors"],
                            factor_g_s=layer.factor_g_s * scales["factors"],
@@ -170,9 +171,9 @@ def _scaled_profile(profile: Profile, scales: Mapping[str, float], measured: Map
                    for layer in profile.layers)
     apply_s = (profile.apply_s * scales["apply"] if profile.apply_s > 0
                else measured["apply"])  # nothing predicted it: take the measurement
-    return replace(profile, layers=layers,
-                   comm=profile.comm.scaled(allreduce=scales["allreduce"],
-                                            broadcast=scales["broadcast"]),
-                   forward_backward_s=profile.forward_backward_s * scales["forward_backward"],
-                   optimizer_s=profile.optimizer_s * scales["optimizer"],
-                   pack_s=profile.pack_s, apply_s=apply_s)
+    scaled = replace(profile, layers=layers,
+                     comm=profile.comm.scaled(allreduce=scales["allreduce"],
+                                              broadcast=scales["broadcast"]),
+                     optimizer_s=profile.optimizer_s * scales["optimizer"],
+                     pack_s=profile.pack_s, apply_s=apply_s)
+    return scaled.forward_backward_scaled(scales["forward_backward"])

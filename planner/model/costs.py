@@ -159,14 +159,36 @@ def gradient_allreduce_wire_s(profile: Profile, *, workers: int,
     if workers == 1:
         return 0.0
     total = gradient_allreduce_s(profile, workers=workers, network=network) - profile.pack_s
+    return allreduce_wire_s(profile, nbytes=profile.model_grad_bytes, collective_s=total,
+                            workers=workers, network=network)
+
+
+def allreduce_wire_s(profile: Profile, *, nbytes: float, collective_s: float, workers: int,
+                     network: Network | None = None) -> float:
+    """Of one ring all-reduce of `nbytes` bytes taking `collective_s` seconds (packing
+    excluded), the seconds on the wire, by gradient_allreduce_wire_s's rules (0 at one
+    worker)."""
+    if workers == 1:
+        return 0.0
     if network is not None and network.source == "cluster":
         hop = network.allreduce_hop
-        return min(2 * (workers - 1) / workers * profile.model_grad_bytes * hop.beta_s_per_byte,
-                   total)
+        return min(2 * (workers - 1) / workers * nbytes * hop.beta_s_per_byte, collective_s)
     link = profile.comm.link_bytes_per_s
     if network is not None or link is None:
         return 0.0
-    return min(2 * (workers - 1) / workers * profile.model_grad_bytes / link, total)
+    return min(2 * (workers - 1) / workers * nbytes / link, collective_s)
+
+
+def gradient_allreduce_hidden_s(profile: Profile, *, workers: int,
+                                network: Network | None = None) -> float:
+    """An upper bound on the gradient all-reduce seconds an overlapped step hides behind
+    compute: the larger of the fused all-reduce's wire seconds and, with the profile's
+    gradient buckets, their summed wire seconds (0 at one worker)."""
+    net = network_of(profile, network)
+    buckets = sum(allreduce_wire_s(profile, nbytes=b.bytes, workers=workers, network=network,
+                                   collective_s=net.allreduce_s(ranks=workers, nbytes=b.bytes))
+                  for b in profile.gradient_buckets)
+    return max(gradient_allreduce_wire_s(profile, workers=workers, network=network), buckets)
 
 
 def gradient_allreduce_cpu_s(profile: Profile, *, workers: int,
@@ -242,6 +264,19 @@ def broadcast_lower_bound_s(profile: Profile, *, workers: int,
                                                            total_bytes=profile.grad_bytes)
 
 
+def own_broadcast_lower_bound_s(profile: Profile, *, workers: int,
+                                network: Network | None = None) -> float:
+    """A proven lower bound on the seconds of one owner's preconditioned-gradient broadcast,
+    which starts no earlier than that owner's preconditioning ends: one broadcast of at least
+    the smallest layer's and at most all layers' gradient bytes (Network.broadcast_floor_s; 0
+    without layers)."""
+    if not profile.layers:
+        return 0.0
+    smallest = min(grad_bytes(layer, profile=profile) for layer in profile.layers)
+    return network_of(profile, network).broadcast_floor_s(
+        ranks=workers, min_bytes=smallest, max_bytes=profile.grad_bytes)
+
+
 def split_allreduce_lower_bound_s(profile: Profile, *, workers: int,
                                   network: Network | None = None) -> float:
     """A proven lower bound on the seconds of the all-reduce of split layers' gradients that
@@ -275,26 +310,30 @@ def second_order_lower_bound_s(profile: Profile, *, workers: int, config: PlanCo
                                compute_bound_s: float = 0.0,
                                network: Network | None = None, split: bool = False) -> float:
     """A proven lower bound on DP-KFAC's amortised second-order seconds for any placement:
-    max(total work / sum of speeds, pigeonhole bound, compute_bound_s) + the broadcast bound.
-    `compute_bound_s` lets a solver's proven bound (e.g. an ILP dual bound) tighten it. With
-    the overlapped step (config.overlap, more than one worker) the gradient all-reduce may hide
-    up to its wire seconds of that compute (second-order time counts from its end), plus the
-    head start the fastest worker's forward/backward gives it over the slowest's. With
-    contention (ranks sharing a host), compute runs at best at a lone worker's speed.
+    the larger of (a) max(total work / sum of speeds, pigeonhole bound, compute_bound_s) plus
+    own_broadcast_lower_bound_s (the busiest worker, an owner, broadcasts after its own
+    preconditioning; the broadcasts go in rank order, so the others' may run under its
+    compute) and (b) the broadcast bound (every broadcast starts after the gradient
+    all-reduce). `compute_bound_s` lets a solver's proven bound (e.g. an ILP dual bound)
+    tighten it. With the overlapped step (config.overlap, more than one worker) the gradient
+    all-reduce may hide up to its wire seconds of that compute (second-order time counts from
+    its end), plus the head start the fastest worker's forward/backward gives it over the
+    slowest's. With contention (ranks sharing a host), compute runs at best at a lone
+    worker's speed.
 
     split (more than one worker): placements may also split layers' preconditioning
     (precondition_split). One that splits nothing keeps the bound above; one that splits a
     layer has compute at least split_compute_lower_bound_s (the solvers' whole-layer bound
     does not apply to it), adjusted as above, and pays every step at least
-    split_allreduce_lower_bound_s (every collective of a step holds every rank for its
-    seconds, so collectives add to the busiest rank's compute). The bound is the lesser of the
-    two."""
+    split_allreduce_lower_bound_s after every rank's preconditioning (the all-reduce of the
+    shares comes after the broadcasts). The bound is the lesser of the two."""
     works = layer_works_s(profile, config=config)
     whole = max(makespan_lower_bound_s(work=works, workers=workers, speeds=speeds),
                 compute_bound_s)
-    bound = (_reachable_compute_s(profile, whole, workers=workers, config=config,
-                                  speeds=speeds, network=network)
-             + broadcast_lower_bound_s(profile, workers=workers, network=network))
+    bound = max(_reachable_compute_s(profile, whole, workers=workers, config=config,
+                                     speeds=speeds, network=network)
+                + own_broadcast_lower_bound_s(profile, workers=workers, network=network),
+                broadcast_lower_bound_s(profile, workers=workers, network=network))
     if not split or workers == 1:
         return bound
     shared = split_compute_lower_bound_s(profile, workers=workers, config=config, speeds=speeds)
@@ -313,7 +352,7 @@ def _reachable_compute_s(profile: Profile, compute_s: float, *, workers: int,
         compute_s *= profile.contention.time_factor(1)  # a worker computing alone, at best
     if config.overlap and workers > 1:  # a fast worker starts its local work earlier still
         fastest, slowest = (max(speeds), min(speeds)) if speeds else (1.0, 1.0)
-        hidden = (gradient_allreduce_wire_s(profile, workers=workers, network=network)
+        hidden = (gradient_allreduce_hidden_s(profile, workers=workers, network=network)
                   + profile.forward_backward_s * (1 / slowest - 1 / fastest))
         compute_s = max(compute_s - hidden, 0.0)
     return compute_s

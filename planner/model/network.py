@@ -82,6 +82,25 @@ class Network:
         over `broadcast_overlap` lanes, never less than the longest."""
         return max(max(seconds, default=0.0), sum(seconds) / self.broadcast_overlap)
 
+    def broadcast_queue_end_s(self, arrivals: Sequence[float], seconds: Sequence[float]
+                              ) -> tuple[float, int]:
+        """When broadcasts taking `seconds` each alone end, broadcast k free to start at
+        arrivals[k] (nondecreasing: the order they are posted in), on `broadcast_overlap`
+        lanes; and the index k whose term sets that end. The end is the largest of
+        arrivals[k] + seconds[k] (one alone) and arrivals[k] + (seconds[k] + ... ) /
+        broadcast_overlap (those from k on, spread over the lanes): exact for one lane
+        (a queue), and with equal arrivals exactly broadcast_group_s after them. At least
+        one broadcast."""
+        if all(a == arrivals[0] for a in arrivals):
+            return arrivals[0] + self.broadcast_group_s(seconds), 0
+        best, first, tail = float("-inf"), 0, 0.0
+        for k in range(len(seconds) - 1, -1, -1):
+            tail += seconds[k]
+            end = arrivals[k] + max(seconds[k], tail / self.broadcast_overlap)
+            if end >= best:
+                best, first = end, k
+        return best, first
+
     def broadcast_s(self, *, ranks: int, nbytes: float) -> float:
         """Seconds for one broadcast of `nbytes` bytes among `ranks` ranks (0 at one rank)."""
         _check_ranks(ranks)
@@ -113,6 +132,19 @@ class Network:
         ratio = min(_ratio(model(ranks, n), model(self.measured_ranks, n))
                     for n in (0.0, total_bytes))
         return self.broadcast_points.floor_s(total_bytes) * ratio
+
+    def broadcast_floor_s(self, *, ranks: int, min_bytes: float, max_bytes: float) -> float:
+        """A proven lower bound on the seconds of ONE broadcast of min_bytes..max_bytes bytes
+        among `ranks` ranks, alone. Model only: the model at `min_bytes` (it grows with the
+        size). With measured points: the least measured-curve time up to `max_bytes` times the
+        least model ratio (at one of the range's ends), as broadcasts_floor_s."""
+        _check_ranks(ranks)
+        if ranks == 1:
+            return 0.0
+        model = self._broadcast_model
+        if self.broadcast_points is None:
+            return model(ranks, min_bytes)
+        return self.broadcasts_floor_s(ranks=ranks, total_bytes=max_bytes)
 
     def allreduce_floor_s(self, *, ranks: int, nbytes: float) -> float:
         """A proven lower bound on the seconds of one all-reduce of at least `nbytes` bytes

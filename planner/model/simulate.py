@@ -4,7 +4,10 @@ One step, on every worker w (compute divided by w's speed; seconds), in the phas
 dpkfac.core.step.PHASES:
 
 1. forward_backward;
-2. the gradient all-reduce, a collective: it starts when the slowest worker arrives;
+2. the gradient all-reduce, in buckets (planner.model.buckets; a profile without
+   `step.gradient_buckets`: one fused all-reduce of the whole gradient), collectives: each
+   starts when the slowest worker has posted it. Serial (below): the buckets' all-reduces back
+   to back once the slowest worker's forward/backward ends;
 3. factors: the owned layers' (LOCAL) or every layer's (ALLREDUCED) factor construction, on
    steps where step % factor_update_freq == 0;
 4. factor_allreduce (ALLREDUCED, on those steps): one fused all-reduce of every layer's factors;
@@ -12,34 +15,44 @@ dpkfac.core.step.PHASES:
    step % inv_update_freq == 0, or, with a staggered `decomposition_step` schedule, the layers
    whose slot is step % inv_update_freq);
 6. DECOMPOSITION (KAISA COMM-OPT): at step % inv_update_freq == 0 the owners broadcast their
-   decompositions, then every worker preconditions every layer; PRECONDITIONED_GRADIENT: every
-   owner preconditions its layers, then the owners broadcast the results, every step. DP-KFAC
-   with split layers (`split`: layer index -> G-side rows per rank): at step % inv_update_freq
-   == 0 their owners first broadcast the split layers' decompositions (one fused broadcast per
-   such owner, timed as broadcast; split layers are never staggered); every rank preconditions
-   its owned unsplit layers and rows[r] / dim_g of every split layer (precondition); then one
-   fused all-reduce of the split layers' gradients, then the owners' broadcasts of the unsplit
-   layers (both timed as broadcast);
+   decompositions (posted together), then every worker preconditions every layer.
+   PRECONDITIONED_GRADIENT, every step: every owner preconditions its layers and broadcasts
+   the result, one fused broadcast per owner, in ascending owner rank: rank r posts the
+   broadcasts of owners below it before its own preconditioning, its own right after, then
+   those above it, so owner o's broadcast may start at max(precondition end of ranks 0..o,
+   precondition start of ranks above o) and they run in that order
+   (Network.broadcast_queue_end_s); when every rank finishes at once, that is the broadcasts
+   posted together (Network.broadcast_group_s). DP-KFAC with split layers (`split`: layer
+   index -> G-side rows per rank): at step % inv_update_freq == 0 their owners first
+   broadcast the split layers' decompositions (one fused broadcast per such owner, posted
+   together, timed as broadcast; split layers are never staggered); every rank preconditions
+   its owned unsplit layers and rows[r] / dim_g of every split layer (precondition); the
+   owners' broadcasts of the unsplit layers as above, then one fused all-reduce of the split
+   layers' shares once they are done (timed as broadcast);
 7. apply (KL clip, write-back), then the optimizer.
 
-Overlapped (config.overlap, strategies whose factors are LOCAL, more than one worker): each
-worker posts the gradient all-reduce when its forward/backward ends and runs its factors and
-decompositions (3, 5: they need only its own batch) while the all-reduce is in flight; it waits
-for the all-reduce before preconditioning. Only the all-reduce's time on the wire hides
-(costs.gradient_allreduce_wire_s); its hosts' part takes the worker's CPU first (timed as
-allreduce), or, with contention (below), runs on the collective's threads beside the compute,
-sharing the cores. Otherwise the step is serial, as listed.
+Bucket posting (config.overlap, more than one worker, a profile with gradient buckets, every
+strategy): bucket i's all-reduce is posted from backward once the slowest worker has it ready
+(its ready_s over forward_backward_s of that worker's forward/backward) and runs once bucket
+i-1's is done. Without buckets in the profile the one fused all-reduce is posted at the end of
+forward/backward. Overlapped (config.overlap, strategies whose factors are LOCAL, more than
+one worker): each worker also runs its factors and decompositions (3, 5: they need only its
+own batch) while the all-reduces are in flight, and waits for the last before
+preconditioning. Only each all-reduce's time on the wire hides (costs.allreduce_wire_s, per
+bucket); the hosts' part of them takes the worker's CPU after its forward/backward (timed as
+allreduce), or, with contention (below), runs on the collective's threads beside the
+compute, sharing the cores. Otherwise the step is serial, as listed.
 
 Ranks that share a host (profile.contention, at the profiled world size): compute between two
 collectives is laid out by processor sharing (planner.model.sharing): with k workers computing
 at once each takes Contention.time_factor(k) times its busy figure, so an owner left computing
 alone runs faster than the all-ranks-busy figures the profile holds.
 
-A collective needs every rank: it starts when the last one arrives, and the broadcasts of a
-step, posted together, take Network.broadcast_group_s of their times. Plain SGD (strategy None)
-has steps 1, 2 and 7's optimizer only. A cycle is lcm(factor_update_freq, inv_update_freq) steps;
-its mean step is the prediction. Per worker: busy (computing), comm (in a collective) and idle
-(waiting) seconds; the critical path is the chain of segments that set the step's end.
+A collective needs every rank: it starts when the last one has posted it. Plain SGD (strategy
+None) has steps 1, 2 and 7's optimizer only. A cycle is lcm(factor_update_freq,
+inv_update_freq) steps; its mean step is the prediction. Per worker: busy (computing), comm
+(in a collective) and idle (waiting) seconds; the critical path is the chain of segments that
+set the step's end.
 """
 from __future__ import annotations
 
@@ -52,14 +65,13 @@ import numpy as np
 from dpkfac.core.profile import Profile
 from dpkfac.core.step import NUMERICS_ELEMENTS, PHASES
 from dpkfac.core.strategy import DP_KFAC, FactorMode, SharedResult, Strategy
+from planner.model.buckets import BucketCost, bucket_chain, bucket_costs, buckets_cpu_s
 from planner.model.costs import (
     PlanConfig,
     Split,
     applied_split,
     decomposition_sizes,
     factor_bytes,
-    gradient_allreduce_cpu_s,
-    gradient_allreduce_s,
     network_of,
     per_owner,
     precondition_counts,
@@ -78,6 +90,7 @@ class StepResult:
     second_order_s: from the end of the gradient all-reduce to the end of the last second-order
     phase (overlapped: what of the second order the all-reduce does not hide). compute_makespan_s: the largest per-worker K-FAC compute of this step.
     phases_s: per phase (PHASES), per worker, as the executor's timers see it (waiting included).
+    precondition_end_s: when each worker's preconditioning ended (empty for plain SGD).
     """
     step_time_s: float
     second_order_s: float
@@ -89,6 +102,7 @@ class StepResult:
     idle_s: tuple[float, ...]
     critical_path: tuple[Segment, ...]
     phases_s: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    precondition_end_s: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -143,23 +157,26 @@ def simulate_step(profile: Profile, *, owners: Sequence[int], workers: int, conf
     net = network_of(profile, network)
     line = Timeline(workers, trace=trace, contention=profile.contention)
     line.compute("forward_backward", profile.forward_backward_s / speed)
-    allreduce_s = gradient_allreduce_s(profile, workers=workers, network=network)
+    buckets = bucket_costs(profile, workers=workers, network=network)
+    allreduce_s = sum(b.seconds for b in buckets)
     broadcast_s = 0.0
     local = dict(profile=profile, strategy=strategy, owners=owners, workers=workers,
                  config=config, step=step, speed=speed, net=net,
                  decomposition_step=decomposition_step)
-    if overlapped(strategy, config=config, workers=workers):
-        pending = line.post("allreduce", allreduce_s)
-        line.background("allreduce", gradient_allreduce_cpu_s(profile, workers=workers,
-                                                              network=network))
-        _local_phases(line, **local)
+    hide_local = overlapped(strategy, config=config, workers=workers)
+    if hide_local or posted_from_backward(profile, config=config, workers=workers):
+        pending = _post_buckets(line, buckets)
+        line.background("allreduce", buckets_cpu_s(profile, buckets, workers=workers,
+                                                   network=network))
+        if hide_local:
+            _local_phases(line, **local)
         line.wait(pending)
         ar_end = pending.end_s
     else:
-        line.collective("allreduce", allreduce_s)
+        line.collective("allreduce", allreduce_s, count=len(buckets))
         ar_end = float(line.t[0])
-        if strategy is not None:
-            _local_phases(line, **local)
+    if strategy is not None and not hide_local:
+        _local_phases(line, **local)
     second_order_end = ar_end
     if strategy is not None:
         broadcast_s = _shared_phases(line, profile, strategy=strategy, owners=owners,
@@ -177,13 +194,34 @@ def simulate_step(profile: Profile, *, owners: Sequence[int], workers: int, conf
         busy_s=tuple(line.busy.tolist()), comm_s=tuple(line.comm.tolist()),
         idle_s=tuple(np.maximum(step_time - line.busy - line.comm, 0.0).tolist()),
         critical_path=line.critical_path(),
-        phases_s={phase: tuple(line.phases[phase].tolist()) for phase in PHASES})
+        phases_s={phase: tuple(line.phases[phase].tolist()) for phase in PHASES},
+        precondition_end_s=tuple(line.ends["precondition"].tolist())
+        if "precondition" in line.ends else ())
 
 
 def overlapped(strategy: Strategy | None, *, config: PlanConfig, workers: int) -> bool:
     """Whether the executor overlaps this step's local work with the gradient all-reduce."""
     return (config.overlap and workers > 1 and strategy is not None
             and strategy.factors is FactorMode.LOCAL)
+
+
+def posted_from_backward(profile: Profile, *, config: PlanConfig, workers: int) -> bool:
+    """Whether the gradient buckets' all-reduces go out during backward for every strategy:
+    the executor does so unless --no-overlap; modelled only for a profile that records its
+    buckets (one without them keeps the fused all-reduce after forward/backward)."""
+    return config.overlap and workers > 1 and bool(profile.gradient_buckets)
+
+
+def _post_buckets(line: Timeline, buckets: Sequence[BucketCost]) -> Segment:
+    """Post the buckets' all-reduces as a chain (buckets.bucket_chain): bucket i once the
+    slowest worker has it ready (its ready fraction of that worker's forward/backward) and
+    bucket i-1 is done. The chain's last unbroken run is the posted segment."""
+    ends = line.t  # each worker's end of forward/backward
+    ready = [b.ready * ends for b in buckets]
+    chain = bucket_chain([float(r.max()) for r in ready], [b.seconds for b in buckets])
+    return line.post_at("allreduce", start_s=chain.start_s, end_s=chain.end_s,
+                        gate=int(np.argmax(ready[chain.first])),
+                        count=len(buckets) - chain.first)
 
 
 def _local_phases(line: Timeline, *, profile: Profile, strategy: Strategy,
@@ -232,11 +270,12 @@ def _shared_phases(line: Timeline, profile: Profile, *, strategy: Strategy,
                  precondition_per_worker_s(profile, owners=owners, workers=workers, split=split)
                  / speed, precondition_counts(profile, owners=owners, workers=workers,
                                               split=split))
-    seconds += _split_allreduce(line, profile, workers=workers, net=net, split=split)
     whole = unsplit_mask(profile, split)
     nbytes = np.asarray([l.grad_numel * profile.dtype_bytes for l in layers], dtype=float)
-    return seconds + _broadcasts(line, net, per_owner(nbytes * whole, owners, workers),
-                                 per_owner(whole, owners, workers), workers, counters)
+    return seconds + _ordered_broadcasts(
+        line, net, per_owner(nbytes * whole, owners, workers), per_owner(whole, owners, workers),
+        workers, counters, then_s=_split_allreduce_s(profile, workers=workers, net=net,
+                                                     split=split))
 
 
 def _split_decomposition_broadcasts(line: Timeline, profile: Profile, *, owners: Sequence[int],
@@ -253,16 +292,15 @@ def _split_decomposition_broadcasts(line: Timeline, profile: Profile, *, owners:
                        NUMERICS_ELEMENTS * profile.dtype_bytes)
 
 
-def _split_allreduce(line: Timeline, profile: Profile, *, workers: int, net: Network,
-                     split: Split) -> float:
-    """The fused all-reduce (sum) of every rank's shares of the split layers' preconditioned
-    gradients, timed as broadcast; seconds (0 without split layers or at one worker)."""
+def _split_allreduce_s(profile: Profile, *, workers: int, net: Network, split: Split
+                       ) -> float | None:
+    """Seconds of the fused all-reduce (sum) of every rank's shares of the split layers'
+    preconditioned gradients (None without split layers or at one worker: no such
+    collective)."""
     if not split or workers == 1:
-        return 0.0
+        return None
     nbytes = sum(profile.layers[i].grad_numel for i in split) * profile.dtype_bytes
-    seconds = net.allreduce_s(ranks=workers, nbytes=nbytes)
-    line.collective("broadcast", seconds)
-    return seconds
+    return net.allreduce_s(ranks=workers, nbytes=nbytes)
 
 
 def _unstaggered(decomposition_step: Sequence[int] | None, split: Split
@@ -284,6 +322,45 @@ def _broadcasts(line: Timeline, net: Network, sizes: Sequence[float], owned: np.
     seconds = net.broadcast_group_s(alone)
     line.collective("broadcast", seconds, count=len(alone))
     return seconds
+
+
+def _ordered_broadcasts(line: Timeline, net: Network, sizes: Sequence[float],
+                        owned: np.ndarray, workers: int, counters: int, *,
+                        then_s: float | None = None) -> float:
+    """The preconditioned gradients' broadcasts, one fused per owner (its payload plus its
+    counters), in ascending owner rank, right after preconditioning, then (split layers) the
+    all-reduce of their shares taking `then_s`, timed as broadcast; returns their seconds.
+
+    Rank r posts owner o's broadcast before its own preconditioning when o < r, right after
+    it otherwise, and a collective runs once every rank has posted it: owner o's may start at
+    max(precondition end of ranks 0..o, precondition start of ranks above o). They run in that
+    order on broadcast_overlap lanes (Network.broadcast_queue_end_s); the all-reduce, posted
+    after them, starts when every rank has finished preconditioning and they are done. When
+    the first may start only once every rank is done, that is Network.broadcast_group_s after
+    the last rank, as collectives. A rank's comm seconds: its wait, at most that group's."""
+    if workers == 1:
+        return 0.0
+    seconds = [net.broadcast_s(ranks=workers, nbytes=n + counters)
+               for n, k in zip(sizes, owned) if k > 0]
+    group_s = net.broadcast_group_s(seconds)
+    ends = line.t.copy()
+    starts = ends - line.last.get("precondition", np.zeros(workers))
+    ranks = np.flatnonzero(np.asarray(owned) > 0)  # the owners, ascending
+    # owner o may start once ranks 0..o have ended and ranks above o have started
+    above = np.append(np.maximum.accumulate(starts[::-1])[::-1], -np.inf)
+    arrivals = np.maximum(np.maximum.accumulate(ends)[ranks], above[ranks + 1]).tolist()
+    if seconds and arrivals[0] < ends.max():
+        end, k = net.broadcast_queue_end_s(arrivals, seconds)
+        o = ranks[k]
+        gate = int(np.argmax(np.concatenate([ends[:o + 1], starts[o + 1:]])))
+        line.wait(line.post_at("broadcast", start_s=arrivals[k], end_s=end, gate=gate,
+                               count=len(seconds) - k), comm_max_s=group_s)
+    elif seconds:
+        line.collective("broadcast", group_s, count=len(seconds))
+    if then_s is not None:
+        line.collective("broadcast", then_s)
+        group_s += then_s
+    return group_s
 
 
 def simulate_cycle(profile: Profile, *, owners: Sequence[int], workers: int, config: PlanConfig,

@@ -16,8 +16,8 @@ from planner.model.sharing import shared_ends
 @dataclass(frozen=True)
 class Segment:
     """One stretch of the timeline: `kind` on `worker` (None: a collective of all workers),
-    covering `layers` layers (0 when not per layer) or `count` collectives posted together,
-    from start_s to end_s seconds."""
+    covering `layers` layers (0 when not per layer) or `count` collectives (posted together or
+    run one after another), from start_s to end_s seconds."""
     kind: str
     worker: int | None
     start_s: float
@@ -47,6 +47,8 @@ class Timeline:
         self._background_end = 0.0  # when the last collective thread's CPU work ended
         self.segments: list[list[Segment]] = [[] for _ in range(workers)]
         self.phases = {phase: np.zeros(workers) for phase in PHASES}
+        self.last: dict[str, np.ndarray] = {}  # each phase's seconds when last laid out
+        self.ends: dict[str, np.ndarray] = {}  # and each worker's clock at its end
         self.busy = np.zeros(workers)
         self.comm = np.zeros(workers)
         # id(collective segment) -> (the worker that arrived last, the segment to resume from
@@ -104,6 +106,8 @@ class Timeline:
                 self.segments[w].append(Segment(phase, w, float(self._t[w]),
                                                 float(self._t[w] + s), layers=n))
         self._t = self._t + seconds
+        self.last[phase] = np.asarray(seconds, dtype=float)
+        self.ends[phase] = self._t
         self.phases[phase] += seconds
         self.busy += seconds
 
@@ -124,16 +128,40 @@ class Timeline:
         posted it; the workers go on computing until they wait() for it."""
         gate = int(np.argmax(self.t))
         start = float(self.t[gate])
-        seg = Segment(phase, None, start, start + seconds)
-        marker = Segment(phase, gate, start, start)
+        return self.post_at(phase, start_s=start, end_s=start + seconds, gate=gate)
+
+    def post_at(self, phase: str, *, start_s: float, end_s: float, gate: int,
+                count: int = 1) -> Segment:
+        """An overlapped collective (or `count` of them, run back to back) running from
+        `start_s`, no later than now, when worker `gate` posted it last (e.g. from inside its
+        backward), to `end_s`; the workers go on computing until they wait() for it. For the
+        critical path, the gate's segment running at `start_s` is cut there."""
+        seg = Segment(phase, None, start_s, end_s, count=count)
+        marker = Segment(phase, gate, start_s, start_s)
         self.gates[id(seg)] = (gate, marker)
         if self.trace:
-            self.segments[gate].append(marker)
+            self._insert(gate, marker)
         return seg
 
-    def wait(self, seg: Segment) -> None:
+    def _insert(self, worker: int, marker: Segment) -> None:
+        """Put the zero-length `marker` into `worker`'s segments at its time, cutting the
+        worker's own segment that runs across it in two."""
+        segments, at = self.segments[worker], marker.start_s
+        for k in range(len(segments) - 1, -1, -1):
+            seg = segments[k]
+            if seg.end_s <= at or seg.worker is None:
+                segments.insert(k + 1, marker)
+                return
+            if seg.start_s < at:
+                segments[k:k + 1] = [replace(seg, end_s=at), marker, replace(seg, start_s=at)]
+                return
+        segments.insert(0, marker)
+
+    def wait(self, seg: Segment, *, comm_max_s: float | None = None) -> None:
         """Every worker waits for the posted collective `seg` (its phase's timer, and its comm
-        seconds, run from the worker's arrival to the collective's end: the rest was hidden)."""
+        seconds, run from the worker's arrival to the collective's end: the rest was hidden;
+        with `comm_max_s`, comm at most that: the collectives' own seconds, the rest of the
+        wait idle)."""
         if self._background_end > seg.end_s:  # its threads' CPU work ended later
             late = replace(seg, end_s=self._background_end)
             self.gates[id(late)] = self.gates[id(seg)]
@@ -144,7 +172,7 @@ class Timeline:
                 self.segments[w].append(seg)
         waited = np.maximum(seg.end_s - self.t, 0.0)
         self.phases[seg.kind] += waited
-        self.comm += waited
+        self.comm += waited if comm_max_s is None else np.minimum(waited, comm_max_s)
         self._t = np.maximum(self.t, seg.end_s)
 
     def critical_path(self) -> tuple[Segment, ...]:

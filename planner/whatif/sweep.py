@@ -89,15 +89,16 @@ class Sweep:
 
 
 def scale_batch(profile: Profile, batch_size: int) -> Profile:
-    """The profile at another per-worker batch: forward/backward and factor construction scale
-    linearly with the batch; everything else stays."""
+    """The profile at another per-worker batch: forward/backward (the gradient buckets' ready
+    times with it) and factor construction scale linearly with the batch; everything else
+    stays."""
     if batch_size == profile.batch_size:
         return profile
     ratio = batch_size / profile.batch_size
     layers = tuple(dataclasses.replace(l, factor_a_s=l.factor_a_s * ratio,
                                        factor_g_s=l.factor_g_s * ratio) for l in profile.layers)
-    return dataclasses.replace(profile, batch_size=batch_size, layers=layers,
-                               forward_backward_s=profile.forward_backward_s * ratio)
+    return dataclasses.replace(profile, batch_size=batch_size,
+                               layers=layers).forward_backward_scaled(ratio)
 
 
 def scale_bandwidth(profile: Profile, scale: float) -> Profile:

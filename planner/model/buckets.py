@@ -1,0 +1,100 @@
+"""The gradient all-reduce in buckets (dpkfac.core.buckets): each bucket's seconds, the part of
+them on the wire, and when a chain of bucket all-reduces posted as gradients become ready ends.
+
+The executor posts bucket i's all-reduce (asynchronously) once its gradients are ready and
+buckets 0..i-1 are posted; a collective runs once every rank has posted it, and the buckets
+run one after another. A profile's `step.gradient_buckets` gives each bucket's bytes and the
+seconds from the step's start at which it was ready; a profile without them is modelled as
+today's one fused all-reduce of the whole model's gradient, ready at the end of
+forward/backward. Seconds, bytes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from dpkfac.core.profile import Profile
+from planner.model.costs import (
+    allreduce_wire_s,
+    gradient_allreduce_cpu_s,
+    gradient_allreduce_s,
+    gradient_allreduce_wire_s,
+    network_of,
+)
+from planner.model.network import Network
+
+
+@dataclass(frozen=True)
+class BucketCost:
+    """One bucket's all-reduce: `ready` is when its gradients are ready, as a fraction (0..1)
+    of the worker's forward/backward; `seconds` its whole time (its share of the packing plus
+    the collective); `wire_s` of which on the wire (what compute can hide)."""
+    ready: float
+    seconds: float
+    wire_s: float
+
+
+def bucket_costs(profile: Profile, *, workers: int, network: Network | None = None
+                 ) -> tuple[BucketCost, ...]:
+    """The gradient all-reduce's buckets in posting order at `workers` ranks. Without
+    profile.gradient_buckets: one bucket, ready at the end of forward/backward, of
+    costs.gradient_allreduce_s with costs.gradient_allreduce_wire_s on the wire. With them:
+    bucket i moves its bytes b_i (the loss element is not timed, as in the fused figure) and
+    pays pack_s * b_i / sum(b) of the packing; its ready time is ready_s / forward_backward_s
+    (at most 1) of the forward/backward."""
+    if not profile.gradient_buckets:
+        return (BucketCost(ready=1.0,
+                           seconds=gradient_allreduce_s(profile, workers=workers,
+                                                        network=network),
+                           wire_s=gradient_allreduce_wire_s(profile, workers=workers,
+                                                            network=network)),)
+    net = network_of(profile, network)
+    buckets = profile.gradient_buckets
+    total = sum(b.bytes for b in buckets)
+    fb = profile.forward_backward_s
+    out = []
+    for b in buckets:
+        pack = profile.pack_s * (b.bytes / total if total > 0 else 1 / len(buckets))
+        collective = net.allreduce_s(ranks=workers, nbytes=b.bytes)
+        out.append(BucketCost(
+            ready=min(b.ready_s / fb, 1.0) if fb > 0 else 1.0, seconds=pack + collective,
+            wire_s=allreduce_wire_s(profile, nbytes=b.bytes, collective_s=collective,
+                                    workers=workers, network=network)))
+    return tuple(out)
+
+
+def buckets_cpu_s(profile: Profile, buckets: Sequence[BucketCost], *, workers: int,
+                  network: Network | None = None) -> float:
+    """Of the buckets' seconds, what an overlapped step's all-reduces take from the host's
+    cores after forward/backward: what is not on the wire, or, with ranks sharing a host and
+    the all-reduce's CPU seconds measured, at most those (costs.gradient_allreduce_cpu_s's
+    rule; without profile buckets exactly that figure)."""
+    if not profile.gradient_buckets:
+        return gradient_allreduce_cpu_s(profile, workers=workers, network=network)
+    rest = sum(b.seconds - b.wire_s for b in buckets)
+    cpu = profile.comm.gradient_allreduce_cpu_s
+    if cpu is None or profile.contention is None or not profile.contention.applies(workers):
+        return rest
+    return min(cpu, rest)
+
+
+@dataclass(frozen=True)
+class Chain:
+    """When a chain of bucket all-reduces ends (`end_s`) and its last unbroken run: from bucket
+    `first` on, every bucket started as the one before ended; bucket `first` started at
+    `start_s`, when its last worker had it ready."""
+    end_s: float
+    first: int
+    start_s: float
+
+
+def bucket_chain(ready_s: Sequence[float], seconds: Sequence[float]) -> Chain:
+    """Bucket i (ready on every worker at ready_s[i], taking seconds[i]) starts at
+    max(ready_s[i], end of bucket i-1). At least one bucket."""
+    end, first, start = float("-inf"), 0, 0.0
+    for i, (ready, d) in enumerate(zip(ready_s, seconds)):
+        if ready >= end:
+            first, start, end = i, float(ready), float(ready) + d
+        else:
+            end = end + d
+    return Chain(end_s=end, first=first, start_s=start)
