@@ -132,3 +132,16 @@ def test_bf16_inputs_give_float32_factors():
             assert rel_err(got_a, want_a) < TOL and rel_err(got_g, want_g) < TOL
     finally:
         precond.remove_hooks()
+
+
+@pytest.mark.parametrize("block", [LinearBlock(nn.Linear(5, 3), "fc"),
+                                   Conv2dBlock(nn.Conv2d(2, 4, 3, padding=1), "conv")])
+def test_an_empty_batch_gives_non_finite_factors_not_an_error(block):
+    """No rows to average over: NaN factors (dropped and counted by fold_factors), never an
+    exception or a zero factor that would pull the running average down."""
+    if isinstance(block, LinearBlock):
+        a, g = torch.zeros(0, 5), torch.zeros(0, 3)
+    else:
+        a, g = torch.zeros(0, 2, 6, 6), torch.zeros(0, 4, 6, 6)
+    assert not torch.isfinite(block.compute_factor_a(a)).all()
+    assert not torch.isfinite(block.compute_factor_g(g)).all()

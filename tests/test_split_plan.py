@@ -20,7 +20,7 @@ from planner.model.simulate import simulate_cycle
 from planner.model.step import placement_split, predict_step
 from planner.placement import placement_document
 from planner.plan import make_plan
-from planner.solve.split import largest_remainder, search_split, water_fill
+from planner.solve.split import largest_remainder, row_granule, search_split, water_fill
 from planner.whatif.baselines import algorithm_cost
 
 from planner_fixtures import run_planner_cli, synthetic_layer, synthetic_profile_dict
@@ -132,6 +132,10 @@ def test_water_fill_and_largest_remainder():
     rows = largest_remainder(water_fill(1.0, base_s=[0.3, 0.1, 0.2, 0.9], speeds=[1, 2, 1, 1]),
                              1024)
     assert sum(rows) == 1024 and rows[3] == 0
+    # granules of 8 rows: 1024 = 128 granules, 61.4% -> 79 granules, the odd rows to the largest
+    assert largest_remainder([0.614, 0.386], 1024, 8) == (632, 392)
+    assert largest_remainder([0.614, 0.386], 1030, 8) == (638, 392)
+    assert row_granule(1024, 2) == 8 and row_granule(12, 2) == 1
 
 
 def test_search_keeps_only_splits_that_pay():

@@ -158,3 +158,23 @@ def test_bad_splits_are_input_errors(split, message):
     with pytest.raises(InputError, match=message):
         from dpkfac.core.placement import precondition_split
         precondition_split(placement, dims_g={"0": 4, "2": 6, "5": 5, "8": 10})
+
+
+def _sum_column_major_shares(rank: int, world_size: int) -> dict:
+    from executor.preconditioner import Exchange
+
+    base = torch.arange(12, dtype=torch.float32).reshape(4, 3)
+    shares = {"t": (base * (rank + 1)).t().contiguous().t(),  # 4 x 3, column-major
+              "r": torch.full((2, 5), float(rank))}
+    totals = Exchange.over().sum_shares(shares)
+    return {name: (t.clone(), t.is_contiguous()) for name, t in totals.items()}
+
+
+def test_column_major_shares_are_summed_in_their_own_layout():
+    """Shares preconditioned through the transpose are column-major views: summed without a
+    copy, handed back in the same layout, equal to the row-major sum."""
+    for result in run_distributed(_sum_column_major_shares, 2):
+        total, contiguous = result["t"]
+        assert torch.equal(total, 3 * torch.arange(12, dtype=torch.float32).reshape(4, 3))
+        assert not contiguous and total.t().is_contiguous()
+        assert torch.equal(result["r"][0], torch.full((2, 5), 1.0))

@@ -126,12 +126,21 @@ class KFACBlock(ABC):
                           start: int, stop: int) -> torch.Tensor:
         """The share of precondition(grad) that G-side directions start..stop-1 give (dim_g x
         dim_a); the shares of a partition of 0..dim_g-1 add up to precondition(grad), and each
-        costs (stop - start) / dim_g of it.
+        costs (stop - start) / dim_g of it. Where precondition() goes through the transpose
+        so does this, returning a transposed (column-major) view; shares whose row counts are
+        multiples of 8 then keep every product's rows aligned, as the planner's splits do.
 
         eigen:   Q_I [(Q_I^T dW Q_A) / (d_I d_A^T + damping)] Q_A^T, Q_I = Q_G[:, I], d_I = d_G[I]
         inverse: (G + sqrt(damping) I)^-1[:, I] (dW[I, :] (A + sqrt(damping) I)^-1)
         """
         d = self.decomposition
+        if _transposed_faster(self.dim_g, self.dim_a):  # the same products, transposed: a view
+            if method is ComputeMethod.EIGEN:
+                q_i = d["q_g"][:, start:stop]
+                v = d["q_a"].t() @ (grad.t() @ q_i)
+                v.div_(self._eigen_denominator(damping, transposed=True)[:, start:stop])
+                return ((d["q_a"] @ v) @ q_i.t()).t()
+            return ((d["inv_a"] @ grad[start:stop].t()) @ d["inv_g"][:, start:stop].t()).t()
         if method is ComputeMethod.EIGEN:
             q_i = d["q_g"][:, start:stop]
             v = q_i.t() @ grad @ d["q_a"]
@@ -217,14 +226,14 @@ class LinearBlock(KFACBlock):
     def compute_factor_a(self, a: torch.Tensor) -> torch.Tensor:
         """Mean over rows of x x^T, x one input row (with a trailing 1 for the bias)."""
         rows = a.reshape(-1, a.shape[-1])
-        return _row_gram(rows, self.has_bias, 1.0 / rows.shape[0])
+        return _row_gram(rows, self.has_bias, _per(rows.shape[0]))
 
     def compute_factor_g(self, g: torch.Tensor) -> torch.Tensor:
         """Mean over rows of (batch * dy)(batch * dy)^T: the loss is a batch mean, so g carries
         1/batch, which this undoes to get per-sample gradients."""
         rows = g.reshape(-1, g.shape[-1])
         batch = g.shape[0]
-        return _row_gram(rows, False, batch * batch / rows.shape[0])
+        return _row_gram(rows, False, batch * batch * _per(rows.shape[0]))
 
     def factor_rows(self, g: torch.Tensor) -> int:
         """All leading dimensions (batch, tokens, ...)."""
@@ -253,17 +262,23 @@ class Conv2dBlock(KFACBlock):
         windows = _patch_windows(a, m.kernel_size, m.stride, m.padding, m.dilation)
         cols = _patch_columns(windows, self.has_bias)
         positions = windows.shape[2] * windows.shape[3]
-        return _scaled_mm(cols, cols.t(), 1.0 / (a.shape[0] * positions * positions))
+        return _scaled_mm(cols, cols.t(), _per(a.shape[0] * positions * positions))
 
     def compute_factor_g(self, g: torch.Tensor) -> torch.Tensor:
         """Mean over output positions of (batch * positions * dy)(...)^T, dy one position's
         output gradient (channels): batch * positions * sum of dy dy^T."""
         positions = g.shape[2] * g.shape[3]
-        return _channel_gram(g, g.shape[0] * positions)
+        return _channel_gram(g, g.shape[0] * positions if g.shape[0] else float("nan"))
 
     def factor_rows(self, g: torch.Tensor) -> int:
         """Batch x output positions (one unfolded patch per position)."""
         return int(g.numel() // g.shape[1])
+
+
+def _per(count: int) -> float:
+    """1 / count for a mean over `count` rows; NaN for none (an empty batch's factor is then
+    not finite and is dropped and counted, like any other)."""
+    return 1.0 / count if count else float("nan")
 
 
 def make_block(module: nn.Module, name: str) -> KFACBlock | None:
@@ -325,8 +340,11 @@ _SMALL_ROWS = 1 << 16  # elements of a row matrix below which one copy beats ass
 
 
 def _scaled_mm(left: torch.Tensor, right: torch.Tensor, scale: float) -> torch.Tensor:
-    """scale * left @ right, the scale applied inside the matrix product."""
+    """scale * left @ right, the scale applied inside the matrix product (an empty inner
+    dimension gives 0 * scale: NaN for a NaN scale)."""
     out = left.new_empty(left.shape[0], right.shape[1])
+    if left.shape[1] == 0:
+        return out.fill_(0.0 * scale)
     return torch.addmm(out, left, right, beta=0, alpha=scale)
 
 

@@ -173,13 +173,13 @@ class Exchange:
         rank."""
         if self.world_size == 1 or not shares:
             return shares
-        flat = torch.cat([t.reshape(-1) for t in shares.values()])
+        flat = torch.cat([_in_storage_order(t) for t in shares.values()])
         dist.all_reduce(flat, group=self.process_group)
         self._count("preconditioned_gradient_allreduce",
                     ring_allreduce_bytes(flat.numel() * flat.element_size(), self.world_size))
         totals, offset = {}, 0
         for name, share in shares.items():
-            totals[name] = flat[offset:offset + share.numel()].view_as(share)
+            totals[name] = _laid_out_like(flat[offset:offset + share.numel()], share)
             offset += share.numel()
         return totals
 
@@ -237,3 +237,19 @@ def _decomposition_numel(block: KFACBlock, method: ComputeMethod) -> int:
 def _reference(blocks: dict[str, KFACBlock]) -> torch.Tensor:
     """A tensor with the dtype and device the broadcasts use (the first layer's weight)."""
     return next(iter(blocks.values())).module.weight
+
+
+def _column_major(t: torch.Tensor) -> bool:
+    return t.dim() == 2 and not t.is_contiguous() and t.t().is_contiguous()
+
+
+def _in_storage_order(t: torch.Tensor) -> torch.Tensor:
+    """A 2-D tensor's elements flattened in memory order (no copy for row- or column-major)."""
+    return t.t().reshape(-1) if _column_major(t) else t.reshape(-1)
+
+
+def _laid_out_like(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The inverse of _in_storage_order for a tensor laid out as `like`: a view of `flat`."""
+    if _column_major(like):
+        return flat.view(like.shape[1], like.shape[0]).t()
+    return flat.view_as(like)
