@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from executor import DPKFAC
-from executor.kfac import Conv2dBlock, LinearBlock, blocks
+from executor.kfac import Conv2dBlock, LinearBlock, factor_kernels
 
 from executor_fixtures import placement_dict
 
@@ -48,7 +48,7 @@ def conv_reference(conv: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, bias: bool
 def test_linear_factors(bias, leading, assemble, monkeypatch):
     """Both ways of adding the bias's ones: a copied ones column and assembled blocks."""
     if assemble:
-        monkeypatch.setattr(blocks, "_SMALL_ROWS", 0)
+        monkeypatch.setattr(factor_kernels, "SMALL_ROWS", 0)
     torch.manual_seed(0)
     block = LinearBlock(nn.Linear(7, 4, bias=bias), "fc")
     a, g = torch.randn(*leading, 7), torch.randn(*leading, 4)

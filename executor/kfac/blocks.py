@@ -9,7 +9,6 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dpkfac.core.errors import InputError
@@ -17,6 +16,14 @@ from dpkfac.core.step import decomposition_shapes
 
 from ..runtime.finite import all_finite
 from .decomposition import ComputeMethod, DecomposeOutcome, decompose_safely
+from .factor_kernels import (
+    channel_gram,
+    mean_scale,
+    patch_columns,
+    patch_windows,
+    row_gram,
+    scaled_mm,
+)
 
 
 class KFACBlock(ABC):
@@ -226,14 +233,14 @@ class LinearBlock(KFACBlock):
     def compute_factor_a(self, a: torch.Tensor) -> torch.Tensor:
         """Mean over rows of x x^T, x one input row (with a trailing 1 for the bias)."""
         rows = a.reshape(-1, a.shape[-1])
-        return _row_gram(rows, self.has_bias, _per(rows.shape[0]))
+        return row_gram(rows, self.has_bias, mean_scale(rows.shape[0]))
 
     def compute_factor_g(self, g: torch.Tensor) -> torch.Tensor:
         """Mean over rows of (batch * dy)(batch * dy)^T: the loss is a batch mean, so g carries
         1/batch, which this undoes to get per-sample gradients."""
         rows = g.reshape(-1, g.shape[-1])
         batch = g.shape[0]
-        return _row_gram(rows, False, batch * batch * _per(rows.shape[0]))
+        return row_gram(rows, False, batch * batch * mean_scale(rows.shape[0]))
 
     def factor_rows(self, g: torch.Tensor) -> int:
         """All leading dimensions (batch, tokens, ...)."""
@@ -259,26 +266,20 @@ class Conv2dBlock(KFACBlock):
         m = self.module
         if isinstance(m.padding, str):
             raise ValueError(f"{self.name}: string padding {m.padding!r} is not supported")
-        windows = _patch_windows(a, m.kernel_size, m.stride, m.padding, m.dilation)
-        cols = _patch_columns(windows, self.has_bias)
+        windows = patch_windows(a, m.kernel_size, m.stride, m.padding, m.dilation)
+        cols = patch_columns(windows, self.has_bias)
         positions = windows.shape[2] * windows.shape[3]
-        return _scaled_mm(cols, cols.t(), _per(a.shape[0] * positions * positions))
+        return scaled_mm(cols, cols.t(), mean_scale(a.shape[0] * positions * positions))
 
     def compute_factor_g(self, g: torch.Tensor) -> torch.Tensor:
         """Mean over output positions of (batch * positions * dy)(...)^T, dy one position's
         output gradient (channels): batch * positions * sum of dy dy^T."""
         positions = g.shape[2] * g.shape[3]
-        return _channel_gram(g, g.shape[0] * positions if g.shape[0] else float("nan"))
+        return channel_gram(g, g.shape[0] * positions if g.shape[0] else float("nan"))
 
     def factor_rows(self, g: torch.Tensor) -> int:
         """Batch x output positions (one unfolded patch per position)."""
         return int(g.numel() // g.shape[1])
-
-
-def _per(count: int) -> float:
-    """1 / count for a mean over `count` rows; NaN for none (an empty batch's factor is then
-    not finite and is dropped and counted, like any other)."""
-    return 1.0 / count if count else float("nan")
 
 
 def make_block(module: nn.Module, name: str) -> KFACBlock | None:
@@ -334,70 +335,3 @@ def _running_average(old: torch.Tensor | None, new: torch.Tensor, decay: float) 
     if old is None:
         return new.clone()
     return old.mul(decay).add_(new, alpha=1.0 - decay)  # a new tensor: the old one may be kept
-
-
-_SMALL_ROWS = 1 << 16  # elements of a row matrix below which one copy beats assembling blocks
-
-
-def _scaled_mm(left: torch.Tensor, right: torch.Tensor, scale: float) -> torch.Tensor:
-    """scale * left @ right, the scale applied inside the matrix product (an empty inner
-    dimension gives 0 * scale: NaN for a NaN scale)."""
-    out = left.new_empty(left.shape[0], right.shape[1])
-    if left.shape[1] == 0:
-        return out.fill_(0.0 * scale)
-    return torch.addmm(out, left, right, beta=0, alpha=scale)
-
-
-def _row_gram(rows: torch.Tensor, ones_column: bool, scale: float) -> torch.Tensor:
-    """scale * rows^T rows for an (n, d) matrix, with a column of ones appended to `rows` when
-    `ones_column`: (d+1) x (d+1) [[rows^T rows, column sums], [column sums^T, n]]. Copies
-    `rows` beside a column of ones when that is no larger than the d x d product or small
-    (under _SMALL_ROWS elements), else assembles the blocks."""
-    n, d = rows.shape
-    if not ones_column:
-        return _scaled_mm(rows.t(), rows, scale)
-    if n <= d or n * d < _SMALL_ROWS:
-        padded = torch.cat([rows, rows.new_ones(n, 1)], dim=1)
-        return _scaled_mm(padded.t(), padded, scale)
-    sums = rows.sum(0).mul_(scale)
-    out = rows.new_empty(d + 1, d + 1)
-    out[:d, :d] = _scaled_mm(rows.t(), rows, scale)
-    out[:d, d] = sums
-    out[d, :d] = sums
-    out[d, d] = n * scale
-    return out
-
-
-def _channel_gram(t: torch.Tensor, scale: float) -> torch.Tensor:
-    """scale * the sum over batch and positions of t[n, :, h, w] t[n, :, h, w]^T (channels x
-    channels) for an (N, C, H, W) tensor; no copy when `t` is channels-last, one (C, N*H*W)
-    copy otherwise."""
-    channels = t.shape[1]
-    if t.is_contiguous(memory_format=torch.channels_last):
-        rows = t.permute(0, 2, 3, 1).reshape(-1, channels)
-        return _scaled_mm(rows.t(), rows, scale)
-    cols = t.transpose(0, 1).reshape(channels, -1)
-    return _scaled_mm(cols, cols.t(), scale)
-
-
-def _patch_windows(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
-                   padding: tuple[int, int], dilation: tuple[int, int]) -> torch.Tensor:
-    """Zero-padded convolution patches of an (N, C, H, W) input as a strided view
-    (N, C, out_h, out_w, kernel_h, kernel_w), the same patches F.unfold extracts."""
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
-    if ph or pw:
-        x = F.pad(x, (pw, pw, ph, ph))
-    windows = x.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)
-    return windows[..., ::dh, ::dw]
-
-
-def _patch_columns(windows: torch.Tensor, ones_row: bool) -> torch.Tensor:
-    """The patches of `windows` (from _patch_windows) as columns of one contiguous
-    (C*kh*kw [+1], N*out_h*out_w) matrix, with a last row of ones when `ones_row`."""
-    n, c, oh, ow, kh, kw = windows.shape
-    d = c * kh * kw
-    cols = windows.new_empty(d + int(ones_row), n * oh * ow)
-    if ones_row:
-        cols[d].fill_(1)
-    cols[:d].view(c, kh, kw, n, oh, ow).copy_(windows.permute(1, 4, 5, 0, 2, 3))
-    return cols
