@@ -57,7 +57,8 @@ def main() -> int:
                             "the bench exits 1 below it.")
     doc.text("The user's path: `dpkfac profile` under torchrun, `dpkfac plan`, then `dpkfac "
              "train` under torchrun for each algorithm with the same placement; default "
-             "hyper-parameters (lr 0.1, momentum 0.9, weight decay 5e-4).")
+             "hyper-parameters (lr 0.1 on a cosine to 0, momentum 0.9, weight decay 5e-4, "
+             "K-FAC damping 0.03).")
     doc.table(headers, cells, title=title, left=("algorithm",),
               note="mean step: steady-state mean step time (summary.json); wall: the whole "
                    "`dpkfac train` command, start-up included.")

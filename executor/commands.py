@@ -78,8 +78,16 @@ def _register_train(subparsers) -> None:
     p.add_argument("--autocast", choices=("bf16", "fp16"), default=None,
                    help="run the forward under torch.autocast at this dtype (bf16 on CPU; fp16 "
                    "adds a GradScaler); K-FAC factors and decompositions stay fp32")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: 0.1)")
-    p.add_argument("--damping", type=float, default=None)
+    p.add_argument("--lr", type=float, default=None,
+                   help="base learning rate, scaled per step by --lr-schedule (default: 0.1)")
+    p.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
+                   help="cosine: linear warm-up, then a half cosine to 0 over --epochs "
+                   "(default); constant: the base rate at every step")
+    p.add_argument("--lr-warmup-steps", type=int, default=None, metavar="STEPS",
+                   help="linear warm-up steps before the cosine (default 0: the KL clip "
+                   "bounds the early steps; see docs/commands.md)")
+    p.add_argument("--damping", type=float, default=None,
+                   help="K-FAC damping added to the factors (default: 0.03)")
     p.add_argument("--kl-clip", type=float, default=None)
     p.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS")
     p.add_argument("--resume", nargs="?", const="always", default="never",
@@ -222,7 +230,8 @@ def _run_train(args: argparse.Namespace) -> int:
                       grad_worker_fraction=args.grad_worker_fraction,
                       model=args.model, data=args.data, loss=args.loss,
                       accumulate=args.accumulate, autocast=args.autocast,
-                      batch_size=args.batch_size,
+                      batch_size=args.batch_size, lr_schedule=args.lr_schedule,
+                      lr_warmup_steps=args.lr_warmup_steps,
                       checkpoint_every=args.checkpoint_every, resume=args.resume,
                       timeout_s=args.timeout,
                       precise_timing=args.precise_timing,

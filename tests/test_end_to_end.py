@@ -3,6 +3,7 @@ and the executor's bad-input paths (one `error:` line, exit 2, no traceback, not
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 from pathlib import Path
 
@@ -157,6 +158,16 @@ def test_train_resume_continues_exactly(tmp_path):
     got = json.loads((tmp_path / "part" / "summary.json").read_text())
     assert got["steps"] == want["steps"]
     assert got["parameter_sha256"] == want["parameter_sha256"]
+    # the default cosine spans both --epochs, not --max-steps, and is logged per step
+    steps = want["steps"]
+    assert want["lr_schedule"] == {"kind": "cosine", "warmup_steps": 0, "horizon_steps": steps}
+    rates = [json.loads(line)["lr"] for line in
+             (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert rates[0] == pytest.approx(0.1) and rates[-1] < 1e-3 * rates[0]
+    assert rates[50] == pytest.approx(0.05 * (1 + math.cos(math.pi * 50 / steps)))
+    longer = run_dpkfac(*common[:3], "--epochs", "3", "--no-progress",
+                        "--out", str(tmp_path / "part"), "--resume")
+    _assert_clean_error(longer, "lr_schedule")
 
 
 def test_profile_bad_link_rate_is_a_clean_error(tmp_path):

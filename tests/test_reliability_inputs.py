@@ -193,6 +193,8 @@ CASES = [
          "not a folder"),
     Case("train-zero-timeout", _train(None, "--timeout", "0"), "--timeout"),
     Case("train-bad-resume-mode", _train(None, "--resume", "sometimes"), "--resume"),
+    Case("train-bad-lr-schedule", _train(None, "--lr-schedule", "step"), "--lr-schedule"),
+    Case("train-negative-warmup", _train(None, "--lr-warmup-steps", "-1"), "--lr-warmup-steps"),
     # -- checkpoints (dpkfac train --resume) --------------------------------------------------
     Case("checkpoint-missing", _train(None, "--resume"), "does not exist"),
     Case("checkpoint-garbage", _resume(b"\x00garbage" * 100), "cannot be read"),

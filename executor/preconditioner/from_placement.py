@@ -63,7 +63,7 @@ class KFACPreconditioner(BaseKFACPreconditioner):
         *,
         strategy: Strategy = DP_KFAC,
         lr: float | Callable[[], float] = 0.1,
-        damping: float = 0.003,
+        damping: float = 0.03,
         factor_decay: float = 0.95,
         kl_clip: float | None = 0.001,
         factor_update_freq: int | None = None,

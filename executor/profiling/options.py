@@ -9,7 +9,7 @@ class ProfileOptions:
     """Measurement settings: compute method and damping of the timed K-FAC kernels, untimed
     warm-up runs and timed repeats, batches folded into the factors before timing."""
     compute_method: str = "eigen"
-    damping: float = 0.003
+    damping: float = 0.03
     warmup: int = 3
     repeats: int = 15
     factor_batches: int = 16  # distinct batches folded into the factors before timing

@@ -13,6 +13,7 @@ from ..runtime.distributed import WorldInfo
 from ..workload.data import data_entry
 from .checkpoints import CHECKPOINT_NAME, checkpoint_exists
 from .precision import AUTOCAST_DTYPES
+from .schedule import LRSchedule, check_warmup
 
 RESUME_MODES = ("never", "always", "auto")
 
@@ -33,10 +34,12 @@ class TrainConfig:
     accumulate: int = 1          # micro-batches per optimizer step
     autocast: str | None = None  # "bf16" or "fp16": the forward under torch.autocast
     batch_size: int | None = None
-    lr: float = 0.1
+    lr: float = 0.1              # base rate; the schedule scales it per step
+    lr_schedule: str = "cosine"  # "cosine" (linear warm-up, half cosine to 0) or "constant"
+    lr_warmup_steps: int | None = None  # linear warm-up before the cosine (default none)
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    damping: float = 0.003
+    damping: float = 0.03
     kl_clip: float = 0.001
     factor_decay: float = 0.95
     checkpoint_every: int | None = None
@@ -69,6 +72,8 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.autocast not in (None, *AUTOCAST_DTYPES):
         raise InputError(f"--autocast {cfg.autocast!r}: expected one of "
                          f"{', '.join(AUTOCAST_DTYPES)}")
+    LRSchedule.of(cfg.lr_schedule, 1)
+    check_warmup(cfg.lr_warmup_steps)
     if not (isinstance(cfg.resume, bool) or cfg.resume in RESUME_MODES):
         raise InputError(f"--resume {cfg.resume!r}: expected one of {', '.join(RESUME_MODES)}")
     if not 0 < cfg.timeout_s < float("inf"):

@@ -16,7 +16,7 @@ from .config import TrainConfig, batch_size, resume_mode
 TRAJECTORY_KEYS = ("plan_sha256", "model", "data", "loss", "layers_sha256", "world_size",
                    "algorithm", "grad_worker_fraction", "seed", "batch_size", "accumulate",
                    "autocast", "lr", "momentum", "weight_decay", "damping", "kl_clip",
-                   "factor_decay")
+                   "factor_decay", "lr_schedule")
 
 
 def run_fingerprint(cfg: TrainConfig, placement: dict, workload: dict,

@@ -52,6 +52,7 @@ from .fingerprint import agree_on_fingerprint, run_fingerprint
 from .metrics import MetricsLog, advance, progress_bar, truncate_metrics
 from .precision import Precision
 from .resume import save_run, start_state
+from .schedule import LRSchedule, set_learning_rate
 from .summary import job_numerics, summarise
 
 # Phases in which a RuntimeError means a collective failed (not a bug in local computation).
@@ -135,12 +136,14 @@ def _train(cfg: TrainConfig, placement: dict, work: Workload, world: WorldInfo,
                                      kl_clip=cfg.kl_clip, precise_timing=cfg.precise_timing,
                                      stagger_decompositions=cfg.stagger_decompositions,
                                      grad_scaler=precision.scaler, overlap=cfg.overlap)
+    per_epoch = len(loader) // cfg.accumulate  # optimizer steps per epoch
+    schedule = LRSchedule.of(cfg.lr_schedule, per_epoch * cfg.epochs, cfg.lr_warmup_steps)
+    fingerprint = {**fingerprint, "lr_schedule": schedule.record()}
     out = Path(cfg.out_dir)
     position.at("resume")
     start = start_state(resume_mode(cfg), cfg.checkpoint_every, out, world, model, optimizer,
                         precond, fingerprint, scaler=precision.scaler)
     out.mkdir(parents=True, exist_ok=True)
-    per_epoch = len(loader) // cfg.accumulate  # optimizer steps per epoch
     usable = per_epoch * cfg.accumulate        # loader batches those steps consume
     total_steps = per_epoch * cfg.epochs
     if cfg.max_steps is not None:
@@ -168,10 +171,11 @@ def _train(cfg: TrainConfig, placement: dict, work: Workload, world: WorldInfo,
                 if len(micro) < cfg.accumulate:
                     continue
                 position.at("forward_backward", step)
+                lr = set_learning_rate(optimizer, cfg.lr, schedule, step)
                 record, grad_bytes = step_run(micro)
                 micro = []
                 skipped += int(record["skipped"])
-                record.update(step=step, epoch=epoch, numerics=job_numerics(precond, skipped))
+                record.update(step=step, epoch=epoch, lr=lr, numerics=job_numerics(precond, skipped))
                 records.append(record)
                 log.write(record)
                 step += 1
@@ -191,7 +195,7 @@ def _train(cfg: TrainConfig, placement: dict, work: Workload, world: WorldInfo,
     position.at("summary")
     summary = summarise(cfg, world, model, precond, records, step, grad_bytes, split, skipped,
                         loss_fn=work.loss_fn)
-    summary.update(cpu_runtime=cpu_runtime, loss=work.loss, accumulate=cfg.accumulate,
+    summary.update(cpu_runtime=cpu_runtime, lr_schedule=schedule.record(), loss=work.loss, accumulate=cfg.accumulate,
                    autocast=cfg.autocast)
     if world.rank == 0:
         save_model(out / MODEL_NAME, model)
