@@ -77,6 +77,10 @@ def placement_document(plan: Plan, *, profile_path: str | os.PathLike | None = N
             "split_search": [{"layer": profile.layers[t.layer].name, "rows": list(t.rows),
                               "step_time_s": t.step_time_s, "kept": t.kept}
                              for t in plan.split_trials],
+            **({} if plan.relabel is None else {"relabel": {
+                "applied": plan.relabel.applied,
+                "step_time_s_before": plan.relabel.step_time_s_before,
+                "step_time_s_after": plan.relabel.step_time_s_after}}),
         },
     }
     if plan.split:

@@ -54,6 +54,15 @@ class Staggered:
 
 
 @dataclass(frozen=True)
+class RelabelTrial:
+    """The relabel pass on the final owners: the predicted mean step before and after
+    (seconds; equal when it kept the labels) and whether it renamed any worker."""
+    step_time_s_before: float
+    step_time_s_after: float
+    applied: bool
+
+
+@dataclass(frozen=True)
 class Plan:
     """A solved placement with its prediction. caps: per-worker state caps in bytes (None: no
     cap); common_bytes: what every worker holds besides its layers' state; lower_bound_s: a
@@ -75,6 +84,7 @@ class Plan:
     owner_trials: tuple[OwnerTrial, ...] = ()  # the owner search's counts ("auto" only)
     split: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
     split_trials: tuple[SplitTrial, ...] = ()
+    relabel: RelabelTrial | None = None  # the relabel pass's outcome (None: not run)
 
     @property
     def cycle(self):
@@ -140,9 +150,11 @@ def make_plan(*, profile: Profile, cluster: Cluster, config: PlanConfig, method:
         owners_, split_, changed = _relabel_pass(profile, plan.solution.owners, plan.split,
                                                  config=config, speeds=cluster.speeds,
                                                  network=network, caps=caps)
+        before = plan.cycle.mean_step_time_s
         if changed:
             shared["solution"] = replace(solution, owners=owners_)
             plan = replace(evaluate(**shared, split=split_), split_trials=plan.split_trials)
+        plan = replace(plan, relabel=RelabelTrial(before, plan.cycle.mean_step_time_s, changed))
     return replace(plan, owner_trials=trials)
 
 

@@ -18,7 +18,9 @@ from planner.model.costs import PlanConfig, second_order_lower_bound_s
 from planner.model.network import network_from_profile
 from planner.model.simulate import simulate_step
 from planner.model.step import predict_step
+from planner.placement import placement_document
 from planner.plan import _relabel_pass, make_plan
+from planner.report.explain import explain_lines
 from planner.solve.relabel import interchangeable, relabelled, relabelling
 from planner.whatif.sweep import scale_batch
 
@@ -312,6 +314,26 @@ def test_the_relabel_pass_never_predicts_worse(seed, monkeypatch):
     without = make_plan(profile=profile, cluster=flat_cluster(workers=3), config=SERIAL,
                         time_limit_s=0.2)
     assert with_pass.prediction.step_time_s <= without.prediction.step_time_s
+
+
+def test_the_placement_records_the_relabel_pass(monkeypatch):
+    profile = profile_from_dict(synthetic_profile_dict(6, 1))
+    kept = make_plan(profile=profile, cluster=flat_cluster(workers=2), config=SERIAL,
+                     time_limit_s=0.2)
+    swap = {0: 1, 1: 0}
+    monkeypatch.setattr("planner.plan._relabel_pass", lambda profile, owners, split, **kw: (
+        tuple(swap[o] for o in owners), dict(split), True))
+    renamed = make_plan(profile=profile, cluster=flat_cluster(workers=2), config=SERIAL,
+                        time_limit_s=0.2)
+    assert renamed.solution.owners == tuple(swap[o] for o in kept.solution.owners)
+    for plan, applied in ((kept, kept.relabel.applied), (renamed, True)):
+        record = placement_document(plan, profile_ref={"path": "p.json", "sha256": "0" * 64}
+                                    )["planner"]["relabel"]
+        assert record["applied"] is applied
+        assert record["step_time_s_after"] == pytest.approx(plan.cycle.mean_step_time_s)
+        if not applied:
+            assert record["step_time_s_before"] == record["step_time_s_after"]
+        assert any(line.startswith("Ranks: ") for line in explain_lines(plan)) is applied
 
 
 # --- what-if, calibration, the commands -----------------------------------------------------

@@ -159,6 +159,11 @@ def _step_lines(plan: Plan) -> list[str]:
                    f"build and decompose their factors and broadcast the decompositions every "
                    f"{plan.config.inv_update_freq} step(s), and one all-reduce per step adds "
                    f"the shares (--no-split keeps every layer whole).")
+    if plan.relabel is not None and plan.relabel.applied:
+        out.append(f"Ranks: workers of equal speed and cap were renamed so the owners that "
+                   f"finish preconditioning first broadcast first (broadcasts go in ascending "
+                   f"owner rank): predicted step {format_seconds(plan.relabel.step_time_s_before)}"
+                   f" -> {format_seconds(plan.relabel.step_time_s_after)}.")
     if plan.staggered is not None:
         st = plan.staggered
         out.append(f"Decompositions: by default the executor runs them all in step 0 of each cycle "
