@@ -16,13 +16,14 @@ from dpkfac.core.step import PHASES
 from planner.model.calibrate import calibrate, predicted_phases
 from planner.model.costs import PlanConfig, second_order_lower_bound_s
 from planner.model.network import network_from_profile
+from planner.model.buckets import bucket_costs, chained_fraction
 from planner.model.simulate import simulate_step
 from planner.model.step import predict_step
 from planner.placement import placement_document
 from planner.plan import _relabel_pass, make_plan
 from planner.report.explain import explain_lines
 from planner.solve.relabel import interchangeable, relabelled, relabelling
-from planner.whatif.sweep import scale_batch
+from planner.whatif.sweep import scale_bandwidth, scale_batch
 
 from planner_fixtures import run_planner_cli, synthetic_profile_dict
 from test_planner_simulate import COUNTERS, hand_profile
@@ -132,6 +133,50 @@ def test_the_serial_step_runs_the_buckets_back_to_back_after_backward():
     assert [s.count for s in step.critical_path if s.kind == "allreduce"] == [2]
     overlapped = simulate_step(profile, owners=[0, 0, 1], workers=2, config=OVERLAPPED)
     assert overlapped.step_time_s < step.step_time_s
+
+
+def chained_profile(chain_s: float | None) -> dict:
+    """slow_link_profile with no link rate (nothing known to be on the wire), a 10 ms pack and
+    the buckets' back-to-back all-reduce measured at `chain_s`: alone they take 0.901 s and
+    0.101 s."""
+    doc = slow_link_profile(pack_s=0.01)
+    del doc["comm"]["link_bytes_per_s"]
+    if chain_s is not None:
+        doc["comm"]["gradient_buckets_s"] = chain_s
+    return doc
+
+
+def test_a_bucket_queued_behind_another_skips_what_the_measured_chain_saves():
+    d0, d1 = 0.009 + 1e-3 + 9000 * 1e-4, 0.001 + 1e-3 + 1000 * 1e-4
+    profile = profile_from_dict(chained_profile(0.951))  # 0.051 s less than alone
+    assert chained_fraction(profile) == pytest.approx(0.951 / 1.002)
+    costs = bucket_costs(profile, workers=2)
+    assert [c.chained_s for c in costs] == pytest.approx([d0, d1 - 0.051])
+    serial = simulate_step(profile, owners=[0, 0, 1], workers=2, config=SERIAL)
+    assert serial.allreduce_s == pytest.approx(d0 + d1 - 0.051)
+    assert serial.phases_s["allreduce"] == pytest.approx((d0 + d1 - 0.051,) * 2)
+    # overlapped, nothing known to be on the wire: the hosts run the chain after backward
+    step = simulate_step(profile, owners=[0, 0, 1], workers=2, config=OVERLAPPED, strategy=None)
+    assert step.step_time_s == pytest.approx(1.0 + d0 + d1 - 0.051 + 0.01)
+    # a chain measured slower than its lone calls saves nothing; no measurement, nothing
+    for chain_s in (1.5, None):
+        slow = profile_from_dict(chained_profile(chain_s))
+        assert chained_fraction(slow) == 1.0
+        assert simulate_step(slow, owners=[0, 0, 1], workers=2, config=SERIAL
+                             ).allreduce_s == pytest.approx(d0 + d1)
+
+
+def test_the_measured_chain_round_trips_and_scales_with_the_collectives():
+    profile = profile_from_dict(chained_profile(0.951))
+    assert profile_to_dict(profile)["comm"]["gradient_buckets_s"] == 0.951
+    assert profile_from_dict(profile_to_dict(profile)) == profile
+    assert profile.comm.scaled(allreduce=2.0, broadcast=1.0).gradient_buckets_s == 1.902
+    faster = scale_bandwidth(profile, 4.0)
+    assert faster.comm.gradient_buckets_s < 0.951
+    assert chained_fraction(faster) == pytest.approx(chained_fraction(profile))
+    bad = chained_profile(-1.0)
+    with pytest.raises(InputError, match="gradient_buckets_s"):
+        profile_from_dict(bad)
 
 
 def test_the_hosts_part_of_the_buckets_still_takes_the_cpu():

@@ -45,6 +45,8 @@ def test_profile_under_torchrun_fits_collectives(profile_path):
     # rank 0 timed its kernels again alone: what the 2 ranks cost each other (2 cores or 200)
     assert doc["contention"]["ranks"] == 2 and 0.3 < doc["contention"]["slowdown"] < 5
     assert 0 < doc["comm"]["gradient_allreduce_cpu_s"] < 1
+    if len(doc["step"]["gradient_buckets"]) > 1:  # the step's buckets posted back to back
+        assert 0 < doc["comm"]["gradient_buckets_s"] < 1
 
 
 def test_plan_train_whatif_round_trip(profile_path, workdir):

@@ -115,6 +115,7 @@ class CommCosts:
     broadcast_overlap: float = 1.0  # broadcasts posted together that progress at once
     link_bytes_per_s: float | None = None  # the links' rate, when the profile was told it
     gradient_allreduce_cpu_s: float | None = None  # the CPU seconds of the gradient all-reduce
+    gradient_buckets_s: float | None = None  # the step's bucket all-reduces posted back to back
     notes: dict = field(default_factory=dict, compare=False)
 
     def wire_s_per_byte(self, kind: str) -> float | None:
@@ -130,7 +131,9 @@ class CommCosts:
     def scaled(self, *, allreduce: float, broadcast: float) -> "CommCosts":
         """Every all-reduce time times `allreduce`, every broadcast time times `broadcast`."""
         scale = lambda points, f: None if points is None else points.scaled(f)  # noqa: E731
+        chain = self.gradient_buckets_s
         return replace(self, allreduce=self.allreduce.scaled(allreduce),
+                       gradient_buckets_s=None if chain is None else chain * allreduce,
                        broadcast=self.broadcast.scaled(broadcast),
                        allreduce_points=scale(self.allreduce_points, allreduce),
                        broadcast_points=scale(self.broadcast_points, broadcast))
@@ -248,7 +251,8 @@ def profile_from_dict(doc: Any, *, source: str = "profile") -> Profile:
 
 
 _COMM_KEYS = {"backend", "world_size", "allreduce", "broadcast", "message_bytes",
-              "broadcast_overlap", "link_bytes_per_s", "gradient_allreduce_cpu_s"}
+              "broadcast_overlap", "link_bytes_per_s", "gradient_allreduce_cpu_s",
+              "gradient_buckets_s"}
 _COLLECTIVE_KEYS = {"alpha_s", "beta_s_per_byte", "seconds"}
 
 
@@ -276,7 +280,8 @@ def _comm_costs(comm: dict, *, source: str) -> CommCosts:
                      allreduce_points=points["allreduce"], broadcast_points=points["broadcast"],
                      broadcast_overlap=comm.get("broadcast_overlap", 1.0),
                      link_bytes_per_s=comm.get("link_bytes_per_s"),
-                     gradient_allreduce_cpu_s=comm.get("gradient_allreduce_cpu_s"), notes=notes)
+                     gradient_allreduce_cpu_s=comm.get("gradient_allreduce_cpu_s"),
+                     gradient_buckets_s=comm.get("gradient_buckets_s"), notes=notes)
 
 
 def _alpha_beta(d: dict) -> dict:
@@ -319,8 +324,9 @@ def _comm_to_dict(costs: CommCosts) -> dict:
         doc["broadcast_overlap"] = costs.broadcast_overlap
     if costs.link_bytes_per_s is not None:
         doc["link_bytes_per_s"] = costs.link_bytes_per_s
-    if costs.gradient_allreduce_cpu_s is not None:
-        doc["gradient_allreduce_cpu_s"] = costs.gradient_allreduce_cpu_s
+    for key in ("gradient_allreduce_cpu_s", "gradient_buckets_s"):
+        if getattr(costs, key) is not None:
+            doc[key] = getattr(costs, key)
     for kind, fit, points in (("allreduce", costs.allreduce, costs.allreduce_points),
                               ("broadcast", costs.broadcast, costs.broadcast_points)):
         doc[kind] = dict(notes.get(f"{kind}_fit", {}), **asdict(fit))

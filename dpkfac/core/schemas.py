@@ -104,6 +104,7 @@ PROFILE_SCHEMA: dict = {
                 "broadcast_overlap": {"type": "number", "minimum": 1},
                 "link_bytes_per_s": {"type": "number", "exclusiveMinimum": 0},
                 "gradient_allreduce_cpu_s": _SECONDS,
+                "gradient_buckets_s": _SECONDS,
                 "allreduce": _ALPHA_BETA,
                 "broadcast": _ALPHA_BETA,
             },

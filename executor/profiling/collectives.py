@@ -34,11 +34,13 @@ def message_sizes(model_grad_bytes: int, extra: tuple[int, ...] = ()) -> tuple[i
 
 def profile_comm(world: WorldInfo, options: ProfileOptions, sizes: tuple[int, ...],
                   before=lambda: None, owner_bytes: int = 1 << 10,
-                  gradient_bytes: int | None = None) -> dict:
+                  gradient_bytes: int | None = None,
+                  bucket_bytes: tuple[int, ...] = ()) -> dict:
     """The profile's `comm` entry: alpha-beta fits per collective kind over `sizes` (bytes),
-    each call timed after `before()`, the broadcast overlap at `owner_bytes` per owner, and
-    the CPU seconds of the gradient all-reduce (`gradient_bytes`, when given); assumed costs
-    on a world of one."""
+    each call timed after `before()`, the broadcast overlap at `owner_bytes` per owner, the
+    CPU seconds of the gradient all-reduce (`gradient_bytes`, when given), and with two or
+    more gradient buckets (`bucket_bytes`, in posting order) their all-reduces posted back to
+    back as the step posts them (`gradient_buckets_s`); assumed costs on a world of one."""
     backend = world.backend or ("nccl" if world.device.type == "cuda" else "gloo")
     if world.world_size == 1:
         return {"backend": backend, "world_size": 1, "allreduce": dict(ASSUMED_COMM),
@@ -46,8 +48,10 @@ def profile_comm(world: WorldInfo, options: ProfileOptions, sizes: tuple[int, ..
                                                            "measure; run under torchrun to fit)"}
     kinds = ("allreduce", "broadcast")
     shared = torch.zeros(max(max(sizes) // 4, 1), dtype=torch.float32, device=world.device)
-    means = time_collectives([_collective(kind, shared[:max(n // 4, 1)]) for kind in kinds
-                               for n in sizes], world, options, before)
+    chained = len(bucket_bytes) > 1
+    ops = [_collective(kind, shared[:max(n // 4, 1)]) for kind in kinds for n in sizes]
+    means = time_collectives(ops + ([_bucket_chain(bucket_bytes, world)] if chained else []),
+                             world, options, before)
     fits = {}
     for k, kind in enumerate(kinds):
         seconds = means[k * len(sizes):(k + 1) * len(sizes)]
@@ -57,6 +61,7 @@ def profile_comm(world: WorldInfo, options: ProfileOptions, sizes: tuple[int, ..
     return {"backend": backend, "world_size": world.world_size, **fits, "source": "measured",
             "statistic": "mean over trials of (last rank's return - mean arrival)",
             "message_bytes": list(sizes), **link,
+            **({"gradient_buckets_s": means[-1]} if chained else {}),
             **_broadcast_overlap(world, options, max(owner_bytes, 1 << 10), before),
             **({} if gradient_bytes is None else {"gradient_allreduce_cpu_s": _allreduce_cpu_s(
                 world, options, gradient_bytes, before)})}
@@ -87,6 +92,18 @@ def _collective(kind: str, buf: torch.Tensor):
     """One blocking all-reduce or broadcast (from rank 0) of `buf` (a leading slice of one
     buffer shared by every message size, so memory stays at the largest size), as a callable."""
     return (lambda: dist.all_reduce(buf)) if kind == "allreduce" else (lambda: dist.broadcast(buf, 0))
+
+
+def _bucket_chain(bucket_bytes: tuple[int, ...], world: WorldInfo):
+    """The gradient buckets' all-reduces (one buffer each), posted asynchronously one after
+    another as the step posts them, then waited for, as a callable."""
+    bufs = [torch.zeros(max(n // 4, 1), dtype=torch.float32, device=world.device)
+            for n in bucket_bytes]
+
+    def chain():
+        for work in [dist.all_reduce(buf, async_op=True) for buf in bufs]:
+            work.wait()
+    return chain
 
 
 def _broadcast_overlap(world: WorldInfo, options: ProfileOptions, nbytes: int, before) -> dict:

@@ -79,7 +79,8 @@ def _profile(model: nn.Module, batches: Batches, world: WorldInfo, loss_fn: Loss
             comm = profile_comm(world, options, _step_message_sizes(model, precond, world),
                                 before=lambda: loss_fn(model(x), y).backward(),
                                 owner_bytes=4 * _kfac_numel(precond) // world.world_size,
-                                gradient_bytes=4 * (_grad_numel(model) + 1))
+                                gradient_bytes=4 * (_grad_numel(model) + 1),
+                                bucket_bytes=tuple(model_bucket_bytes(model)))
             _advance(bar, "collectives")
     finally:
         precond.remove_hooks()
@@ -98,11 +99,11 @@ def _profile(model: nn.Module, batches: Batches, world: WorldInfo, loss_fn: Loss
 
 def _step_message_sizes(model: nn.Module, precond, world: WorldInfo) -> tuple[int, ...]:
     """The sizes to time the collectives at, bytes: powers of 4 and what the step sends: the
-    gradient all-reduce (gradients and the loss), an owner's share of the preconditioned
-    gradients, all factors (when they are all-reduced)."""
+    gradient all-reduce (gradients and the loss), each of its buckets, an owner's share of the
+    preconditioned gradients, all factors (when they are all-reduced)."""
     factors = sum(b.dim_a ** 2 + b.dim_g ** 2 for b in precond.blocks.values())
     extra = (4 * (_grad_numel(model) + 1), 4 * _kfac_numel(precond) // world.world_size,
-             4 * factors)
+             4 * factors, *model_bucket_bytes(model))
     return message_sizes(4 * _grad_numel(model), extra)
 
 

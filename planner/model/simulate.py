@@ -65,7 +65,13 @@ import numpy as np
 from dpkfac.core.profile import Profile
 from dpkfac.core.step import NUMERICS_ELEMENTS, PHASES
 from dpkfac.core.strategy import DP_KFAC, FactorMode, SharedResult, Strategy
-from planner.model.buckets import BucketCost, bucket_chain, bucket_costs, buckets_cpu_s
+from planner.model.buckets import (
+    BucketCost,
+    bucket_chain,
+    bucket_costs,
+    buckets_cpu_s,
+    chained_seconds,
+)
 from planner.model.costs import (
     PlanConfig,
     Split,
@@ -158,7 +164,7 @@ def simulate_step(profile: Profile, *, owners: Sequence[int], workers: int, conf
     line = Timeline(workers, trace=trace, contention=profile.contention)
     line.compute("forward_backward", profile.forward_backward_s / speed)
     buckets = bucket_costs(profile, workers=workers, network=network)
-    allreduce_s = sum(b.seconds for b in buckets)
+    allreduce_s = chained_seconds(buckets)
     broadcast_s = 0.0
     local = dict(profile=profile, strategy=strategy, owners=owners, workers=workers,
                  config=config, step=step, speed=speed, net=net,
@@ -218,7 +224,8 @@ def _post_buckets(line: Timeline, buckets: Sequence[BucketCost]) -> Segment:
     bucket i-1 is done. The chain's last unbroken run is the posted segment."""
     ends = line.t  # each worker's end of forward/backward
     ready = [b.ready * ends for b in buckets]
-    chain = bucket_chain([float(r.max()) for r in ready], [b.seconds for b in buckets])
+    chain = bucket_chain([float(r.max()) for r in ready], [b.seconds for b in buckets],
+                         [b.chained_s for b in buckets])
     return line.post_at("allreduce", start_s=chain.start_s, end_s=chain.end_s,
                         gate=int(np.argmax(ready[chain.first])),
                         count=len(buckets) - chain.first)

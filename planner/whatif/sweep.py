@@ -27,6 +27,7 @@ from typing import Mapping, Sequence
 from dpkfac.core.cluster import Cluster, Link
 from dpkfac.core.errors import InputError
 from dpkfac.core.profile import AlphaBeta, MeasuredPoints, Profile
+from planner.model.buckets import lone_buckets_s
 from planner.model.costs import PlanConfig
 from planner.model.network import Network
 from planner.model.topology import cluster_network
@@ -121,7 +122,13 @@ def scale_bandwidth(profile: Profile, scale: float) -> Profile:
                                 broadcast_points=faster(comm.broadcast_points, "broadcast"),
                                 link_bytes_per_s=None if comm.link_bytes_per_s is None
                                 else comm.link_bytes_per_s * scale)
-    return dataclasses.replace(profile, comm=costs)
+    faster_profile = dataclasses.replace(profile, comm=costs)
+    if comm.gradient_buckets_s is None:
+        return faster_profile
+    # the bucket chain keeps its fraction of its buckets' lone times (buckets.chained_fraction)
+    ratio = lone_buckets_s(faster_profile) / lone_buckets_s(profile)
+    return dataclasses.replace(faster_profile, comm=dataclasses.replace(
+        costs, gradient_buckets_s=comm.gradient_buckets_s * ratio))
 
 
 def _faster_fit(fit: AlphaBeta, scale: float) -> AlphaBeta:
