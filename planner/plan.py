@@ -123,7 +123,7 @@ def make_plan(*, profile: Profile, cluster: Cluster, config: PlanConfig, method:
     if owners not in OWNER_MODES:
         raise ValueError(f"owners must be one of {OWNER_MODES}, got {owners!r}")
     workers = cluster.workers
-    network = cluster_network(cluster)
+    network = cluster_network(cluster, hosts=profile.comm)
     common = common_memory_bytes(profile, workers=workers)
     caps = state_caps(cluster, common_bytes=common, memory_cap=memory_cap)
     work, memory = layer_works_s(profile, config=config), layer_state_bytes(profile)

@@ -108,3 +108,50 @@ def test_plan_on_a_heterogeneous_capped_cluster():
                        time_limit_s=2)
     assert max(capped.prediction.state_bytes) <= cap
     assert capped.network is not None and capped.network.source == "cluster"
+
+
+def _measured_on_a_link(link_bytes_per_s: float | None) -> dict:
+    """A 2-rank profile whose collectives were measured on a link of that rate: 1 ms latency
+    floor, 2 ms of hosts' work at the largest size, the rest wire time."""
+    doc = synthetic_profile_dict(4, 0, world_size=2)
+    sizes = [1024, 65536, 1 << 20]
+    wire = [n / 1e7 for n in sizes]  # what a 10 MB/s link takes per byte at 2 ranks
+    doc["comm"]["message_bytes"] = sizes
+    for kind in ("allreduce", "broadcast"):
+        doc["comm"][kind]["seconds"] = [1e-3 + w + 2e-3 * n / sizes[-1] for n, w in zip(sizes, wire)]
+    if link_bytes_per_s is not None:
+        doc["comm"]["link_bytes_per_s"] = link_bytes_per_s
+    return doc
+
+
+def _two_nodes(bandwidth: float) -> dict:
+    return {"schema": "dpkfac.cluster/1", "nodes": 2, "gpus_per_node": 1,
+            "intra_node": {"bandwidth_bytes_per_s": 1e11, "latency_s": 1e-6},
+            "inter_node": {"bandwidth_bytes_per_s": bandwidth, "latency_s": 1e-4}}
+
+
+def test_a_cluster_file_moves_only_the_wire_of_profiled_collectives():
+    """The cluster's links replace the profiled link's wire time; the hosts' part stays: the
+    same links give the profile's own collectives, 4x faster links its --bandwidth-scale 4."""
+    from planner.model.costs import network_of
+    from planner.whatif.sweep import scale_bandwidth
+
+    profile = profile_from_dict(_measured_on_a_link(1e7))
+    for bandwidth, expected in ((1e7, profile), (4e7, scale_bandwidth(profile, 4.0))):
+        net = cluster_network(cluster_from_dict(_two_nodes(bandwidth)), hosts=profile.comm)
+        want = network_of(expected)
+        assert net.source == "cluster"
+        for n in (1024, 65536, 500_000, 1 << 20):
+            assert net.allreduce_s(ranks=2, nbytes=n) == pytest.approx(want.allreduce_s(ranks=2, nbytes=n))
+            assert net.broadcast_s(ranks=2, nbytes=n) == pytest.approx(want.broadcast_s(ranks=2, nbytes=n))
+    # the hosts' part stays: 4x the bandwidth saves 3/4 of the wire only
+    slow = cluster_network(cluster_from_dict(_two_nodes(1e7)), hosts=profile.comm)
+    fast = cluster_network(cluster_from_dict(_two_nodes(4e7)), hosts=profile.comm)
+    n = 1 << 20
+    assert slow.allreduce_s(ranks=2, nbytes=n) - fast.allreduce_s(ranks=2, nbytes=n) == \
+        pytest.approx(0.75 * n / 1e7)
+    # a profile that cannot tell its link from its hosts: the links alone
+    blind = profile_from_dict(_measured_on_a_link(None))
+    links = cluster_network(cluster_from_dict(_two_nodes(1e7)), hosts=blind.comm)
+    assert links == cluster_network(cluster_from_dict(_two_nodes(1e7)))
+    assert links.allreduce_points is None

@@ -7,13 +7,14 @@ latencies in seconds, memory in bytes.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Sequence
 
 import networkx as nx
 
 from dpkfac.core.cluster import Cluster
 from dpkfac.core.errors import InputError
-from dpkfac.core.profile import AlphaBeta
+from dpkfac.core.profile import AlphaBeta, CommCosts, MeasuredPoints
 from planner.model.network import Network
 
 
@@ -60,12 +61,19 @@ def ring_hops(graph: nx.Graph, *, ranks: Sequence[int]) -> list[tuple[float, flo
     return hops
 
 
-def cluster_network(cluster: Cluster) -> Network | None:
+def cluster_network(cluster: Cluster, hosts: CommCosts | None = None) -> Network | None:
     """Per-hop collective costs of the cluster (None for a flat cluster: use the profile's).
 
     A pipelined broadcast and a ring all-reduce move every byte over every hop of the ring in
     rank order, so the slowest hop sets the pace: alpha' = the largest hop latency,
-    beta' = 1 / the smallest bottleneck bandwidth of any hop."""
+    beta' = 1 / the smallest bottleneck bandwidth of any hop.
+
+    hosts: a profile's measured collectives. When they know the rate of the link they were
+    measured on (`profile --link-rate`), the cluster's links take over only the wire: each
+    measured time keeps its hosts' part (latency floor, copies, reductions, the backend's own
+    costs) and its wire part is rescaled to the cluster's bottleneck bandwidth, as
+    `whatif --bandwidth-scale` does; other rank counts follow the cluster's per-hop forms.
+    Without a link rate the links alone price the collectives."""
     if cluster.intra_node is None:
         return None
     if cluster.workers == 1:
@@ -75,7 +83,25 @@ def cluster_network(cluster: Cluster) -> Network | None:
     hops = ring_hops(cluster_graph(cluster), ranks=range(cluster.workers))
     hop = AlphaBeta(alpha_s=max(h[0] for h in hops),
                     beta_s_per_byte=1 / min(h[1] for h in hops))
-    return Network(broadcast_hop=hop, allreduce_hop=hop, source="cluster")
+    links = Network(broadcast_hop=hop, allreduce_hop=hop, source="cluster")
+    return links if hosts is None else on_profiled_hosts(links, hosts)
+
+
+def on_profiled_hosts(links: Network, hosts: CommCosts) -> Network:
+    """`links` (a cluster's per-hop costs) with the hosts' part of `hosts`' measured curves
+    (cluster_network); `links` unchanged when they lack points or a link rate."""
+    if hosts.link_bytes_per_s is None or hosts.world_size < 2 or hosts.allreduce_points is None:
+        return links
+    scale = 1.0 / (links.allreduce_hop.beta_s_per_byte * hosts.link_bytes_per_s)
+
+    def moved(points: MeasuredPoints | None, kind: str) -> MeasuredPoints | None:
+        return None if points is None else points.faster_link(
+            scale, wire_s_per_byte=hosts.wire_s_per_byte(kind))
+    return replace(links,
+                   measured_ranks=hosts.world_size,
+                   allreduce_points=moved(hosts.allreduce_points, "allreduce"),
+                   broadcast_points=moved(hosts.broadcast_points, "broadcast"),
+                   broadcast_overlap=hosts.broadcast_overlap)
 
 
 def state_caps(cluster: Cluster, *, common_bytes: int,

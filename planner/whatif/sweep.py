@@ -30,7 +30,7 @@ from dpkfac.core.profile import AlphaBeta, MeasuredPoints, Profile
 from planner.model.buckets import lone_buckets_s
 from planner.model.costs import PlanConfig
 from planner.model.network import Network
-from planner.model.topology import cluster_network
+from planner.model.topology import cluster_network, on_profiled_hosts
 from planner.whatif.baselines import ALGORITHMS, algorithm_cost
 
 WHATIF_SCHEMA_ID = "dpkfac.whatif/1"
@@ -160,8 +160,9 @@ def sweep_rows(profile: Profile, sweep: Sweep) -> list[dict]:
                     "gpus_per_node": sweep.topology.gpus_per_node if sweep.topology else None}
         for p in sweep.workers:
             network = None
-            if sweep.topology is not None:
-                network = _scaled_network(sweep.topology.network(p), scale)
+            if sweep.topology is not None:  # its links, the profile's hosts (topology)
+                network = on_profiled_hosts(_scaled_network(sweep.topology.network(p), scale),
+                                            point_profile.comm)
             placed = sweep.placement_owners if p == sweep.placement_workers else None
             for name in sweep.algorithms:
                 cost = algorithm_cost(point_profile, algorithm=name, workers=p, config=config,
