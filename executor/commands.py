@@ -81,7 +81,7 @@ def _register_train(subparsers) -> None:
     p.add_argument("--lr", type=float, default=None,
                    help="base learning rate, scaled per step by --lr-schedule (default: 0.1)")
     p.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
-                   help="cosine: linear warm-up, then a half cosine to 0 over --epochs "
+                   help="cosine: a half cosine to 0 over --epochs, after --lr-warmup-steps "
                    "(default); constant: the base rate at every step")
     p.add_argument("--lr-warmup-steps", type=int, default=None, metavar="STEPS",
                    help="linear warm-up steps before the cosine (default 0: the KL clip "

@@ -76,11 +76,13 @@ def _profile(model: nn.Module, batches: Batches, world: WorldInfo, loss_fn: Loss
                 model, _kfac_numel(precond), steps, dist.barrier, world.world_size))
             precond.remove_hooks()
             x, y = batches[0]
-            comm = profile_comm(world, options, _step_message_sizes(model, precond, world),
+            bucket_bytes = tuple(model_bucket_bytes(model))
+            comm = profile_comm(world, options,
+                                _step_message_sizes(model, precond, world, bucket_bytes),
                                 before=lambda: loss_fn(model(x), y).backward(),
                                 owner_bytes=4 * _kfac_numel(precond) // world.world_size,
                                 gradient_bytes=4 * (_grad_numel(model) + 1),
-                                bucket_bytes=tuple(model_bucket_bytes(model)))
+                                bucket_bytes=bucket_bytes)
             _advance(bar, "collectives")
     finally:
         precond.remove_hooks()
@@ -90,20 +92,21 @@ def _profile(model: nn.Module, batches: Batches, world: WorldInfo, loss_fn: Loss
         "compute_method": precond.method.value, "measured": True,
         "layers": [layer_record(block, samples[name], rows[name])
                    for name, block in precond.blocks.items()],
-        "step": step_record(samples["step"], model_bucket_bytes(model)), "comm": comm,
+        "step": step_record(samples["step"], list(bucket_bytes)), "comm": comm,
         "model_grad_numel": _grad_numel(model), "other_layers": uncovered_layers(model),
         "environment": _environment(world, options),
         **({"contention": contention} if contention else {}),
     }
 
 
-def _step_message_sizes(model: nn.Module, precond, world: WorldInfo) -> tuple[int, ...]:
+def _step_message_sizes(model: nn.Module, precond, world: WorldInfo,
+                        bucket_bytes: tuple[int, ...]) -> tuple[int, ...]:
     """The sizes to time the collectives at, bytes: powers of 4 and what the step sends: the
-    gradient all-reduce (gradients and the loss), each of its buckets, an owner's share of the
-    preconditioned gradients, all factors (when they are all-reduced)."""
+    gradient all-reduce (gradients and the loss), each of its buckets (`bucket_bytes`), an
+    owner's share of the preconditioned gradients, all factors (when they are all-reduced)."""
     factors = sum(b.dim_a ** 2 + b.dim_g ** 2 for b in precond.blocks.values())
     extra = (4 * (_grad_numel(model) + 1), 4 * _kfac_numel(precond) // world.world_size,
-             4 * factors, *model_bucket_bytes(model))
+             4 * factors, *bucket_bytes)
     return message_sizes(4 * _grad_numel(model), extra)
 
 

@@ -13,7 +13,7 @@ from ..runtime.distributed import WorldInfo
 from ..workload.data import data_entry
 from .checkpoints import CHECKPOINT_NAME, checkpoint_exists
 from .precision import AUTOCAST_DTYPES
-from .schedule import LRSchedule, check_warmup
+from .schedule import check_schedule
 
 RESUME_MODES = ("never", "always", "auto")
 
@@ -35,7 +35,7 @@ class TrainConfig:
     autocast: str | None = None  # "bf16" or "fp16": the forward under torch.autocast
     batch_size: int | None = None
     lr: float = 0.1              # base rate; the schedule scales it per step
-    lr_schedule: str = "cosine"  # "cosine" (linear warm-up, half cosine to 0) or "constant"
+    lr_schedule: str = "cosine"  # "cosine" (half cosine to 0 over the epochs) or "constant"
     lr_warmup_steps: int | None = None  # linear warm-up before the cosine (default none)
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -72,8 +72,7 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.autocast not in (None, *AUTOCAST_DTYPES):
         raise InputError(f"--autocast {cfg.autocast!r}: expected one of "
                          f"{', '.join(AUTOCAST_DTYPES)}")
-    LRSchedule.of(cfg.lr_schedule, 1)
-    check_warmup(cfg.lr_warmup_steps)
+    check_schedule(cfg.lr_schedule, cfg.lr_warmup_steps)
     if not (isinstance(cfg.resume, bool) or cfg.resume in RESUME_MODES):
         raise InputError(f"--resume {cfg.resume!r}: expected one of {', '.join(RESUME_MODES)}")
     if not 0 < cfg.timeout_s < float("inf"):

@@ -175,7 +175,8 @@ def _train(cfg: TrainConfig, placement: dict, work: Workload, world: WorldInfo,
                 record, grad_bytes = step_run(micro)
                 micro = []
                 skipped += int(record["skipped"])
-                record.update(step=step, epoch=epoch, lr=lr, numerics=job_numerics(precond, skipped))
+                record.update(step=step, epoch=epoch, lr=lr,
+                              numerics=job_numerics(precond, skipped))
                 records.append(record)
                 log.write(record)
                 step += 1
@@ -195,8 +196,8 @@ def _train(cfg: TrainConfig, placement: dict, work: Workload, world: WorldInfo,
     position.at("summary")
     summary = summarise(cfg, world, model, precond, records, step, grad_bytes, split, skipped,
                         loss_fn=work.loss_fn)
-    summary.update(cpu_runtime=cpu_runtime, lr_schedule=schedule.record(), loss=work.loss, accumulate=cfg.accumulate,
-                   autocast=cfg.autocast)
+    summary.update(cpu_runtime=cpu_runtime, lr_schedule=schedule.record(), loss=work.loss,
+                   accumulate=cfg.accumulate, autocast=cfg.autocast)
     if world.rank == 0:
         save_model(out / MODEL_NAME, model)
         write_json_atomic(out / "summary.json", summary)

@@ -30,8 +30,7 @@ class LRSchedule:
     def of(cls, kind: str, horizon_steps: int, warmup_steps: int | None = None) -> LRSchedule:
         """The schedule for a run of `horizon_steps` steps (warm-up: cosine only, default
         none)."""
-        if kind not in LR_SCHEDULES:
-            raise InputError(f"--lr-schedule {kind!r}: expected one of {', '.join(LR_SCHEDULES)}")
+        check_schedule(kind, warmup_steps)
         horizon = max(1, horizon_steps)
         if kind == "constant":
             return cls(kind, 0, horizon)
@@ -52,8 +51,10 @@ class LRSchedule:
         return asdict(self)
 
 
-def check_warmup(warmup_steps: int | None) -> None:
-    """InputError for a negative --lr-warmup-steps."""
+def check_schedule(kind: str, warmup_steps: int | None) -> None:
+    """InputError for an unknown --lr-schedule or a negative --lr-warmup-steps."""
+    if kind not in LR_SCHEDULES:
+        raise InputError(f"--lr-schedule {kind!r}: expected one of {', '.join(LR_SCHEDULES)}")
     if warmup_steps is not None and warmup_steps < 0:
         raise InputError(f"--lr-warmup-steps must be >= 0, got {warmup_steps}")
 
