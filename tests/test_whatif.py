@@ -96,6 +96,30 @@ def test_more_bandwidth_is_never_slower(seed):
             assert all(b <= a * (1 + 1e-12) for a, b in zip(times, times[1:])), point
 
 
+def test_owners_found_at_one_bandwidth_serve_the_others(monkeypatch):
+    """The planner searches under a time budget; a poor search at one scale is replaced by
+    the owners found at another when they predict a shorter step there."""
+    import planner.whatif.sweep as sweep_module
+
+    profile = profile_from_dict(synthetic_profile_dict(6, 0, world_size=2))
+    sweep = Sweep(workers=(2,), bandwidth_scales=(1.0, 4.0), algorithms=("dp-kfac",))
+    poor, good = (0,) * 6, (0, 1) * 3
+
+    def rows_with(owners_at_4x):
+        def owners_of(point_profile, *, algorithm, workers, config, network):
+            slow = point_profile.comm.allreduce == profile.comm.allreduce
+            return good if slow else owners_at_4x
+        monkeypatch.setattr(sweep_module, "default_owners", owners_of)
+        return sweep_rows(profile, sweep)
+
+    searched_well, searched_poorly = rows_with(good), rows_with(poor)
+    assert searched_poorly[1]["step_time_s"] == searched_well[1]["step_time_s"]
+    assert searched_poorly[1]["step_time_s"] <= searched_poorly[0]["step_time_s"]
+    only_poor = dataclasses.replace(sweep, bandwidth_scales=(4.0,))
+    monkeypatch.setattr(sweep_module, "default_owners", lambda *a, **k: poor)
+    assert sweep_rows(profile, only_poor)[0]["step_time_s"] > searched_well[1]["step_time_s"]
+
+
 def test_slower_inter_node_links_are_slower_across_nodes():
     profile = profile_from_dict(synthetic_profile_dict(12, 2))
     fast = Topology(gpus_per_node=4, intra_node=Link(1e11, 3e-6), inter_node=Link(1e11, 3e-6))

@@ -31,7 +31,7 @@ from planner.model.buckets import lone_buckets_s
 from planner.model.costs import PlanConfig
 from planner.model.network import Network
 from planner.model.topology import cluster_network, on_profiled_hosts
-from planner.whatif.baselines import ALGORITHMS, algorithm_cost
+from planner.whatif.baselines import ALGORITHMS, algorithm_cost, default_owners
 
 WHATIF_SCHEMA_ID = "dpkfac.whatif/1"
 ROW_KEYS = ("workers", "algorithm", "step_time_s", "second_order_s", "comm_bytes_per_step",
@@ -143,34 +143,97 @@ def _scaled_network(network: Network, scale: float) -> Network:
                                allreduce_points=faster(network.allreduce_points))
 
 
+@dataclass(frozen=True)
+class _Point:
+    """One setting of a sweep: its plan configuration and its batch- and bandwidth-scaled
+    profile."""
+    settings: dict
+    config: PlanConfig
+    profile: Profile
+
+    @property
+    def scale(self) -> float:
+        return self.settings["bandwidth_scale"]
+
+    def others(self) -> tuple:
+        """The settings besides the bandwidth scale."""
+        return tuple(v for k, v in self.settings.items() if k != "bandwidth_scale")
+
+    def network(self, sweep: Sweep, workers: int) -> Network | None:
+        """The cluster file's links on the profile's hosts (topology), or None: the profile's."""
+        if sweep.topology is None:
+            return None
+        return on_profiled_hosts(_scaled_network(sweep.topology.network(workers), self.scale),
+                                 self.profile.comm)
+
+
+def _points(profile: Profile, sweep: Sweep) -> list[_Point]:
+    batches = sweep.batch_sizes or (profile.batch_size,)
+    return [_Point(settings={"batch_size": batch, "bandwidth_scale": scale,
+                             "factor_update_freq": ffreq, "inv_update_freq": ifreq,
+                             "gpus_per_node": sweep.topology.gpus_per_node
+                             if sweep.topology else None},
+                   config=PlanConfig(factor_update_freq=ffreq, inv_update_freq=ifreq,
+                                     overlap=sweep.overlap),
+                   profile=scale_bandwidth(scale_batch(profile, batch), scale))
+            for batch, scale, ffreq, ifreq in itertools.product(
+                batches, sweep.bandwidth_scales, sweep.factor_update_freqs,
+                sweep.inv_update_freqs)]
+
+
+def _planned_owners(points: Sequence[_Point], sweep: Sweep) -> dict[tuple[int, int], tuple]:
+    """(point index, workers) -> dp-kfac's owners where the planner places them: the planner's
+    owners at that point, or those it found at another bandwidth scale of the same setting when
+    they predict a shorter step there. The planner searches under a time budget, so on a busy
+    host two scales can get different owners; sharing the candidates keeps the step
+    non-increasing in bandwidth."""
+    if "dp-kfac" not in sweep.algorithms:
+        return {}
+    found: dict[tuple[int, int], tuple] = {}
+    for i, point in enumerate(points):
+        for p in sweep.workers:
+            if p != sweep.placement_workers or sweep.placement_owners is None:
+                found[i, p] = default_owners(point.profile, algorithm="dp-kfac", workers=p,
+                                             config=point.config,
+                                             network=point.network(sweep, p))
+    shared: dict[tuple, set] = {}  # (other settings, workers) -> owners found at any scale
+    for (i, p), owners in found.items():
+        shared.setdefault((points[i].others(), p), set()).add(owners)
+    chosen = {}
+    for (i, p), owners in found.items():
+        point = points[i]
+        candidates = shared[point.others(), p]
+
+        def step_s(candidate: tuple) -> float:
+            return algorithm_cost(point.profile, algorithm="dp-kfac", workers=p,
+                                  config=point.config, network=point.network(sweep, p),
+                                  owners=candidate).step_time_s
+
+        chosen[i, p] = min(sorted(candidates), key=step_s) if len(candidates) > 1 else owners
+    return chosen
+
+
 def sweep_rows(profile: Profile, sweep: Sweep) -> list[dict]:
     """One row per (point, algorithm): ROW_KEYS, SETTING_KEYS, and the per-kind breakdown.
 
     Rows come grouped by settings, then worker count, then algorithm (sweep.algorithms order).
-    dp-kfac runs on the planner's owners, or on sweep.placement_owners at its worker count."""
+    dp-kfac runs on the planner's owners (_planned_owners), or on sweep.placement_owners at its
+    worker count."""
     rows: list[dict] = []
-    batches = sweep.batch_sizes or (profile.batch_size,)
-    for batch, scale, ffreq, ifreq in itertools.product(
-            batches, sweep.bandwidth_scales, sweep.factor_update_freqs, sweep.inv_update_freqs):
-        config = PlanConfig(factor_update_freq=ffreq, inv_update_freq=ifreq,
-                            overlap=sweep.overlap)
-        point_profile = scale_bandwidth(scale_batch(profile, batch), scale)
-        settings = {"batch_size": batch, "bandwidth_scale": scale, "factor_update_freq": ffreq,
-                    "inv_update_freq": ifreq,
-                    "gpus_per_node": sweep.topology.gpus_per_node if sweep.topology else None}
+    points = _points(profile, sweep)
+    planned = _planned_owners(points, sweep)
+    for i, point in enumerate(points):
         for p in sweep.workers:
-            network = None
-            if sweep.topology is not None:  # its links, the profile's hosts (topology)
-                network = on_profiled_hosts(_scaled_network(sweep.topology.network(p), scale),
-                                            point_profile.comm)
+            network = point.network(sweep, p)
             placed = sweep.placement_owners if p == sweep.placement_workers else None
             for name in sweep.algorithms:
-                cost = algorithm_cost(point_profile, algorithm=name, workers=p, config=config,
-                                      network=network,
-                                      owners=placed if name == "dp-kfac" else None,
+                dp = name == "dp-kfac"
+                cost = algorithm_cost(point.profile, algorithm=name, workers=p,
+                                      config=point.config, network=network,
+                                      owners=planned.get((i, p), placed) if dp else None,
                                       split=sweep.placement_split
-                                      if placed is not None and name == "dp-kfac" else None)
-                rows.append({**cost.as_row(), **settings})
+                                      if placed is not None and dp else None)
+                rows.append({**cost.as_row(), **point.settings})
     return rows
 
 
