@@ -76,7 +76,8 @@ def resolved_flags(flags: tuple[str, ...], workers: int) -> tuple[str, ...]:
 def distinct_methods(workers: int) -> dict[str, str]:
     """Each method's name -> the name of the first method with the same resolved flags."""
     first: dict[tuple[str, ...], str] = {}
-    return {name: first.setdefault(resolved_flags(flags, workers), name) for name, flags in METHODS}
+    return {name: first.setdefault(resolved_flags(flags, workers), name)
+            for name, flags in METHODS}
 
 
 def measure(work: Path, model: str, workers: int, args) -> dict[str, list[float]]:
@@ -123,7 +124,8 @@ def main() -> int:
                 steps = measure(Path(tmp), model, workers, args)
                 ratio, per_round = ratios(steps)
                 cells.append([model, str(workers),
-                              *(f"{1e3 * statistics.median(steps[name]):.1f}" for name, _ in METHODS),
+                              *(f"{1e3 * statistics.median(steps[name]):.1f}"
+                                for name, _ in METHODS),
                               f"{ratio:.2f}", " ".join(f"{r:.2f}" for r in per_round)])
                 if workers == 1 and ratio > args.max_ratio_1:
                     failures.append(f"{model} at 1 worker: dp-kfac {ratio:.2f}x the best KAISA "
