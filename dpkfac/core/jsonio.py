@@ -96,7 +96,7 @@ def validate(document: Any, schema: dict, *, source: str,
     if err is not None:
         where = "/".join(str(part) for part in err.absolute_path) or "(top level)"
         message = explain(err.instance) if explain is not None else err.message
-        raise InputError(f"{source}: field {where}: {_one_line(message)}")
+        raise InputError(_one_line(f"{source}: field {where}: {message}"))
 
 
 def _one_line(text: str) -> str:
