@@ -20,12 +20,18 @@ from tabulate import tabulate
 from dpkfac.core.jsonio import write_atomic
 
 
+def python_command(workers: int, *args: str) -> list[str]:
+    """`python ARGS` as one process (workers == 1) or under torchrun with `workers` processes
+    (ARGS: a script and its arguments, or -m and a module)."""
+    if workers == 1:
+        return [sys.executable, *args]
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    return [torchrun, "--standalone", "--nproc_per_node", str(workers), *args]
+
+
 def dpkfac_command(workers: int, *args: str) -> list[str]:
     """`dpkfac ARGS` as one process (workers == 1) or under torchrun with `workers` processes."""
-    if workers == 1:
-        return [sys.executable, "-m", "dpkfac.cli", *args]
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    return [torchrun, "--standalone", "--nproc_per_node", str(workers), "-m", "dpkfac.cli", *args]
+    return python_command(workers, "-m", "dpkfac.cli", *args)
 
 
 def run_timed(cmd: list[str], *, capture: bool = False) -> tuple[float, str]:
