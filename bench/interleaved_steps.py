@@ -6,8 +6,9 @@ Each method gets its own copy of the model (the same initial weights), optimizer
 train` runs; all train on the same cached batches. The job runs --rounds rounds; in each, every
 method runs --block consecutive steps (a multiple of the decomposition interval, so every block
 holds the same decompositions), the methods' order reversed in every other round. Rank 0 writes
-{"methods": [...], "block_steps": k, "rounds": [{method: mean step seconds}, ...]} (its own
-step times, as `train`'s summary) after one untimed warm-up round.
+{"methods": [...], "block_steps": k, "rounds": [{method: mean step seconds}, ...], "phases":
+[{method: {phase: mean seconds}} per rank]}: rank 0's step times (as `train`'s summary), after
+one untimed warm-up round.
 
     torchrun --nproc_per_node W bench/interleaved_steps.py --placement P.json \
         --methods dp-kfac,kaisa-comm-opt --block 20 --rounds 10 --out steps.json
@@ -30,6 +31,7 @@ from executor.preconditioner import KFACPreconditioner
 from executor.runtime.cpu_runtime import flushed_denormals, keep_freed_memory
 from executor.runtime.distributed import (
     WorldInfo,
+    all_gather_object,
     broadcast_parameters,
     init_distributed,
     shutdown_distributed,
@@ -72,28 +74,32 @@ def cached_batches(dataset, batch_size: int, world: WorldInfo) -> list:
     return batches
 
 
-def run_block(step: StepRun, batches: list, start: int, steps: int) -> float:
-    """Mean seconds of `steps` steps of `step` from batch `start` on."""
-    times = [step([batches[(start + i) % len(batches)]])[0]["step_time_s"]
-             for i in range(steps)]
-    return statistics.fmean(times)
+def run_block(step: StepRun, batches: list, start: int, steps: int) -> list[dict]:
+    """The step records (StepRun's) of `steps` steps of `step` from batch `start` on."""
+    return [step([batches[(start + i) % len(batches)]])[0] for i in range(steps)]
 
 
 def interleave(steps: dict[str, StepRun], batches: list, block: int, rounds: int,
-               world: WorldInfo) -> list[dict[str, float]]:
-    """Each round's mean step seconds per method, after one untimed warm-up round."""
+               world: WorldInfo) -> tuple[list[dict[str, float]], dict[str, dict[str, float]]]:
+    """Each round's mean step seconds per method, after one untimed warm-up round, and each
+    method's mean seconds per phase over the timed rounds (this rank's)."""
     names = list(steps)
-    timed = []
+    timed, records = [], {name: [] for name in names}
     for round_ in range(rounds + 1):
         order = names if round_ % 2 == 0 else names[::-1]
         means = {}
         for name in order:
             if world.world_size > 1:
                 torch.distributed.barrier()
-            means[name] = run_block(steps[name], batches, round_ * block, block)
+            block_records = run_block(steps[name], batches, round_ * block, block)
+            means[name] = statistics.fmean(r["step_time_s"] for r in block_records)
+            if round_ > 0:
+                records[name] += block_records
         if round_ > 0:
             timed.append({name: means[name] for name in names})
-    return timed
+    phases = {name: {key: statistics.fmean(r[key] for r in rs) for key in rs[0]
+                     if key.endswith("_s")} for name, rs in records.items()}
+    return timed, phases
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,10 +123,11 @@ def main(argv: list[str] | None = None) -> int:
                                      placement["config"].get("batch_size", 32), world)
             steps = {name: method_step(name, placement, work.model, world, work.loss_fn)
                      for name in args.methods.split(",")}
-            rounds = interleave(steps, batches, args.block, args.rounds, world)
+            rounds, phases = interleave(steps, batches, args.block, args.rounds, world)
+        every_rank = all_gather_object(phases, world)
         if world.rank == 0:
             write_json_atomic(Path(args.out), {"methods": list(steps), "block_steps": args.block,
-                                               "rounds": rounds})
+                                               "rounds": rounds, "phases": every_rank})
     finally:
         shutdown_distributed()
     return 0
