@@ -144,6 +144,7 @@ def test_npz_images_profile_plan_train_model_pt(lab):
     assert profile["model"] == "mylab:image_model" and profile["loss"] == "cross-entropy"
     assert [l["name"] for l in profile["layers"]] == ["0", "3", "6"]
     assert profile["comm"]["world_size"] == 2
+    assert profile["step"]["backward_allreduce_s"] >= 0  # timed with the buckets from backward
     _ok(_run(lab, "plan", "--profile", "img.profile.json", "--workers", "2",
              "--out", "img.placement.json"))
     placement = json.loads((lab / "img.placement.json").read_text())

@@ -135,6 +135,35 @@ def test_the_serial_step_runs_the_buckets_back_to_back_after_backward():
     assert overlapped.step_time_s < step.step_time_s
 
 
+def test_posting_from_backward_adds_its_measured_cost_to_forward_backward_only_then():
+    # the buckets' all-reduces take 0.1 s of the 1 s forward/backward's cores when posted from it
+    base = profile_from_dict(slow_link_profile(pack_s=0.01))
+    profile = profile_from_dict(slow_link_profile(pack_s=0.01, backward_allreduce_s=0.1))
+    assert profile_from_dict(profile_to_dict(profile)) == profile
+    assert "backward_allreduce_s" not in profile_to_dict(base)["step"]
+    for variant in ("dp-kfac", "sgd"):
+        steps = {name: predict_step(p, variant=variant, owners=[0, 0, 1], workers=2,
+                                    config=config).cycle.steps[0]
+                 for name, p, config in (("base", base, OVERLAPPED), ("new", profile, OVERLAPPED),
+                                         ("serial", profile, SERIAL),
+                                         ("base serial", base, SERIAL))}
+        assert steps["new"].phases_s["forward_backward"] == pytest.approx((1.1, 1.1))
+        assert steps["base"].phases_s["forward_backward"] == pytest.approx((1.0, 1.0))
+        assert steps["serial"].step_time_s == pytest.approx(steps["base serial"].step_time_s)
+        # bucket 0 still ready at 0.2 s: on this slow link the chain ends when it did
+        assert steps["new"].step_time_s == pytest.approx(steps["base"].step_time_s)
+    fast = {}
+    for extra in (0.0, 0.1):
+        doc = slow_link_profile(pack_s=0.01, backward_allreduce_s=extra)
+        doc["comm"]["allreduce"].update(alpha_s=1e-6, beta_s_per_byte=1e-9)
+        fast[extra] = predict_step(profile_from_dict(doc), variant="sgd", owners=[0, 0, 1],
+                                   workers=2, config=OVERLAPPED).cycle.steps[0].step_time_s
+    assert fast[0.1] - fast[0.0] == pytest.approx(0.1)  # on a fast link the step ends later
+    one = predict_step(profile, variant="sgd", owners=[0, 0, 0], workers=1,
+                       config=OVERLAPPED).cycle.steps[0]
+    assert one.phases_s["forward_backward"] == pytest.approx((1.0,))  # nothing posted alone
+
+
 def chained_profile(chain_s: float | None) -> dict:
     """slow_link_profile with no link rate (nothing known to be on the wire), a 10 ms pack and
     the buckets' back-to-back all-reduce measured at `chain_s`: alone they take 0.901 s and

@@ -56,6 +56,7 @@ def test_profile_of_a_real_model_is_a_valid_profile():
     assert all(layer.decompose_a_s > 0 and layer.factor_g_s > 0 for layer in profile.layers)
     assert profile.layers[0].state_bytes == 4 * (2 * 65 ** 2 + 65 + 2 * 128 ** 2 + 128)
     assert profile.pack_s > 0 and profile.apply_s > 0
+    assert profile.backward_allreduce_s == 0.0  # one rank: nothing posted from backward
     assert doc["comm"]["world_size"] == 1 and doc["comm"]["source"].startswith("assumed")
     assert doc["layers"][0]["rows_a"] == 16
     assert "fits" not in doc  # the planner reads measured costs, not fitted curves

@@ -196,6 +196,9 @@ class Profile:
     # The gradient all-reduce buckets in posting order; empty: one fused all-reduce posted at
     # the end of forward/backward (profiles written before buckets existed).
     gradient_buckets: tuple[GradientBucket, ...] = ()
+    # seconds the buckets' all-reduces, posted from backward, add to forward/backward (their
+    # posting and collective threads beside it); 0 where not measured (one rank, older files)
+    backward_allreduce_s: float = 0.0
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -215,9 +218,15 @@ class Profile:
 
     def forward_backward_scaled(self, factor: float) -> "Profile":
         """The profile with forward/backward `factor` times as long; every gradient bucket's
-        ready time scales by the same factor."""
+        ready time and backward_allreduce_s scale by the same factor."""
         return replace(self, forward_backward_s=self.forward_backward_s * factor,
+                       backward_allreduce_s=self.backward_allreduce_s * factor,
                        gradient_buckets=tuple(b.scaled(factor) for b in self.gradient_buckets))
+
+    def forward_backward_posting_s(self, from_backward: bool) -> float:
+        """Forward/backward seconds with the gradient buckets posted from backward (`from_
+        backward`) or after it."""
+        return self.forward_backward_s + (self.backward_allreduce_s if from_backward else 0.0)
 
 
 _KNOWN_KEYS = {"schema", "model", "batch_size", "device", "dtype", "compute_method", "measured",
@@ -242,6 +251,7 @@ def profile_from_dict(doc: Any, *, source: str = "profile") -> Profile:
         layers=layers, forward_backward_s=doc["step"]["forward_backward_s"],
         optimizer_s=doc["step"]["optimizer_s"],
         pack_s=doc["step"].get("pack_s", 0.0), apply_s=doc["step"].get("apply_s", 0.0),
+        backward_allreduce_s=doc["step"].get("backward_allreduce_s", 0.0),
         gradient_buckets=tuple(GradientBucket(bytes=b["bytes"], ready_s=float(b["ready_s"]))
                                for b in doc["step"].get("gradient_buckets", ())),
         comm=_comm_costs(doc["comm"], source=source),
@@ -306,6 +316,8 @@ def profile_to_dict(profile: Profile) -> dict:
                  "apply_s": profile.apply_s},
         "comm": _comm_to_dict(profile.comm),
     }
+    if profile.backward_allreduce_s:
+        doc["step"]["backward_allreduce_s"] = profile.backward_allreduce_s
     if profile.gradient_buckets:
         doc["step"]["gradient_buckets"] = [{"bytes": b.bytes, "ready_s": b.ready_s}
                                            for b in profile.gradient_buckets]

@@ -68,6 +68,8 @@ PROFILE_SCHEMA: dict = {
             "required": ["forward_backward_s", "optimizer_s"],
             "properties": {"forward_backward_s": _SECONDS, "optimizer_s": _SECONDS,
                            "pack_s": _SECONDS, "apply_s": _SECONDS,
+                           # what posting the buckets from backward adds to it (optional)
+                           "backward_allreduce_s": _SECONDS,
                            # the gradient all-reduce buckets in posting order (optional)
                            "gradient_buckets": {
                                "type": "array",

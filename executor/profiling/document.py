@@ -45,7 +45,7 @@ def profile_module(model: nn.Module, batches: Batches, world: WorldInfo, *, loss
 
     After folding the batches into the factors (so decompositions see full-rank factors, as in
     training), every rank at once runs warm-up + repeats training-like steps
-    (kernels.time_steps: the step's traffic flows as in the overlapped step, untimed), each step
+    (kernels.time_steps: the step's traffic flows as in the overlapped step), each step
     started together; medians over every rank's repeats. Then rank 0 times them again alone,
     the others only in the traffic (the profile's contention: busy over alone). Then every rank
     times the collectives.

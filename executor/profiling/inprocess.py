@@ -60,7 +60,11 @@ def _options(given: dict) -> ProfileOptions:
     if unknown:
         raise InputError(f"dpkfac.profile: unknown option(s) {', '.join(unknown)}; expected "
                          f"{', '.join(ProfileOptions.__dataclass_fields__)}")
-    return ProfileOptions(**{"keep_freed_memory": False, **given})
+    options = ProfileOptions(**{"keep_freed_memory": False, **given})
+    if options.repeats < 3 or options.warmup < 0:  # as `dpkfac profile` requires
+        raise InputError("dpkfac.profile: repeats must be >= 3 and warmup >= 0, got "
+                         f"{options.repeats} and {options.warmup}")
+    return options
 
 
 def _as_batches(batch, device: torch.device) -> list[Batch]:

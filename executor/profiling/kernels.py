@@ -12,8 +12,7 @@ from torch import nn
 
 from ..kfac import ComputeMethod, KFACBlock, kfac_layers, make_block
 from ..preconditioner import BaseKFACPreconditioner, Exchange, WorkAssignment
-from ..runtime.buckets import GradientBuckets
-from ..runtime.distributed import start_gradient_average
+from ..runtime.buckets import GradientBuckets, model_bucket_bytes
 from ..runtime.timing import synchronize_device
 from ..workload.loaders import Batches
 from ..workload.loss import LossFn
@@ -21,6 +20,7 @@ from .options import ProfileOptions
 
 LAYER_KERNELS = ("factor_a", "factor_g", "decompose_a", "decompose_g", "precondition")
 STEP_PHASES = ("forward_backward", "pack", "apply", "optimizer")
+OVERLAPPED_FB = "forward_backward_overlapped"  # with the buckets' all-reduces posted from it
 
 
 def one_rank_preconditioner(model: nn.Module, options: ProfileOptions) -> BaseKFACPreconditioner:
@@ -57,13 +57,20 @@ def time_steps(model: nn.Module, precond: BaseKFACPreconditioner, batches: Batch
     """Seconds of every kernel in each timed step: {layer name or "step": {kernel: [s, ...]}}.
     `align()` runs before each step (a barrier, when every rank times steps at once).
 
-    With `world_size` > 1 ranks timing together, the step's traffic runs too, untimed, where the
-    executor's overlapped DP-KFAC step has it: the gradient all-reduce is in flight during the
-    factors and decompositions, and rank 0 broadcasts every preconditioned gradient before the
-    write-back; so kernels meet what the traffic costs the host (its network stack, caches).
+    With `world_size` > 1 ranks timing together, the step's traffic runs too, where the
+    executor's overlapped DP-KFAC step has it: the gradient buckets' all-reduces
+    (runtime.buckets) are in flight during the factors and decompositions (waited for, untimed,
+    before preconditioning), and rank 0 broadcasts every preconditioned gradient before the
+    write-back; so the kernels meet what the traffic costs the host (its network stack,
+    caches). Steps alternate between the two ways `train` posts the buckets: from backward as
+    they fill (the overlapped step: forward/backward, timed as OVERLAPPED_FB, holds what posting
+    them and their collective threads take from it; the buckets' ready times recorded) and
+    after it (--no-overlap: forward/backward and the packing of every bucket timed). On one
+    rank, where nothing travels, every step is of the first kind, timed as forward_backward,
+    its packing with the averaging and copy back.
 
-    Each step: forward/backward (with the capture hooks; the gradient buckets' ready times
-    recorded, runtime.buckets), the packing of the gradient all-reduce, every layer's factors, then every decomposition, then every preconditioning,
+    Each step: forward/backward (with the capture hooks), the packing of the gradient
+    all-reduce, every layer's factors, then every decomposition, then every preconditioning,
     the KL clip and write-back, and an optimizer step with learning rate 0 (weights stay put),
     in the executor's order, so each kernel meets the caches as training leaves them. The
     per-layer kernels are the preconditioner's per-layer methods: factor_a is batch_factor A;
@@ -75,13 +82,15 @@ def time_steps(model: nn.Module, precond: BaseKFACPreconditioner, batches: Batch
     samples["step"] = {k: [] for k in STEP_PHASES}
     step = samples["step"]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9, weight_decay=5e-4)
-    buckets = GradientBuckets(model, 1, record_times=True)
+    buckets = GradientBuckets(model, world_size, record_times=True)
     step.update({bucket_key(b): [] for b in range(len(buckets.members))})
+    if world_size > 1:
+        step[OVERLAPPED_FB] = []
     try:
         for i in range(options.warmup + options.repeats):
             _time_one_step(model, precond, batches[i % len(batches)], loss_fn, optimizer,
                            buckets, samples, keep=i >= options.warmup, align=align,
-                           world_size=world_size)
+                           world_size=world_size, overlapped=(i - options.warmup) % 2 == 0)
             advance()
     finally:
         buckets.remove()
@@ -97,28 +106,30 @@ def bucket_key(b: int) -> str:
 def _time_one_step(model: nn.Module, precond: BaseKFACPreconditioner,
                    batch: tuple[torch.Tensor, torch.Tensor], loss_fn: LossFn, optimizer,
                    buckets: GradientBuckets, samples: dict, *, keep: bool,
-                   align: Callable[[], None], world_size: int) -> None:
+                   align: Callable[[], None], world_size: int, overlapped: bool) -> None:
     names = list(precond.blocks)
     step = samples["step"]
     x, y = batch
     precond.capture.clear()
     align()
-    with _timed(step["forward_backward"], keep):
+    serial, overlapping = world_size > 1 and not overlapped, world_size > 1 and overlapped
+    with _timed(step[OVERLAPPED_FB if overlapping else "forward_backward"], keep):
         optimizer.zero_grad(set_to_none=False)
         start = time.perf_counter()
         loss = loss_fn(model(x), y)
         loss_buf = loss.detach().reshape(1).clone()
-        buckets.arm(loss_buf)
+        if not serial:
+            buckets.arm(loss_buf)
         loss.backward()
-    with _timed(step["pack"], keep):
+    if serial:
+        buckets.arm(loss_buf)
+    with _timed(step["pack"], keep and not overlapping):
         buckets.post_remaining()
-        buckets.wait()
-    if keep:
+        if world_size == 1:
+            buckets.wait()
+    if keep and not serial:
         for b, ready_at in enumerate(buckets.ready_at):
             step[bucket_key(b)].append(ready_at - start)
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    # the step's all-reduce itself (untimed, its own buffer): in flight during the factors
-    pending = start_gradient_average(grads + [loss_buf], world_size)
     for name in names:
         with _timed(samples[name]["factor_a"], keep):
             a = precond.batch_factor(name, "a")
@@ -128,7 +139,7 @@ def _time_one_step(model: nn.Module, precond: BaseKFACPreconditioner,
         for side in ("a", "g"):
             with _timed(samples[name][f"decompose_{side}"], keep):
                 precond.decompose_factor(name, side)
-    pending.wait()
+    buckets.wait()  # in flight since posted (untimed)
     results = {}
     for name in names:
         with _timed(samples[name]["precondition"], keep):
@@ -142,14 +153,17 @@ def _time_one_step(model: nn.Module, precond: BaseKFACPreconditioner,
 
 def traffic_steps(model: nn.Module, kfac_numel: int, steps: int,
                   align: Callable[[], None], world_size: int) -> None:
-    """What time_steps' traffic asks of a rank that computes nothing, for `steps` steps (after
-    time_steps ran here: the gradients exist): so that one rank can time its kernels alone
-    while the others only take part in the step's collectives (the fused gradient all-reduce,
-    rank 0's broadcast of kfac_numel elements)."""
-    fused = 1 + sum(p.grad.numel() for p in model.parameters() if p.grad is not None)
+    """What time_steps' traffic asks of a rank that computes nothing, for `steps` steps: so
+    that one rank can time its kernels alone while the others only take part in the step's
+    collectives (each gradient bucket's all-reduce, the loss riding in bucket 0; rank 0's
+    broadcast of kfac_numel elements)."""
+    itemsize = next(p for p in model.parameters() if p.requires_grad).element_size()
+    numels = [nbytes // itemsize + (b == 0) for b, nbytes in enumerate(model_bucket_bytes(model))]
     for _ in range(steps):
         align()
-        start_gradient_average([torch.zeros(fused)], world_size).wait()
+        pending = [torch.distributed.all_reduce(torch.zeros(n), async_op=True) for n in numels]
+        for work in pending:
+            work.wait()
         _broadcast_from_rank0([torch.zeros(kfac_numel)], world_size)
 
 
@@ -198,11 +212,17 @@ def layer_record(block: KFACBlock, samples: dict[str, list[float]], rows: int) -
 
 
 def step_record(samples: dict[str, list[float]], bucket_bytes: list[int]) -> dict:
-    """A profile's step entry: median seconds of each step phase (STEP_PHASES) and the
-    gradient buckets (bytes, median ready time: seconds from the forward's start)."""
-    stats = {k: _median_and_spread(v) for k, v in samples.items()}
+    """A profile's step entry: median seconds of each step phase (STEP_PHASES), the gradient
+    buckets (bytes, median ready time: seconds from the forward's start) and, when timed
+    (more than one rank), backward_allreduce_s: what posting the buckets from backward adds to
+    forward/backward (the median of OVERLAPPED_FB over forward_backward's, less one)."""
+    stats = {k: _median_and_spread(v) for k, v in samples.items() if v}
     buckets = [{"bytes": int(nbytes), "ready_s": stats[bucket_key(b)][0]}
                for b, nbytes in enumerate(bucket_bytes)]
-    return {**{f"{k}_s": stats[k][0] for k in STEP_PHASES},
-            "spread_iqr_s": {k: stats[k][1] for k in STEP_PHASES},
-            "gradient_buckets": buckets}
+    record = {**{f"{k}_s": stats[k][0] for k in STEP_PHASES},
+              "spread_iqr_s": {k: stats[k][1] for k in STEP_PHASES},
+              "gradient_buckets": buckets}
+    if OVERLAPPED_FB in stats:
+        record["backward_allreduce_s"] = max(
+            0.0, stats[OVERLAPPED_FB][0] - stats["forward_backward"][0])
+    return record

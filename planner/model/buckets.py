@@ -76,8 +76,8 @@ def bucket_costs(profile: Profile, *, workers: int, network: Network | None = No
     profile.gradient_buckets: one bucket, ready at the end of forward/backward, of
     costs.gradient_allreduce_s with costs.gradient_allreduce_wire_s on the wire. With them:
     bucket i moves its bytes b_i (the loss element is not timed, as in the fused figure) and
-    pays pack_s * b_i / sum(b) of the packing; its ready time is ready_s / forward_backward_s
-    (at most 1) of the forward/backward."""
+    pays pack_s * b_i / sum(b) of the packing; its ready time is ready_s over forward/backward
+    with the buckets posted from it (Profile.forward_backward_posting_s; at most 1)."""
     if not profile.gradient_buckets:
         return (BucketCost(ready=1.0,
                            seconds=gradient_allreduce_s(profile, workers=workers,
@@ -87,7 +87,7 @@ def bucket_costs(profile: Profile, *, workers: int, network: Network | None = No
     net = network_of(profile, network)
     buckets = profile.gradient_buckets
     total = sum(b.bytes for b in buckets)
-    fb = profile.forward_backward_s
+    fb = profile.forward_backward_posting_s(True)
     collectives = [net.allreduce_s(ranks=workers, nbytes=b.bytes) for b in buckets]
     # what the chain saves against lone calls, shared by the buckets that follow another
     saving = (1.0 - chained_fraction(profile)) * sum(collectives) / max(len(buckets) - 1, 1)

@@ -353,6 +353,6 @@ def _reachable_compute_s(profile: Profile, compute_s: float, *, workers: int,
     if config.overlap and workers > 1:  # a fast worker starts its local work earlier still
         fastest, slowest = (max(speeds), min(speeds)) if speeds else (1.0, 1.0)
         hidden = (gradient_allreduce_hidden_s(profile, workers=workers, network=network)
-                  + profile.forward_backward_s * (1 / slowest - 1 / fastest))
+                  + profile.forward_backward_posting_s(True) * (1 / slowest - 1 / fastest))
         compute_s = max(compute_s - hidden, 0.0)
     return compute_s

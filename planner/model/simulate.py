@@ -3,7 +3,8 @@
 One step, on every worker w (compute divided by w's speed; seconds), in the phase order of
 dpkfac.core.step.PHASES:
 
-1. forward_backward;
+1. forward_backward (with the profile's backward_allreduce_s added when the buckets are
+   posted from backward, below);
 2. the gradient all-reduce, in buckets (planner.model.buckets; a profile without
    `step.gradient_buckets`: one fused all-reduce of the whole gradient), collectives: each
    starts when the slowest worker has posted it. Serial (below): the buckets' all-reduces back
@@ -162,15 +163,16 @@ def simulate_step(profile: Profile, *, owners: Sequence[int], workers: int, conf
     decomposition_step = _unstaggered(decomposition_step, split)
     net = network_of(profile, network)
     line = Timeline(workers, trace=trace, contention=profile.contention)
-    line.compute("forward_backward", profile.forward_backward_s / speed)
+    hide_local = overlapped(strategy, config=config, workers=workers)
+    from_backward = hide_local or posted_from_backward(profile, config=config, workers=workers)
+    line.compute("forward_backward", profile.forward_backward_posting_s(from_backward) / speed)
     buckets = bucket_costs(profile, workers=workers, network=network)
     allreduce_s = chained_seconds(buckets)
     broadcast_s = 0.0
     local = dict(profile=profile, strategy=strategy, owners=owners, workers=workers,
                  config=config, step=step, speed=speed, net=net,
                  decomposition_step=decomposition_step)
-    hide_local = overlapped(strategy, config=config, workers=workers)
-    if hide_local or posted_from_backward(profile, config=config, workers=workers):
+    if from_backward:
         pending = _post_buckets(line, buckets)
         line.background("allreduce", buckets_cpu_s(profile, buckets, workers=workers,
                                                    network=network))
