@@ -215,8 +215,8 @@ def step_record(samples: dict[str, list[float]], bucket_bytes: list[int]) -> dic
     """A profile's step entry: median seconds of each step phase (STEP_PHASES), the gradient
     buckets (bytes, median ready time: seconds from the forward's start) and, when timed
     (more than one rank), backward_allreduce_s: what posting the buckets from backward adds to
-    forward/backward (the median of OVERLAPPED_FB over forward_backward's, less one)."""
-    stats = {k: _median_and_spread(v) for k, v in samples.items() if v}
+    forward/backward (OVERLAPPED_FB's median less forward_backward's, at least 0)."""
+    stats = {k: _median_and_spread(v) for k, v in samples.items()}
     buckets = [{"bytes": int(nbytes), "ready_s": stats[bucket_key(b)][0]}
                for b, nbytes in enumerate(bucket_bytes)]
     record = {**{f"{k}_s": stats[k][0] for k in STEP_PHASES},
