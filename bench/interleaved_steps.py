@@ -37,19 +37,18 @@ from executor.runtime.distributed import (
     shutdown_distributed,
 )
 from executor.runtime.faults import RunPosition
-from executor.training.config import TrainConfig
+from executor.training.config import TrainConfig, batch_size, run_data_entry
 from executor.training.loop import StepClock, StepRun
 from executor.workload import prepare_workload
-from executor.workload.data import data_entry
 from executor.workload.loaders import train_loader
 
 CACHED_BATCHES = 64  # distinct batches each rank cycles through
 
 
-def method_step(variant: str, placement: dict, model: torch.nn.Module, world: WorldInfo,
-                loss_fn) -> StepRun:
-    """`variant`'s training step on its own copy of `model`, as `dpkfac train` builds it."""
-    cfg = TrainConfig(placement="", out_dir="")
+def method_step(variant: str, cfg: TrainConfig, placement: dict, model: torch.nn.Module,
+                world: WorldInfo, loss_fn) -> StepRun:
+    """`variant`'s training step on its own copy of `model`, as `dpkfac train` builds it from
+    `cfg`."""
     mine = copy.deepcopy(model).to(world.device)
     broadcast_parameters(mine, world)
     optimizer = torch.optim.SGD(mine.parameters(), lr=cfg.lr, momentum=cfg.momentum,
@@ -110,18 +109,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
+    cfg = TrainConfig(placement=args.placement, out_dir="")  # `train`'s defaults
     placement = load_placement(args.placement)
     model_name = placement["model"]
-    torch.manual_seed(0)
-    work = prepare_workload(model_name, placement.get("data") or data_entry(None, model_name),
+    torch.manual_seed(cfg.seed)
+    work = prepare_workload(model_name, run_data_entry(cfg, placement, model_name),
                             placement.get("loss"))
     world = init_distributed()
     keep_freed_memory()
     try:
         with flushed_denormals(True):
-            batches = cached_batches(work.split.train,
-                                     placement["config"].get("batch_size", 32), world)
-            steps = {name: method_step(name, placement, work.model, world, work.loss_fn)
+            batches = cached_batches(work.split.train, batch_size(cfg, placement), world)
+            steps = {name: method_step(name, cfg, placement, work.model, world, work.loss_fn)
                      for name in args.methods.split(",")}
             rounds, phases = interleave(steps, batches, args.block, args.rounds, world)
         every_rank = all_gather_object(phases, world)

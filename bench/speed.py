@@ -27,19 +27,18 @@ import json
 import statistics
 import sys
 import tempfile
-from fractions import Fraction
 from pathlib import Path
 
 from common import (ResultsDoc, add_docs_arguments, docs_out, dpkfac_command, python_command,
                     rich_table, run_timed)
 from rich.console import Console
 
-from dpkfac.core.strategy import variant_of
+from dpkfac.core.strategy import parse_fraction, variant_of
 
 BATCH = {"digits-cnn": 32, "resnet20": 32, "mlp-1024": 64}
 ROUNDS = {"digits-cnn": 120}  # rounds where a step takes milliseconds (default: --rounds)
-METHODS = (("dp-kfac", "dp-kfac", None), ("kaisa comm-opt", "kaisa", Fraction(1)),
-           ("kaisa mem-opt", "kaisa", "1/P"))
+METHODS = (("dp-kfac", "dp-kfac", None), ("kaisa comm-opt", "kaisa", "1"),
+           ("kaisa mem-opt", "kaisa", "1/P"))  # name, --algorithm, --grad-worker-fraction
 WORKER = Path(__file__).resolve().parent / "interleaved_steps.py"
 
 
@@ -58,7 +57,7 @@ def variants(workers: int) -> dict[str, str]:
     """Each method's name -> the strategy variant it runs at `workers` (at 1 worker both KAISA
     modes are kaisa-comm-opt)."""
     return {name: variant_of(algorithm, workers=workers, grad_worker_fraction=(
-                Fraction(1, workers) if fraction == "1/P" else fraction))
+                parse_fraction(fraction.replace("P", str(workers))) if fraction else None))
             for name, algorithm, fraction in METHODS}
 
 
