@@ -316,6 +316,34 @@ def test_split_shares_are_all_reduced_after_the_broadcasts():
     assert step.broadcast_s == pytest.approx(2 * b + shares)
 
 
+@pytest.mark.parametrize("link", [None, 1e3])
+def test_overlapped_split_shares_are_all_reduced_under_the_own_preconditioning(link):
+    """Overlapped, every rank preconditions its shares first and their all-reduce runs while
+    the ranks precondition their own layers: on a link (all of it on the wire) it hides; on
+    loopback (none of it on the wire) its hosts' part delays the rank still computing."""
+    doc = hand_profile()
+    doc["layers"][2].update(dim_a=50, dim_g=10)
+    if link:
+        doc["comm"]["link_bytes_per_s"] = link
+    profile = profile_from_dict(doc)
+    step = simulate_step(profile, owners=[1, 0, 1], workers=2,
+                         config=PlanConfig(inv_update_freq=2), step=1, split={2: (5, 5)})
+    net = network_from_profile(profile.comm)
+    b = net.broadcast_s(ranks=2, nbytes=1000 + COUNTERS)
+    shares = net.allreduce_s(ranks=2, nbytes=2000)
+    # the gradient all-reduce hides under the factors on the link, else its CPU part runs
+    # first; rank 1 (factors 1.25 s, shares 0.125 s, its layer 3 s) posts the all-reduce at
+    # 1.375 s and ends its preconditioning at 4.375 s (plus the all-reduce's CPU part)
+    t0 = 0.1 + (0.0 if link else net.allreduce_s(ranks=2, nbytes=4000))
+    assert step.step_time_s == pytest.approx(t0 + 4.375 + (0.0 if link else shares) + b + 0.01)
+    assert step.broadcast_s == pytest.approx(2 * b + shares)
+    serial = simulate_step(profile, owners=[1, 0, 1], workers=2,
+                           config=PlanConfig(inv_update_freq=2, overlap=False), step=1,
+                           split={2: (5, 5)})
+    assert serial.step_time_s - step.step_time_s == pytest.approx(
+        (0.1 + net.allreduce_s(ranks=2, nbytes=4000) - t0) + (shares if link else 0.0))
+
+
 # --- lower bound ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("seed", range(4))

@@ -20,7 +20,8 @@ from planner.model.simulate import simulate_cycle
 from planner.model.step import placement_split, predict_step
 from planner.placement import placement_document
 from planner.plan import make_plan
-from planner.solve.split import largest_remainder, row_granule, search_split, water_fill
+from planner.solve.split import (largest_remainder, refine_rows, row_granule, search_split,
+                                 water_fill)
 from planner.whatif.baselines import algorithm_cost
 
 from planner_fixtures import run_planner_cli, synthetic_layer, synthetic_profile_dict
@@ -147,6 +148,22 @@ def test_search_keeps_only_splits_that_pay():
     assert split == {0: (0, 8)}  # without layer 0's 2 s rank 0 still has 3 s: all 8 rows go
     assert [(t.layer, t.rows, t.kept) for t in trials] == [(0, (0, 8), True),
                                                            (1, (4, 4), False)]
+
+
+def test_refine_rows_moves_granules_while_the_step_drops():
+    """The step is least at 40 rows on rank 0; granules of 8 move toward it from either side,
+    whichever way the load points, and stop at a split that does not fit."""
+    def step_of(split):
+        return 1.0 + abs(split[0][0] - 40)
+
+    for start, load in (((16, 48), [1.0, 2.0]), ((16, 48), [2.0, 1.0]), ((64, 0), [3.0, 1.0])):
+        split, step_s = refine_rows({0: start}, 0, granule=8, load_s=load, step_time_of=step_of)
+        assert split == {0: (40, 24)} and step_s == 1.0
+    split, _ = refine_rows({0: (16, 48)}, 0, granule=8, load_s=[1.0, 2.0],
+                           step_time_of=step_of, fits=lambda s: s[0][0] <= 24)
+    assert split == {0: (24, 40)}
+    assert refine_rows({0: (16, 48), 3: (1, 1)}, 0, granule=8, load_s=[1.0, 1.0],
+                       step_time_of=step_of)[0] == {0: (16, 48), 3: (1, 1)}  # no load to even
 
 
 def dominant_profile(**kwargs) -> dict:

@@ -71,10 +71,11 @@ def _snapshot(model, precond) -> dict:
             "state": precond.state_dict(), "bytes": precond.comm_bytes_per_step()}
 
 
-def _train(rank: int, world_size: int, split: dict | None) -> dict:
+def _train(rank: int, world_size: int, split: dict | None, overlap: bool = True) -> dict:
     torch.manual_seed(0)
     model = small_cnn()
-    precond = DPKFAC(model, _placement(world_size, split), lr=0.05, damping=0.01)
+    precond = DPKFAC(model, _placement(world_size, split), lr=0.05, damping=0.01,
+                     overlap=overlap)
     train_steps(model, precond, random_batches(100 + rank, 5), world_size=world_size)
     return _snapshot(model, precond)
 
@@ -101,6 +102,17 @@ def test_split_equals_unsplit_and_ranks_end_identical():
         assert sent["decomposition_broadcast"] > 0
         assert sent["preconditioned_gradient_broadcast"] < \
             whole[rank]["bytes"]["preconditioned_gradient_broadcast"]
+
+
+def test_shares_first_overlapped_equals_the_serial_order_to_the_bit():
+    """Overlapped, the shares are preconditioned first and their all-reduce runs under the
+    rest; serial, it follows the broadcasts: the same sums, the same bits."""
+    overlapped = run_distributed(_train, 3, SPLIT)
+    serial = run_distributed(_train, 3, SPLIT, False)
+    for rank in range(3):
+        assert all(torch.equal(a, b) for a, b in zip(overlapped[rank]["params"],
+                                                       serial[rank]["params"]))
+        assert overlapped[rank]["bytes"] == serial[rank]["bytes"]
 
 
 def _resume(rank: int, world_size: int) -> list[torch.Tensor]:
@@ -166,7 +178,8 @@ def _sum_column_major_shares(rank: int, world_size: int) -> dict:
     base = torch.arange(12, dtype=torch.float32).reshape(4, 3)
     shares = {"t": (base * (rank + 1)).t().contiguous().t(),  # 4 x 3, column-major
               "r": torch.full((2, 5), float(rank))}
-    totals = Exchange.over().sum_shares(shares)
+    exchange = Exchange.over()
+    totals = exchange.collect_share_sum(exchange.post_share_sum(shares))
     return {name: (t.clone(), t.is_contiguous()) for name, t in totals.items()}
 
 

@@ -196,23 +196,44 @@ class BaseKFACPreconditioner:
             with self.timer.phase("broadcast"):
                 self.exchange.share_decompositions(self.blocks, shared, self.method, self.ledger)
                 self._decompositions_to_factor_dtype()
-        receiving = [] if shares_decompositions else self.exchange.post_gradient_receives(
+        if shares_decompositions:
+            with self.timer.phase("precondition"):
+                results = {name: self.precondition_layer(name)
+                           for name in self.work.preconditioned_layers}
+        else:
+            results = self._precondition_and_share()
+        self.apply(results)
+        self.steps += 1
+        self.calls += 1
+
+    def _precondition_and_share(self) -> dict[str, torch.Tensor]:
+        """Every layer's preconditioned gradient, on every rank: this rank's own layers and
+        shares of the split layers, the owners' broadcasts, the shares summed. Overlapped
+        (overlap=True), the shares come first and their all-reduce runs while this rank
+        preconditions its own layers; serial, it follows the broadcasts."""
+        summing = None
+        if self.overlap and self.work.split_layers:
+            with self.timer.phase("precondition"):
+                summing = self.exchange.post_share_sum(self._precondition_shares())
+        receiving = self.exchange.post_gradient_receives(
             self.blocks, self.work.broadcast_layers_of_rank, self.ledger)
         with self.timer.phase("precondition"):
             results = {name: self.precondition_layer(name)
                        for name in self.work.preconditioned_layers}
-            shares = {name: share for name in self.work.split_layers
-                      if (share := self.precondition_share(name)) is not None}
-        if not shares_decompositions:
-            with self.timer.phase("broadcast"):
-                results, totals = self.exchange.share_gradients(
-                    results, self.blocks, self.work.broadcast_layers_of_rank, self.ledger,
-                    receiving, shares=shares)
-            results.update({name: self._finite_or_plain(name, totals.get(name))
-                            for name in self.work.split_layers})
-        self.apply(results)
-        self.steps += 1
-        self.calls += 1
+            if summing is None:
+                summing = self._precondition_shares()
+        with self.timer.phase("broadcast"):
+            results, totals = self.exchange.share_gradients(
+                results, self.blocks, self.work.broadcast_layers_of_rank, self.ledger,
+                receiving, shares=summing)
+        results.update({name: self._finite_or_plain(name, totals.get(name))
+                        for name in self.work.split_layers})
+        return results
+
+    def _precondition_shares(self) -> dict[str, torch.Tensor]:
+        """This rank's shares of the split layers' preconditioned gradients (those it has)."""
+        return {name: share for name in self.work.split_layers
+                if (share := self.precondition_share(name)) is not None}
 
     def gradients_finite(self) -> bool:
         """Whether every gradient of `params` is free of NaN/inf: one fused max-norm over

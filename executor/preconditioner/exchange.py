@@ -44,6 +44,15 @@ class PendingBroadcast:
     work: Any
 
 
+@dataclass
+class PendingSum:
+    """The split layers' shares, their fused all-reduce (sum) in flight (flat and work None
+    when there is nothing to sum: one rank or no shares)."""
+    shares: dict[str, torch.Tensor]
+    flat: torch.Tensor | None = None
+    work: Any = None
+
+
 class Exchange:
     """One rank's communicator for K-FAC: the factor all-reduce and the fused per-owner
     broadcasts, over `process_group` (the default group when None), with byte accounting."""
@@ -135,20 +144,20 @@ class Exchange:
     def share_gradients(self, mine: dict[str, torch.Tensor], blocks: dict[str, KFACBlock],
                         layers_of_rank: dict[int, list[str]], ledger: NumericsLedger,
                         posted: list[PendingBroadcast] = (), *,
-                        shares: dict[str, torch.Tensor] | None = None
+                        shares: dict[str, torch.Tensor] | PendingSum | None = None
                         ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Every owner in `layers_of_rank` broadcasts its preconditioned gradients of the layers
         listed there (those in `posted`, from post_gradient_receives, already are), then the
-        split layers' `shares` are summed (sum_shares, after every broadcast); returns (those
-        layers' and `mine`, the shares' totals), on every rank."""
-        shares = shares or {}
+        split layers' `shares` are summed (their all-reduce posted after every broadcast, or
+        already in flight: a PendingSum from post_share_sum); returns (those layers' and
+        `mine`, the shares' totals), on every rank."""
         if self.world_size == 1:
-            return mine, shares
+            return mine, (shares.shares if isinstance(shares, PendingSum) else shares or {})
         posted = list(posted)
         done = {item.src for item in posted}
         later = {src: names for src, names in layers_of_rank.items() if src not in done}
         pending = posted + self._post_gradients(later, mine, blocks, ledger)
-        totals = self.sum_shares(shares)
+        summing = shares if isinstance(shares, PendingSum) else self.post_share_sum(shares or {})
         results = dict(mine)
         for names, payload in self.collect_broadcasts(pending, ledger):
             offset = 0
@@ -157,7 +166,7 @@ class Exchange:
                 results[name] = payload[offset:offset + block.grad_numel].view(block.dim_g,
                                                                                block.dim_a)
                 offset += block.grad_numel
-        return results, totals
+        return results, self.collect_share_sum(summing)
 
     def _post_gradients(self, layers_of_rank: dict[int, list[str]], mine: dict[str, torch.Tensor],
                         blocks: dict[str, KFACBlock], ledger: NumericsLedger
@@ -167,19 +176,28 @@ class Exchange:
             lambda n: blocks[n].grad_numel, ledger, kind="preconditioned_gradient_broadcast",
             like=_reference(blocks))
 
-    def sum_shares(self, shares: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Add every rank's shares of the split layers' preconditioned gradients (every rank
-        passes the same layers), in one fused all-reduce (sum); each layer's total, on every
-        rank."""
+    def post_share_sum(self, shares: dict[str, torch.Tensor]) -> PendingSum:
+        """Post the fused all-reduce (sum) of every rank's shares of the split layers'
+        preconditioned gradients, asynchronously (every rank passes the same layers and posts
+        it at the same point of its sequence of collectives); collect_share_sum gives each
+        layer's total."""
         if self.world_size == 1 or not shares:
-            return shares
+            return PendingSum(shares)
         flat = torch.cat([_in_storage_order(t) for t in shares.values()])
-        dist.all_reduce(flat, group=self.process_group)
+        work = dist.all_reduce(flat, group=self.process_group, async_op=True)
         self._count("preconditioned_gradient_allreduce",
                     ring_allreduce_bytes(flat.numel() * flat.element_size(), self.world_size))
+        return PendingSum(shares, flat, work)
+
+    @staticmethod
+    def collect_share_sum(pending: PendingSum) -> dict[str, torch.Tensor]:
+        """Wait for a posted sum of shares; each split layer's total (views of one buffer)."""
+        if pending.work is None:
+            return pending.shares
+        pending.work.wait()
         totals, offset = {}, 0
-        for name, share in shares.items():
-            totals[name] = _laid_out_like(flat[offset:offset + share.numel()], share)
+        for name, share in pending.shares.items():
+            totals[name] = _laid_out_like(pending.flat[offset:offset + share.numel()], share)
             offset += share.numel()
         return totals
 

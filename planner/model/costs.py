@@ -324,9 +324,10 @@ def second_order_lower_bound_s(profile: Profile, *, workers: int, config: PlanCo
     split (more than one worker): placements may also split layers' preconditioning
     (precondition_split). One that splits nothing keeps the bound above; one that splits a
     layer has compute at least split_compute_lower_bound_s (the solvers' whole-layer bound
-    does not apply to it), adjusted as above, and pays every step at least
+    does not apply to it), adjusted as above, and, serial, pays every step at least
     split_allreduce_lower_bound_s after every rank's preconditioning (the all-reduce of the
-    shares comes after the broadcasts). The bound is the lesser of the two."""
+    shares comes after the broadcasts; overlapped it may run under the ranks' own
+    preconditioning, so nothing is added). The bound is the lesser of the two."""
     works = layer_works_s(profile, config=config)
     whole = max(makespan_lower_bound_s(work=works, workers=workers, speeds=speeds),
                 compute_bound_s)
@@ -337,9 +338,10 @@ def second_order_lower_bound_s(profile: Profile, *, workers: int, config: PlanCo
     if not split or workers == 1:
         return bound
     shared = split_compute_lower_bound_s(profile, workers=workers, config=config, speeds=speeds)
+    after = 0.0 if config.overlap else split_allreduce_lower_bound_s(profile, workers=workers,
+                                                                     network=network)
     return min(bound, _reachable_compute_s(profile, shared, workers=workers, config=config,
-                                           speeds=speeds, network=network)
-               + split_allreduce_lower_bound_s(profile, workers=workers, network=network))
+                                           speeds=speeds, network=network) + after)
 
 
 def _reachable_compute_s(profile: Profile, compute_s: float, *, workers: int,

@@ -29,7 +29,10 @@ dpkfac.core.step.PHASES:
    together, timed as broadcast; split layers are never staggered); every rank preconditions
    its owned unsplit layers and rows[r] / dim_g of every split layer (precondition); the
    owners' broadcasts of the unsplit layers as above, then one fused all-reduce of the split
-   layers' shares once they are done (timed as broadcast);
+   layers' shares once they are done (timed as broadcast). Overlapped (config.overlap) every
+   rank preconditions its shares first and posts their all-reduce, which runs (its wire
+   seconds; the rest takes the hosts' CPU) while the ranks precondition their own layers;
+   their receives are posted after it;
 7. apply (KL clip, write-back), then the optimizer.
 
 Bucket posting (config.overlap, more than one worker, a profile with gradient buckets, every
@@ -76,6 +79,7 @@ from planner.model.buckets import (
 from planner.model.costs import (
     PlanConfig,
     Split,
+    allreduce_wire_s,
     applied_split,
     decomposition_sizes,
     factor_bytes,
@@ -83,6 +87,7 @@ from planner.model.costs import (
     per_owner,
     precondition_counts,
     precondition_per_worker_s,
+    split_shares,
     unsplit_mask,
 )
 from planner.model.network import Network
@@ -189,7 +194,8 @@ def simulate_step(profile: Profile, *, owners: Sequence[int], workers: int, conf
     if strategy is not None:
         broadcast_s = _shared_phases(line, profile, strategy=strategy, owners=owners,
                                      workers=workers, slot=step % config.inv_update_freq,
-                                     speed=speed, net=net, split=split)
+                                     speed=speed, net=net, split=split,
+                                     shares_first=config.overlap, network=network)
         second_order_end = float(line.t.max())
         line.compute("apply", profile.apply_s / speed)
     line.compute("optimizer", profile.optimizer_s / speed)
@@ -259,9 +265,12 @@ def _local_phases(line: Timeline, *, profile: Profile, strategy: Strategy,
 
 def _shared_phases(line: Timeline, profile: Profile, *, strategy: Strategy,
                    owners: Sequence[int], workers: int, slot: int, speed: np.ndarray,
-                   net: Network, split: Split) -> float:
+                   net: Network, split: Split, shares_first: bool = False,
+                   network: Network | None = None) -> float:
     """Preconditioning and the owners' broadcasts of one step (decomposition slot `slot`);
-    returns the seconds of its collectives."""
+    returns the seconds of its collectives. shares_first (the overlapped step): every rank
+    preconditions its shares of the split layers first and their all-reduce runs while it
+    preconditions its own layers (network: simulate_step's, for its wire seconds)."""
     layers = profile.layers
     owned = np.bincount(np.asarray(owners, dtype=int), minlength=workers)
     counters = NUMERICS_ELEMENTS * profile.dtype_bytes
@@ -275,16 +284,51 @@ def _shared_phases(line: Timeline, profile: Profile, *, strategy: Strategy,
         return seconds
     seconds = _split_decomposition_broadcasts(line, profile, owners=owners, workers=workers,
                                               net=net, split=split) if slot == 0 else 0.0
-    line.compute("precondition",
-                 precondition_per_worker_s(profile, owners=owners, workers=workers, split=split)
-                 / speed, precondition_counts(profile, owners=owners, workers=workers,
-                                              split=split))
+    then_s = _split_allreduce_s(profile, workers=workers, net=net, split=split)
+    costs = np.asarray([l.precondition_s for l in layers], dtype=float)
     whole = unsplit_mask(profile, split)
+    own_s = per_owner(costs * whole, owners, workers)
+    own_counts = per_owner(whole.astype(float), owners, workers)
+    summing = None
+    if shares_first and then_s is not None:
+        shares = split_shares(profile, split, workers)
+        line.compute("precondition", costs[sorted(split)] @ shares / speed,
+                     (shares > 0).sum(axis=0))
+        summing = _post_share_sum(line, profile, network=network, split=split, seconds=then_s,
+                                  own_s=own_s / speed, own_counts=own_counts)
+    else:
+        line.compute("precondition",
+                     precondition_per_worker_s(profile, owners=owners, workers=workers,
+                                               split=split) / speed,
+                     precondition_counts(profile, owners=owners, workers=workers, split=split))
     nbytes = np.asarray([l.grad_numel * profile.dtype_bytes for l in layers], dtype=float)
-    return seconds + _ordered_broadcasts(
-        line, net, per_owner(nbytes * whole, owners, workers), per_owner(whole, owners, workers),
-        workers, counters, then_s=_split_allreduce_s(profile, workers=workers, net=net,
-                                                     split=split))
+    seconds += _ordered_broadcasts(line, net, per_owner(nbytes * whole, owners, workers),
+                                   own_counts, workers, counters,
+                                   then_s=None if summing is not None else then_s)
+    if summing is not None:
+        line.wait(summing)
+        seconds += then_s
+    return seconds
+
+
+def _post_share_sum(line: Timeline, profile: Profile, *, network: Network | None,
+                    split: Split, seconds: float, own_s: np.ndarray,
+                    own_counts: np.ndarray) -> Segment:
+    """Post the all-reduce of the split layers' shares (taking `seconds`) once the last rank
+    has its shares, then each rank preconditions its own layers (own_s, own_counts): on the
+    wire (costs.allreduce_wire_s) the all-reduce runs beside that compute; its hosts' part,
+    the rest, shares the ranks' cores (with contention: Timeline.background) or else delays
+    each rank still computing when it starts by that much. The all-reduce's segment."""
+    segment = line.post("broadcast", seconds)
+    nbytes = sum(profile.layers[i].grad_numel for i in split) * profile.dtype_bytes
+    cpu_s = seconds - allreduce_wire_s(profile, nbytes=nbytes, collective_s=seconds,
+                                       workers=len(line.t), network=network)
+    if line.contention is not None:
+        line.background("broadcast", cpu_s)
+    line.compute("precondition", own_s, own_counts)
+    if line.contention is None:
+        line.compute("broadcast", np.where(line.t > segment.start_s, cpu_s, 0.0))
+    return segment
 
 
 def _split_decomposition_broadcasts(line: Timeline, profile: Profile, *, owners: Sequence[int],

@@ -8,8 +8,11 @@ gradients every step instead of the owner's broadcast. With one dominant layer t
 a makespan that no whole-layer placement can. The search is greedy over the largest
 preconditioning costs: each candidate's precondition seconds are water-filled over the workers
 against their current compute (speeds respected), rounded to whole rows (largest remainder, in
-multiples of 8 where the layer allows),
-and the split is kept only when the predicted step drops by more than `min_gain`.
+multiples of 8 where the layer allows), then moved a granule at a time between the most and
+the least loaded workers while the predicted step drops (the water-fill evens the mean compute,
+the step model sees each step's: an owner that also decomposes idles others on its
+decomposition steps only), and the split is kept only when the predicted step drops by more
+than `min_gain`.
 Pure functions over plain data and callbacks; seconds throughout, rows as integers.
 """
 from __future__ import annotations
@@ -22,6 +25,7 @@ import numpy as np
 MAX_CANDIDATES = 8   # layers tried, largest precondition_s first
 MIN_GAIN = 0.005     # a split must shorten the predicted step by more than 0.5%
 ROW_GRANULE = 8      # rows per granule of a split (row_granule)
+MAX_MOVES = 32       # granules refine_rows moves, at most, in each direction
 
 Rows = tuple[int, ...]
 
@@ -96,7 +100,7 @@ def search_split(*, candidates: Sequence[int], precondition_s: Sequence[float],
                  min_gain: float = MIN_GAIN) -> tuple[dict[int, Rows], tuple[SplitTrial, ...]]:
     """Greedy split: for each candidate in order, water-fill its precondition_s over the workers
     against compute_of(split so far) (seconds per worker, speeds applied) less its own share on
-    its owner, round to rows, and keep it when step_time_of(split with it) is below the best
+    its owner, round to rows, refine them (refine_rows), and keep it when step_time_of(split with it) is below the best
     step so far by more than `min_gain` (a fraction) and `fits(split with it)` (memory caps).
     A candidate whose rows all fall on its owner is not tried (the other workers may take all
     of them). Returns the split (layer -> rows per rank) and every trial."""
@@ -112,10 +116,43 @@ def search_split(*, candidates: Sequence[int], precondition_s: Sequence[float],
                                  row_granule(dims_g[i], len(speeds)))
         if rows[owners[i]] == dims_g[i]:  # all on its owner: nothing moves
             continue
-        trial = {**split, i: rows}
-        step_s = step_time_of(trial) if fits(trial) else None
+        trial, step_s = {**split, i: rows}, None
+        if fits(trial):
+            trial, step_s = refine_rows(trial, i, granule=row_granule(dims_g[i], len(speeds)),
+                                        load_s=compute_of(trial), step_time_of=step_time_of,
+                                        fits=fits)
+        rows = trial[i]
         kept = step_s is not None and step_s < best_s * (1 - min_gain)
         trials.append(SplitTrial(layer=i, rows=rows, step_time_s=step_s, kept=kept))
         if kept:
             split[i], best_s = rows, step_s
     return split, tuple(trials)
+
+
+def refine_rows(split: Mapping[int, Rows], layer: int, *, granule: int, load_s: Sequence[float],
+                step_time_of: Callable[[Mapping[int, Rows]], float],
+                fits: Callable[[Mapping[int, Rows]], bool] = lambda split: True,
+                max_moves: int = MAX_MOVES) -> tuple[dict[int, Rows], float]:
+    """`split` with `layer`'s rows moved `granule` at a time from the most loaded worker
+    (load_s: seconds each computes) to the least loaded one, or else the other way, while
+    step_time_of drops and the split fits, at most `max_moves` moves; the split and its
+    predicted step (seconds)."""
+    best, best_s = dict(split), step_time_of(split)
+    heavy, light = int(np.argmax(load_s)), int(np.argmin(load_s))
+    for src, dst in ((heavy, light), (light, heavy))[:2 if heavy != light else 0]:
+        for _ in range(max_moves):
+            rows = list(best[layer])
+            if rows[src] < granule:
+                break
+            rows[src] -= granule
+            rows[dst] += granule
+            trial = {**best, layer: tuple(rows)}
+            if not fits(trial):
+                break
+            step_s = step_time_of(trial)
+            if step_s >= best_s:
+                break
+            best, best_s = trial, step_s
+        if best[layer] != split[layer]:
+            break
+    return best, best_s
