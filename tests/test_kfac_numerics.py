@@ -176,6 +176,26 @@ def test_grad_matrix_round_trip_conv_with_bias():
     assert torch.allclose(block.grad_matrix(), 2 * matrix)
 
 
+@pytest.mark.parametrize("kind, bias", [("conv", True), ("conv", False), ("linear", True),
+                                        ("linear", False)])
+def test_grad_inner_and_scaled_write_back_match_the_gradient_matrix(kind, bias):
+    """The KL clip's inner product and the scaled write-back work on the module's gradients in
+    place, for row- and column-major (transposed-view) results alike."""
+    module = nn.Conv2d(2, 3, 3, bias=bias) if kind == "conv" else nn.Linear(5, 4, bias=bias)
+    block = make_block(module, "m")
+    assert float(block.grad_inner(torch.ones(block.dim_g, block.dim_a))) == 0.0  # no grad yet
+    for p in module.parameters():
+        p.grad = torch.randn_like(p)
+    for matrix in (torch.randn(block.dim_g, block.dim_a),
+                   torch.randn(block.dim_a, block.dim_g).t()):
+        dense = block.grad_matrix().clone()
+        torch.testing.assert_close(block.grad_inner(matrix), (matrix * dense).sum())
+        block.set_grad_matrix(matrix, 0.5)
+        assert torch.equal(block.grad_matrix(), matrix * 0.5)
+    block.set_grad_matrix(dense)
+    assert torch.equal(block.grad_matrix(), dense)
+
+
 def test_unsupported_modules_have_no_block():
     assert make_block(nn.ReLU(), "r") is None
     assert make_block(nn.Conv2d(4, 4, 3, groups=2), "g") is None

@@ -188,14 +188,28 @@ class KFACBlock(ABC):
             return self.module.weight.new_zeros(self.dim_g, self.dim_a)
         return self.grad_matrix()
 
-    def set_grad_matrix(self, matrix: torch.Tensor) -> None:
-        """Write a dim_g x dim_a matrix back into the module's weight (and bias) gradients."""
+    def grad_inner(self, matrix: torch.Tensor) -> torch.Tensor:
+        """sum(matrix * grad_matrix()) for a dim_g x dim_a `matrix`, without assembling the
+        gradient matrix (a 0-dim tensor; 0 when the module has no gradient yet)."""
+        weight = self.module.weight
+        if weight.grad is None:
+            return matrix.new_zeros(())
+        cols = self.dim_a - int(self.has_bias)
+        total = (matrix[:, :cols] * weight.grad.reshape(self.dim_g, cols)).sum()
+        if self.has_bias:
+            total = total + (matrix[:, -1] * self.module.bias.grad.reshape(-1)).sum()
+        return total
+
+    def set_grad_matrix(self, matrix: torch.Tensor, scale: float = 1.0) -> None:
+        """Write a dim_g x dim_a matrix, times `scale`, back into the module's weight (and bias)
+        gradients, in one pass (no scaled copy)."""
         weight = self.module.weight
         if self.has_bias:
-            weight.grad.copy_(matrix[:, :-1].reshape(weight.shape))
-            self.module.bias.grad.copy_(matrix[:, -1].reshape(self.module.bias.shape))
+            torch.mul(matrix[:, :-1].reshape(weight.shape), scale, out=weight.grad)
+            torch.mul(matrix[:, -1].reshape(self.module.bias.shape), scale,
+                      out=self.module.bias.grad)
         else:
-            weight.grad.copy_(matrix.reshape(weight.shape))
+            torch.mul(matrix.reshape(weight.shape), scale, out=weight.grad)
 
     # -- state ----------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:

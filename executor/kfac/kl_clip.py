@@ -15,7 +15,7 @@ def kl_clip_scale(blocks: Iterable[KFACBlock], results: dict[str, torch.Tensor],
     or with a zero sum)."""
     if kl_clip is None:
         return 1.0
-    products = [(results[b.name] * b.grad_or_zeros()).sum() for b in blocks]
+    products = [b.grad_inner(results[b.name]) for b in blocks]
     vg_sum = float(torch.stack(products).sum()) * lr ** 2 if products else 0.0
     return min(1.0, (kl_clip / abs(vg_sum)) ** 0.5) if vg_sum != 0.0 else 1.0
 
@@ -27,4 +27,4 @@ def apply_preconditioned(blocks: Iterable[KFACBlock], results: dict[str, torch.T
     scale = kl_clip_scale(blocks, results, lr=lr, kl_clip=kl_clip)
     for block in blocks:
         if block.module.weight.grad is not None:
-            block.set_grad_matrix(results[block.name].mul(scale))
+            block.set_grad_matrix(results[block.name], scale)

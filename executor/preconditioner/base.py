@@ -314,10 +314,12 @@ class BaseKFACPreconditioner:
         return share.to(grad.dtype)
 
     def _finite_or_plain(self, name: str, total: torch.Tensor | None) -> torch.Tensor:
-        """A split layer's summed preconditioned gradient, or its plain gradient when there is
-        none or it is not finite (every rank decides alike: it holds the same sum)."""
+        """A split layer's summed preconditioned gradient, row-major (shares summed through the
+        transpose are column-major: transposed once here, not in every pass of the write-back),
+        or its plain gradient when there is none or it is not finite (every rank decides alike:
+        it holds the same sum)."""
         if total is not None and all_finite(total):
-            return total
+            return total.contiguous()
         block = self.blocks[name]
         if block.module.weight.grad is not None:
             self.ledger.count(name, "plain_gradient", 1)
