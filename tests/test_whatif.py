@@ -244,3 +244,27 @@ def test_bandwidth_scaling_with_a_known_link_rate_keeps_the_hosts_part():
         assert faster.allreduce_points.seconds[1] == pytest.approx(want)
         assert faster.allreduce_points.seconds[0] == pytest.approx(0.003)
         assert faster.broadcast_points.seconds[1] == pytest.approx(want)  # p - 1 = 1 send
+
+
+def test_bandwidth_scaling_keeps_the_hosts_measured_cpu_seconds_of_an_allreduce():
+    """On a slow link the hosts' work of an all-reduce runs under the transfer and the curve
+    shows only the wire; on a 4x faster one the all-reduce still takes the CPU seconds the
+    profile measured for it (gradient_allreduce_cpu_s, per byte), the broadcast does not. The
+    latency floor is the least measured time, even when a smaller message read slower."""
+    from dpkfac.core.profile import CommCosts, MeasuredPoints
+    from planner.whatif.sweep import scale_bandwidth
+
+    base = profile_from_dict(synthetic_profile_dict(2, 0, world_size=2))
+    grad = base.model_grad_bytes
+    sizes, wire = (1024, 4096, grad), grad / 12.5e6
+    points = MeasuredPoints(sizes, (0.004, 0.003, 0.003 + wire))  # all of it on the wire
+    for cpu, want in ((None, 0.003 + wire / 4), (wire / 2, 0.003 + wire / 2),
+                      (2 * wire, 0.003 + wire)):  # the host part: at most what was measured
+        comm = CommCosts(backend="gloo", world_size=2, allreduce=base.comm.allreduce,
+                         broadcast=base.comm.broadcast, allreduce_points=points,
+                         broadcast_points=points, link_bytes_per_s=12.5e6,
+                         gradient_allreduce_cpu_s=cpu)
+        faster = scale_bandwidth(dataclasses.replace(base, comm=comm), 4.0).comm
+        assert faster.allreduce_points.seconds[2] == pytest.approx(want)
+        assert faster.broadcast_points.seconds[2] == pytest.approx(0.003 + wire / 4)
+        assert faster.allreduce_points.seconds[1] == pytest.approx(0.003)  # the floor stays

@@ -84,20 +84,24 @@ class MeasuredPoints:
         """Every time multiplied by `factor`."""
         return MeasuredPoints(self.message_bytes, tuple(t * factor for t in self.seconds))
 
-    def faster_link(self, scale: float, *, wire_s_per_byte: float | None = None
-                    ) -> "MeasuredPoints":
+    def faster_link(self, scale: float, *, wire_s_per_byte: float | None = None,
+                    host_s_per_byte: float | None = None) -> "MeasuredPoints":
         """The curve on a link `scale` times the bandwidth. Of each size's time beyond the
-        smallest size's (the latency floor: wake-up, protocol, what no bandwidth shortens),
+        latency floor (the least measured time: wake-up, protocol, what no bandwidth shortens),
         the part on the wire is divided by `scale`: with `wire_s_per_byte` (seconds per
         message byte the link itself takes, known from its rate) that many seconds, at most
         all of it; the rest (the hosts' copies and reductions) is kept. Without it, all of
-        it."""
-        floor = self.seconds[0]
+        it. With `host_s_per_byte` (the hosts' CPU seconds per byte, measured), the time above
+        the floor never drops below that much of it (at most what was measured): on a slow
+        link the hosts' work runs under the transfer of the chunks before, on a fast one it is
+        what remains."""
+        floor = min(self.seconds)
         out = []
         for n, t in zip(self.message_bytes, self.seconds):
             above = max(t - floor, 0.0)
             wire = above if wire_s_per_byte is None else min(n * wire_s_per_byte, above)
-            out.append(t - wire + wire / scale)
+            host = 0.0 if host_s_per_byte is None else min(n * host_s_per_byte, above)
+            out.append(floor + max(above - wire + wire / scale, host))
         return MeasuredPoints(self.message_bytes, tuple(out))
 
 

@@ -104,21 +104,24 @@ def scale_batch(profile: Profile, batch_size: int) -> Profile:
 
 def scale_bandwidth(profile: Profile, scale: float) -> Profile:
     """The profile on links `scale` times as fast: each collective's measured curve keeps its
-    latency floor (the smallest message's time) and divides the rest by `scale`, or only its
-    wire time when the profile knows the link rate (`profile --link-rate`; the hosts' part
-    stays) (MeasuredPoints.faster_link); the alpha-beta fits divide seconds per byte by
-    `scale`."""
+    latency floor (the least measured time) and divides the rest by `scale`, or only its wire
+    time when the profile knows the link rate (`profile --link-rate`; the hosts' part stays),
+    the all-reduce's never below the hosts' CPU seconds the profile measured for it
+    (comm.gradient_allreduce_cpu_s, per byte) (MeasuredPoints.faster_link); the alpha-beta
+    fits divide seconds per byte by `scale`."""
     if scale == 1.0:
         return profile
     comm = profile.comm
 
-    def faster(points: MeasuredPoints | None, kind: str) -> MeasuredPoints | None:
+    def faster(points: MeasuredPoints | None, kind: str,
+               host_s_per_byte: float | None = None) -> MeasuredPoints | None:
         return None if points is None else points.faster_link(
-            scale, wire_s_per_byte=comm.wire_s_per_byte(kind))
+            scale, wire_s_per_byte=comm.wire_s_per_byte(kind), host_s_per_byte=host_s_per_byte)
 
     costs = dataclasses.replace(comm, allreduce=_faster_fit(comm.allreduce, scale),
                                 broadcast=_faster_fit(comm.broadcast, scale),
-                                allreduce_points=faster(comm.allreduce_points, "allreduce"),
+                                allreduce_points=faster(comm.allreduce_points, "allreduce",
+                                                        _allreduce_host_s_per_byte(profile)),
                                 broadcast_points=faster(comm.broadcast_points, "broadcast"),
                                 link_bytes_per_s=None if comm.link_bytes_per_s is None
                                 else comm.link_bytes_per_s * scale)
@@ -129,6 +132,15 @@ def scale_bandwidth(profile: Profile, scale: float) -> Profile:
     ratio = lone_buckets_s(faster_profile) / lone_buckets_s(profile)
     return dataclasses.replace(faster_profile, comm=dataclasses.replace(
         costs, gradient_buckets_s=comm.gradient_buckets_s * ratio))
+
+
+def _allreduce_host_s_per_byte(profile: Profile) -> float | None:
+    """The hosts' CPU seconds per byte of an all-reduce, from the profile's measured gradient
+    all-reduce (comm.gradient_allreduce_cpu_s; None without it)."""
+    cpu = profile.comm.gradient_allreduce_cpu_s
+    if cpu is None or profile.model_grad_bytes <= 0:
+        return None
+    return cpu / profile.model_grad_bytes
 
 
 def _faster_fit(fit: AlphaBeta, scale: float) -> AlphaBeta:
