@@ -7,7 +7,9 @@ a layer's preconditioned gradient (dim_g x dim_a, row-major) or its decompositio
 dpkfac.core.step.decomposition_shapes, in that order, each row-major; all NaN when the owner has
 none). Owners' broadcasts are posted asynchronously in ascending owner rank on every rank and
 waited for together; preconditioned gradients' receives from owners ranked below a rank are
-posted before it preconditions (post_gradient_receives), so they flow while it computes.
+posted before it preconditions (post_gradient_receives), so they flow while it computes. The
+split layers' shares are summed in one all-reduce (post_share_sum), posted after the broadcasts
+or, in the overlapped step, before the receives, while the ranks precondition their own layers.
 
 Traffic is counted per dpkfac.core.step.TRAFFIC_KINDS kind in bytes SENT PLUS RECEIVED by this
 rank (a ring all-reduce of n bytes counts 4 (p-1)/p n, a broadcast n on every rank), plus
