@@ -67,8 +67,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from dpkfac.core.profile import Profile
-from dpkfac.core.step import NUMERICS_ELEMENTS, PHASES
-from dpkfac.core.strategy import DP_KFAC, FactorMode, SharedResult, Strategy
+from dpkfac.core.step import PHASES
+from dpkfac.core.strategy import DP_KFAC, FactorMode, Strategy
 from planner.model.buckets import (
     BucketCost,
     bucket_chain,
@@ -79,18 +79,13 @@ from planner.model.buckets import (
 from planner.model.costs import (
     PlanConfig,
     Split,
-    allreduce_wire_s,
     applied_split,
-    decomposition_sizes,
     factor_bytes,
     network_of,
     per_owner,
-    precondition_counts,
-    precondition_per_worker_s,
-    split_shares,
-    unsplit_mask,
 )
 from planner.model.network import Network
+from planner.model.shared_phases import shared_phases
 from planner.model.timeline import Segment, Timeline
 from planner.solve.instance import check_speeds
 
@@ -192,7 +187,7 @@ def simulate_step(profile: Profile, *, owners: Sequence[int], workers: int, conf
         _local_phases(line, **local)
     second_order_end = ar_end
     if strategy is not None:
-        broadcast_s = _shared_phases(line, profile, strategy=strategy, owners=owners,
+        broadcast_s = shared_phases(line, profile, strategy=strategy, owners=owners,
                                      workers=workers, slot=step % config.inv_update_freq,
                                      speed=speed, net=net, split=split,
                                      shares_first=config.overlap, network=network)
@@ -263,99 +258,6 @@ def _local_phases(line: Timeline, *, profile: Profile, strategy: Strategy,
                  per_owner([float(d) for d in decomposing], owners, workers))
 
 
-def _shared_phases(line: Timeline, profile: Profile, *, strategy: Strategy,
-                   owners: Sequence[int], workers: int, slot: int, speed: np.ndarray,
-                   net: Network, split: Split, shares_first: bool = False,
-                   network: Network | None = None) -> float:
-    """Preconditioning and the owners' broadcasts of one step (decomposition slot `slot`);
-    returns the seconds of its collectives. shares_first (the overlapped step): every rank
-    preconditions its shares of the split layers first and their all-reduce runs while it
-    preconditions its own layers (network: simulate_step's, for its wire seconds)."""
-    layers = profile.layers
-    owned = np.bincount(np.asarray(owners, dtype=int), minlength=workers)
-    counters = NUMERICS_ELEMENTS * profile.dtype_bytes
-    if strategy.shared is SharedResult.DECOMPOSITION:
-        seconds = 0.0
-        if slot == 0:
-            sizes = per_owner(decomposition_sizes(profile), owners, workers)
-            seconds = _broadcasts(line, net, sizes, owned, workers, counters)
-        line.compute("precondition", np.full(workers, sum(l.precondition_s for l in layers))
-                     / speed, [len(layers)] * workers)
-        return seconds
-    seconds = _split_decomposition_broadcasts(line, profile, owners=owners, workers=workers,
-                                              net=net, split=split) if slot == 0 else 0.0
-    then_s = _split_allreduce_s(profile, workers=workers, net=net, split=split)
-    costs = np.asarray([l.precondition_s for l in layers], dtype=float)
-    whole = unsplit_mask(profile, split)
-    own_s = per_owner(costs * whole, owners, workers)
-    own_counts = per_owner(whole.astype(float), owners, workers)
-    summing = None
-    if shares_first and then_s is not None:
-        shares = split_shares(profile, split, workers)
-        line.compute("precondition", costs[sorted(split)] @ shares / speed,
-                     (shares > 0).sum(axis=0))
-        summing = _post_share_sum(line, profile, network=network, split=split, seconds=then_s,
-                                  own_s=own_s / speed, own_counts=own_counts)
-    else:
-        line.compute("precondition",
-                     precondition_per_worker_s(profile, owners=owners, workers=workers,
-                                               split=split) / speed,
-                     precondition_counts(profile, owners=owners, workers=workers, split=split))
-    nbytes = np.asarray([l.grad_numel * profile.dtype_bytes for l in layers], dtype=float)
-    seconds += _ordered_broadcasts(line, net, per_owner(nbytes * whole, owners, workers),
-                                   own_counts, workers, counters,
-                                   then_s=None if summing is not None else then_s)
-    if summing is not None:
-        line.wait(summing)
-        seconds += then_s
-    return seconds
-
-
-def _post_share_sum(line: Timeline, profile: Profile, *, network: Network | None,
-                    split: Split, seconds: float, own_s: np.ndarray,
-                    own_counts: np.ndarray) -> Segment:
-    """Post the all-reduce of the split layers' shares (taking `seconds`) once the last rank
-    has its shares, then each rank preconditions its own layers (own_s, own_counts): on the
-    wire (costs.allreduce_wire_s) the all-reduce runs beside that compute; its hosts' part,
-    the rest, shares the ranks' cores (with contention: Timeline.background) or else delays
-    each rank still computing when it starts by that much. The all-reduce's segment."""
-    segment = line.post("broadcast", seconds)
-    nbytes = sum(profile.layers[i].grad_numel for i in split) * profile.dtype_bytes
-    cpu_s = seconds - allreduce_wire_s(profile, nbytes=nbytes, collective_s=seconds,
-                                       workers=len(line.t), network=network)
-    if line.contention is not None:
-        line.background("broadcast", cpu_s)
-    line.compute("precondition", own_s, own_counts)
-    if line.contention is None:
-        line.compute("broadcast", np.where(line.t > segment.start_s, cpu_s, 0.0))
-    return segment
-
-
-def _split_decomposition_broadcasts(line: Timeline, profile: Profile, *, owners: Sequence[int],
-                                    workers: int, net: Network, split: Split) -> float:
-    """At a decomposition update, one fused broadcast per owner of split layers: their
-    decompositions plus its counters; seconds (0 without split layers)."""
-    if not split:
-        return 0.0
-    index = sorted(split)
-    split_owners = [owners[i] for i in index]
-    sizes = per_owner(np.asarray(decomposition_sizes(profile), dtype=float)[index],
-                      split_owners, workers)
-    return _broadcasts(line, net, sizes, np.bincount(split_owners, minlength=workers), workers,
-                       NUMERICS_ELEMENTS * profile.dtype_bytes)
-
-
-def _split_allreduce_s(profile: Profile, *, workers: int, net: Network, split: Split
-                       ) -> float | None:
-    """Seconds of the fused all-reduce (sum) of every rank's shares of the split layers'
-    preconditioned gradients (None without split layers or at one worker: no such
-    collective)."""
-    if not split or workers == 1:
-        return None
-    nbytes = sum(profile.layers[i].grad_numel for i in split) * profile.dtype_bytes
-    return net.allreduce_s(ranks=workers, nbytes=nbytes)
-
-
 def _unstaggered(decomposition_step: Sequence[int] | None, split: Split
                  ) -> Sequence[int] | None:
     """The decomposition slots with every split layer's at 0 (split layers are never
@@ -363,57 +265,6 @@ def _unstaggered(decomposition_step: Sequence[int] | None, split: Split
     if decomposition_step is None or not split:
         return decomposition_step
     return tuple(0 if i in split else int(k) for i, k in enumerate(decomposition_step))
-
-
-def _broadcasts(line: Timeline, net: Network, sizes: Sequence[float], owned: np.ndarray,
-                workers: int, counters: int) -> float:
-    """One fused broadcast per owner (its payload plus its counters), posted together."""
-    if workers == 1:
-        return 0.0
-    alone = [net.broadcast_s(ranks=workers, nbytes=n + counters)
-             for n, k in zip(sizes, owned) if k > 0]
-    seconds = net.broadcast_group_s(alone)
-    line.collective("broadcast", seconds, count=len(alone))
-    return seconds
-
-
-def _ordered_broadcasts(line: Timeline, net: Network, sizes: Sequence[float],
-                        owned: np.ndarray, workers: int, counters: int, *,
-                        then_s: float | None = None) -> float:
-    """The preconditioned gradients' broadcasts, one fused per owner (its payload plus its
-    counters), in ascending owner rank, right after preconditioning, then (split layers) the
-    all-reduce of their shares taking `then_s`, timed as broadcast; returns their seconds.
-
-    Rank r posts owner o's broadcast before its own preconditioning when o < r, right after
-    it otherwise, and a collective runs once every rank has posted it: owner o's may start at
-    max(precondition end of ranks 0..o, precondition start of ranks above o). They run in that
-    order on broadcast_overlap lanes (Network.broadcast_queue_end_s); the all-reduce, posted
-    after them, starts when every rank has finished preconditioning and they are done. When
-    the first may start only once every rank is done, that is Network.broadcast_group_s after
-    the last rank, as collectives. A rank's comm seconds: its wait, at most that group's."""
-    if workers == 1:
-        return 0.0
-    seconds = [net.broadcast_s(ranks=workers, nbytes=n + counters)
-               for n, k in zip(sizes, owned) if k > 0]
-    group_s = net.broadcast_group_s(seconds)
-    ends = line.t.copy()
-    starts = ends - line.last.get("precondition", np.zeros(workers))
-    ranks = np.flatnonzero(np.asarray(owned) > 0)  # the owners, ascending
-    # owner o may start once ranks 0..o have ended and ranks above o have started
-    above = np.append(np.maximum.accumulate(starts[::-1])[::-1], -np.inf)
-    arrivals = np.maximum(np.maximum.accumulate(ends)[ranks], above[ranks + 1]).tolist()
-    if seconds and arrivals[0] < ends.max():
-        end, k = net.broadcast_queue_end_s(arrivals, seconds)
-        o = ranks[k]
-        gate = int(np.argmax(np.concatenate([ends[:o + 1], starts[o + 1:]])))
-        line.wait(line.post_at("broadcast", start_s=arrivals[k], end_s=end, gate=gate,
-                               count=len(seconds) - k), comm_max_s=group_s)
-    elif seconds:
-        line.collective("broadcast", group_s, count=len(seconds))
-    if then_s is not None:
-        line.collective("broadcast", then_s)
-        group_s += then_s
-    return group_s
 
 
 def simulate_cycle(profile: Profile, *, owners: Sequence[int], workers: int, config: PlanConfig,
