@@ -344,6 +344,28 @@ def test_overlapped_split_shares_are_all_reduced_under_the_own_preconditioning(l
         (0.1 + net.allreduce_s(ranks=2, nbytes=4000) - t0) + (shares if link else 0.0))
 
 
+def test_overlapped_decomposition_step_preconditions_own_layers_under_the_split_decompositions():
+    """On a decomposition step the overlapped order is own layers first, under the split
+    layers' decomposition broadcasts, then the shares and (after the gradient broadcasts)
+    their sum: rank 1, which decomposes the split layer last, computes its own layer while
+    the broadcast runs; serial, every rank waits for it first."""
+    doc = hand_profile()
+    doc["layers"][2].update(dim_a=50, dim_g=10)
+    profile = profile_from_dict(doc)
+    kw = dict(owners=[1, 0, 1], workers=2, step=0, split={2: (5, 5)})
+    step = simulate_step(profile, config=PlanConfig(inv_update_freq=2), **kw)
+    serial = simulate_step(profile, config=PlanConfig(inv_update_freq=2, overlap=False), **kw)
+    net = network_from_profile(profile.comm)
+    decomposition = net.broadcast_s(ranks=2, nbytes=(50 * 51 + 10 * 11) * 4 + COUNTERS)
+    b = net.broadcast_s(ranks=2, nbytes=1000 + COUNTERS)
+    shares = net.allreduce_s(ranks=2, nbytes=2000)
+    # rank 1: factors 1.25 s and decompositions 6 s, then its layer 3 s and its share 0.125 s;
+    # rank 0 (done at 7.375 s plus the broadcast) broadcasts under that, rank 1 after it
+    t0 = 0.1 + net.allreduce_s(ranks=2, nbytes=4000)
+    assert step.step_time_s == pytest.approx(t0 + 10.375 + b + shares + 0.01)
+    assert serial.step_time_s - step.step_time_s == pytest.approx(decomposition)
+
+
 # --- lower bound ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("seed", range(4))

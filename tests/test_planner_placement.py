@@ -14,6 +14,7 @@ from dpkfac.core.placement import check_placement_matches, load_placement
 from planner.placement import make_placement
 from dpkfac.core.profile import load_profile
 from dpkfac.core.schemas import PLACEMENT_SCHEMA
+from dpkfac.core.step import decomposition_numel
 
 from planner_fixtures import write_profile
 
@@ -49,12 +50,18 @@ def test_document_follows_the_contract(placement, profile_path):
                                    "compute_method": profile.compute_method}
     pred = placement["predicted"]
     assert [w["rank"] for w in pred["per_worker"]] == [0, 1, 2]
+    split = placement.get("precondition_split", {})
     for worker in pred["per_worker"]:
         mine = [l for l in profile.layers if placement["assignment"][l.name] == worker["rank"]]
-        expected = sum(l.factor_a_s + l.factor_g_s + l.decompose_a_s + l.decompose_g_s
-                       + l.precondition_s for l in mine)
+        shares = sum(l.precondition_s * split[l.name][worker["rank"]] / sum(split[l.name])
+                     for l in profile.layers if l.name in split)
+        expected = shares + sum(l.factor_a_s + l.factor_g_s + l.decompose_a_s + l.decompose_g_s
+                                + l.precondition_s * (l.name not in split) for l in mine)
         assert worker["compute_s"] == pytest.approx(expected)
-        assert worker["memory_bytes"] == sum(l.state_bytes for l in mine)
+        held_split = sum(decomposition_numel(l.dim_a, l.dim_g, profile.compute_method)
+                         * profile.dtype_bytes for l in profile.layers
+                         if l.name in split and l not in mine)
+        assert worker["memory_bytes"] == sum(l.state_bytes for l in mine) + held_split
     assert pred["lower_bound_s"] <= pred["second_order_s"] <= pred["step_time_s"]
     assert placement["status"] in ("optimal", "feasible", "heuristic")
 

@@ -106,7 +106,9 @@ def test_split_equals_unsplit_and_ranks_end_identical():
 
 def test_shares_first_overlapped_equals_the_serial_order_to_the_bit():
     """Overlapped, the shares are preconditioned first and their all-reduce runs under the
-    rest; serial, it follows the broadcasts: the same sums, the same bits."""
+    rest (on the steps that share decompositions, every 2nd here, the own layers come first,
+    under the decompositions' broadcasts); serial, it follows the broadcasts: the same sums,
+    the same bits."""
     overlapped = run_distributed(_train, 3, SPLIT)
     serial = run_distributed(_train, 3, SPLIT, False)
     for rank in range(3):

@@ -189,30 +189,49 @@ class BaseKFACPreconditioner:
     def _shared_phases(self) -> None:
         """Shared decompositions (of every layer, or of the split ones) or preconditioned
         gradients (the split layers' shares summed), then the write-back."""
-        shares_decompositions = self.strategy.shared is SharedResult.DECOMPOSITION
-        shared = (self.work.layers_of_rank if shares_decompositions
-                  else self.work.split_layers_of_rank)
-        if shared and self.steps % self.inv_update_freq == 0:
-            with self.timer.phase("broadcast"):
-                self.exchange.share_decompositions(self.blocks, shared, self.method, self.ledger)
-                self._decompositions_to_factor_dtype()
-        if shares_decompositions:
+        due = self.steps % self.inv_update_freq == 0
+        if self.strategy.shared is SharedResult.DECOMPOSITION:
+            if due:
+                self._share_decompositions(self.work.layers_of_rank)
             with self.timer.phase("precondition"):
                 results = {name: self.precondition_layer(name)
                            for name in self.work.preconditioned_layers}
         else:
-            results = self._precondition_and_share()
+            results = self._precondition_and_share(self.work.split_layers_of_rank if due else {})
         self.apply(results)
         self.steps += 1
         self.calls += 1
 
-    def _precondition_and_share(self) -> dict[str, torch.Tensor]:
+    def _share_decompositions(self, layers_of_rank: dict[int, list[str]]) -> None:
+        """The owners' broadcasts of `layers_of_rank`'s decompositions, loaded on every rank."""
+        if layers_of_rank:
+            with self.timer.phase("broadcast"):
+                self.exchange.share_decompositions(self.blocks, layers_of_rank, self.method,
+                                                   self.ledger)
+                self._decompositions_to_factor_dtype()
+
+    def _precondition_and_share(self, decompositions: dict[int, list[str]]
+                                ) -> dict[str, torch.Tensor]:
         """Every layer's preconditioned gradient, on every rank: this rank's own layers and
-        shares of the split layers, the owners' broadcasts, the shares summed. Overlapped
-        (overlap=True), the shares come first and their all-reduce runs while this rank
-        preconditions its own layers; serial, it follows the broadcasts."""
+        shares of the split layers, the owners' broadcasts, the shares summed; first the split
+        layers' `decompositions` (owner -> layers) where this step shares them.
+
+        Serial (overlap=False): decompositions, own layers, broadcasts, shares, their sum.
+        Overlapped, with split layers: the shares come first and their all-reduce runs while
+        this rank preconditions its own layers; on a step that shares decompositions the own
+        layers come first instead, under the decompositions' broadcasts (a rank need not wait
+        for another owner's decomposition before it computes), then the shares, summed after
+        the gradient broadcasts."""
+        overlapped = self.overlap and bool(self.work.split_layers)
+        decomposing = None
+        if overlapped and decompositions:
+            with self.timer.phase("broadcast"):
+                decomposing = self.exchange.post_decompositions(
+                    self.blocks, decompositions, self.method, self.ledger)
+        else:
+            self._share_decompositions(decompositions)
         summing = None
-        if self.overlap and self.work.split_layers:
+        if overlapped and decomposing is None:
             with self.timer.phase("precondition"):
                 summing = self.exchange.post_share_sum(self._precondition_shares())
         receiving = self.exchange.post_gradient_receives(
@@ -220,7 +239,13 @@ class BaseKFACPreconditioner:
         with self.timer.phase("precondition"):
             results = {name: self.precondition_layer(name)
                        for name in self.work.preconditioned_layers}
-            if summing is None:
+        if decomposing is not None:
+            with self.timer.phase("broadcast"):
+                self.exchange.load_decompositions(self.blocks, decomposing, self.method,
+                                                  self.ledger)
+                self._decompositions_to_factor_dtype()
+        if summing is None:
+            with self.timer.phase("precondition"):
                 summing = self._precondition_shares()
         with self.timer.phase("broadcast"):
             results, totals = self.exchange.share_gradients(

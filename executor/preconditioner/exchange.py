@@ -10,6 +10,9 @@ waited for together; preconditioned gradients' receives from owners ranked below
 posted before it preconditions (post_gradient_receives), so they flow while it computes. The
 split layers' shares are summed in one all-reduce (post_share_sum), posted after the broadcasts
 or, in the overlapped step, before the receives, while the ranks precondition their own layers.
+In the overlapped step that shares the split layers' decompositions, their broadcasts
+(post_decompositions) are posted first and run while the ranks precondition their own layers;
+the shares and their sum follow the gradient broadcasts.
 
 Traffic is counted per dpkfac.core.step.TRAFFIC_KINDS kind in bytes SENT PLUS RECEIVED by this
 rank (a ring all-reduce of n bytes counts 4 (p-1)/p n, a broadcast n on every rank), plus
@@ -84,17 +87,6 @@ class Exchange:
             return
         nbytes = allreduce_mean_(tensors, self.world_size, self.process_group)
         self._count("factor_allreduce", ring_allreduce_bytes(nbytes, self.world_size))
-
-    def broadcast_per_owner(self, layers_of_rank: dict[int, list[str]],
-                            chunks_of: Callable[[list[str]], list[torch.Tensor]],
-                            numel_of: Callable[[str], int], ledger: NumericsLedger, *,
-                            kind: str, like: torch.Tensor) -> list[tuple[list[str], torch.Tensor]]:
-        """One asynchronous broadcast per owner of [its layers' chunks..., its counters], in
-        `like`'s dtype and device, all posted, then waited for: post_broadcasts then
-        collect_broadcasts."""
-        pending = self.post_broadcasts(layers_of_rank, chunks_of, numel_of, ledger, kind=kind,
-                                       like=like)
-        return self.collect_broadcasts(pending, ledger)
 
     def post_broadcasts(self, layers_of_rank: dict[int, list[str]],
                         chunks_of: Callable[[list[str]], list[torch.Tensor]],
@@ -210,15 +202,29 @@ class Exchange:
         loads them from the broadcast buffer, so all precondition with tensors of the same bits
         and memory layout (eigh returns column-major ones; layout changes matmul's rounding)
         and end with identical parameters. A layer sent as NaN (no decomposition yet) keeps
-        none."""
+        none. post_decompositions then load_decompositions."""
+        self.load_decompositions(
+            blocks, self.post_decompositions(blocks, layers_of_rank, method, ledger), method,
+            ledger)
+
+    def post_decompositions(self, blocks: dict[str, KFACBlock],
+                            layers_of_rank: dict[int, list[str]], method: ComputeMethod,
+                            ledger: NumericsLedger) -> list[PendingBroadcast]:
+        """Post share_decompositions' broadcasts (asynchronously, one per owner in
+        `layers_of_rank`'s order, on every rank alike); load_decompositions waits for them."""
         if self.world_size == 1 or not layers_of_rank:
-            return
-        received = self.broadcast_per_owner(
+            return []
+        return self.post_broadcasts(
             layers_of_rank,
             lambda names: [piece for n in names for piece in pack_decomposition(blocks[n], method)],
             lambda n: _decomposition_numel(blocks[n], method), ledger,
             kind="decomposition_broadcast", like=_reference(blocks))
-        for names, payload in received:
+
+    def load_decompositions(self, blocks: dict[str, KFACBlock], pending: list[PendingBroadcast],
+                            method: ComputeMethod, ledger: NumericsLedger) -> None:
+        """Wait for post_decompositions' broadcasts and load every finite decomposition from
+        its broadcast buffer (the owner's too)."""
+        for names, payload in self.collect_broadcasts(pending, ledger):
             offset = 0
             for name in names:
                 numel = _decomposition_numel(blocks[name], method)

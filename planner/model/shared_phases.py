@@ -43,15 +43,29 @@ def shared_phases(line: Timeline, profile: Profile, *, strategy: Strategy,
         line.compute("precondition", np.full(workers, sum(l.precondition_s for l in layers))
                      / speed, [len(layers)] * workers)
         return seconds
-    seconds = _split_decomposition_broadcasts(line, profile, owners=owners, workers=workers,
-                                              net=net, split=split) if slot == 0 else 0.0
     then_s = _split_allreduce_s(profile, workers=workers, net=net, split=split)
     costs = np.asarray([l.precondition_s for l in layers], dtype=float)
     whole = unsplit_mask(profile, split)
     own_s = per_owner(costs * whole, owners, workers)
     own_counts = per_owner(whole.astype(float), owners, workers)
+    overlapped = shares_first and then_s is not None
+    seconds = 0.0
+    if slot == 0 and overlapped:  # own layers under the split decompositions' broadcasts
+        decomposing, seconds = _split_decomposition_broadcasts(
+            line, profile, owners=owners, workers=workers, net=net, split=split, posted=True)
+        line.compute("precondition", own_s / speed, own_counts)
+        line.wait(decomposing)
+        shares = split_shares(profile, split, workers)
+        line.compute("precondition", costs[sorted(split)] @ shares / speed,
+                     (shares > 0).sum(axis=0))
+        return seconds + _ordered_broadcasts(line, net, per_owner(nbytes_of(profile) * whole,
+                                                                  owners, workers),
+                                             own_counts, workers, counters, then_s=then_s)
+    if slot == 0:
+        _, seconds = _split_decomposition_broadcasts(line, profile, owners=owners,
+                                                     workers=workers, net=net, split=split)
     summing = None
-    if shares_first and then_s is not None:
+    if overlapped:
         shares = split_shares(profile, split, workers)
         line.compute("precondition", costs[sorted(split)] @ shares / speed,
                      (shares > 0).sum(axis=0))
@@ -62,8 +76,8 @@ def shared_phases(line: Timeline, profile: Profile, *, strategy: Strategy,
                      precondition_per_worker_s(profile, owners=owners, workers=workers,
                                                split=split) / speed,
                      precondition_counts(profile, owners=owners, workers=workers, split=split))
-    nbytes = np.asarray([l.grad_numel * profile.dtype_bytes for l in layers], dtype=float)
-    seconds += _ordered_broadcasts(line, net, per_owner(nbytes * whole, owners, workers),
+    seconds += _ordered_broadcasts(line, net, per_owner(nbytes_of(profile) * whole, owners,
+                                                        workers),
                                    own_counts, workers, counters,
                                    then_s=None if summing is not None else then_s)
     if summing is not None:
@@ -92,18 +106,30 @@ def _post_share_sum(line: Timeline, profile: Profile, *, network: Network | None
     return segment
 
 
+def nbytes_of(profile: Profile) -> np.ndarray:
+    """Each layer's gradient bytes."""
+    return np.asarray([l.grad_numel * profile.dtype_bytes for l in profile.layers], dtype=float)
+
+
 def _split_decomposition_broadcasts(line: Timeline, profile: Profile, *, owners: Sequence[int],
-                                    workers: int, net: Network, split: Split) -> float:
+                                    workers: int, net: Network, split: Split,
+                                    posted: bool = False) -> tuple[Segment | None, float]:
     """At a decomposition update, one fused broadcast per owner of split layers: their
-    decompositions plus its counters; seconds (0 without split layers)."""
-    if not split:
-        return 0.0
+    decompositions plus its counters, waited for at once or, `posted`, posted (once the last
+    rank gets there) for a later wait(); (the posted segment or None, seconds; 0 without split
+    layers)."""
+    if not split or workers == 1:
+        return None, 0.0
     index = sorted(split)
     split_owners = [owners[i] for i in index]
     sizes = per_owner(np.asarray(decomposition_sizes(profile), dtype=float)[index],
                       split_owners, workers)
-    return _broadcasts(line, net, sizes, np.bincount(split_owners, minlength=workers), workers,
-                       NUMERICS_ELEMENTS * profile.dtype_bytes)
+    owned = np.bincount(split_owners, minlength=workers)
+    counters = NUMERICS_ELEMENTS * profile.dtype_bytes
+    if not posted:
+        return None, _broadcasts(line, net, sizes, owned, workers, counters)
+    seconds = _group_s(net, sizes, owned, workers, counters)
+    return line.post("broadcast", seconds), seconds
 
 
 def _split_allreduce_s(profile: Profile, *, workers: int, net: Network, split: Split
@@ -119,14 +145,21 @@ def _split_allreduce_s(profile: Profile, *, workers: int, net: Network, split: S
 
 def _broadcasts(line: Timeline, net: Network, sizes: Sequence[float], owned: np.ndarray,
                 workers: int, counters: int) -> float:
-    """One fused broadcast per owner (its payload plus its counters), posted together."""
+    """One fused broadcast per owner (its payload plus its counters), posted together and
+    waited for; their seconds."""
     if workers == 1:
         return 0.0
-    alone = [net.broadcast_s(ranks=workers, nbytes=n + counters)
-             for n, k in zip(sizes, owned) if k > 0]
-    seconds = net.broadcast_group_s(alone)
-    line.collective("broadcast", seconds, count=len(alone))
+    seconds = _group_s(net, sizes, owned, workers, counters)
+    line.collective("broadcast", seconds, count=int((np.asarray(owned) > 0).sum()))
     return seconds
+
+
+def _group_s(net: Network, sizes: Sequence[float], owned: np.ndarray, workers: int,
+             counters: int) -> float:
+    """Seconds of one fused broadcast per owner (payload `sizes` plus `counters` bytes) of
+    those owning something, posted together."""
+    return net.broadcast_group_s([net.broadcast_s(ranks=workers, nbytes=n + counters)
+                                  for n, k in zip(sizes, owned) if k > 0])
 
 
 def _ordered_broadcasts(line: Timeline, net: Network, sizes: Sequence[float],
