@@ -9,6 +9,7 @@ from dpkfac.core.profile import Contention, profile_from_dict, profile_to_dict
 from planner.model.costs import PlanConfig, gradient_allreduce_cpu_s, second_order_lower_bound_s
 from planner.model.sharing import shared_ends
 from planner.model.simulate import simulate_step
+from planner.model.timeline import Timeline
 
 from test_planner_simulate import COUNTERS, hand_profile
 
@@ -90,6 +91,22 @@ def test_an_overlapped_all_reduce_shares_the_cores_for_its_cpu_seconds_only():
     assert gradient_allreduce_cpu_s(plain, workers=2) == pytest.approx(allreduce)
     assert simulate_step(plain, owners=[0, 0, 1], workers=2, config=OVERLAPPED).step_time_s == \
         pytest.approx(0.1 + allreduce + 4.5 + 3.5 + b + 0.01)
+
+
+def test_a_posted_collectives_threads_start_when_it_does():
+    """A collective posted once the last rank arrives: every rank's thread starts then, not
+    at its own earlier clock, so it competes with the compute of the ranks still busy."""
+    line = Timeline(2, trace=False, contention=ONE_CORE)
+    line.compute("precondition", np.array([4.0, 0.0]))  # rank 0 alone at rate 2: 2 s
+    assert line.t == pytest.approx([2.0, 0.0])
+    seg = line.post("broadcast", 0.5)
+    line.background("broadcast", 1.0, start_s=seg.start_s)
+    line.compute("precondition", np.array([0.0, 5.0]))
+    # rank 1 alone (rate 2) until 2 s, 1 s left; then it and both threads, 1 s of CPU each,
+    # three at once on one core (rate 1/1.5): all done at 3.5 s. Threads started at each
+    # rank's clock, rank 1's would run beside its compute from 0 and end by 3 s
+    line.wait(seg)
+    assert line.t == pytest.approx([3.5, 3.5])
 
 
 def test_contention_survives_the_file_round_trip():

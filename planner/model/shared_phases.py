@@ -99,7 +99,7 @@ def _post_share_sum(line: Timeline, profile: Profile, *, network: Network | None
     cpu_s = seconds - allreduce_wire_s(profile, nbytes=nbytes, collective_s=seconds,
                                        workers=len(line.t), network=network)
     if line.contention is not None:
-        line.background("broadcast", cpu_s)
+        line.background("broadcast", cpu_s, start_s=segment.start_s)
     line.compute("precondition", own_s, own_counts)
     if line.contention is None:
         line.compute("broadcast", np.where(line.t > segment.start_s, cpu_s, 0.0))

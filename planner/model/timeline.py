@@ -44,6 +44,7 @@ class Timeline:
         self.contention = contention if contention and contention.applies(workers) else None
         self._held: list[tuple[str, np.ndarray, Sequence[int] | None]] = []
         self._background: np.ndarray | None = None  # collective threads' CPU seconds, held
+        self._background_start = self._t  # and when each thread starts
         self._background_end = 0.0  # when the last collective thread's CPU work ended
         self.segments: list[list[Segment]] = [[] for _ in range(workers)]
         self.phases = {phase: np.zeros(workers) for phase in PHASES}
@@ -69,16 +70,20 @@ class Timeline:
         else:
             self._lay_out(phase, seconds, layers)
 
-    def background(self, phase: str, seconds: float) -> None:
-        """Each worker's collective thread works `seconds` of CPU from now (an overlapped
-        collective's hosts' part). With contention it shares the cores with the compute, and
-        a wait() for the collective ends no earlier than it; without, it runs as compute
-        before the worker's own (a host with no core to spare)."""
+    def background(self, phase: str, seconds: float, *, start_s: float | None = None) -> None:
+        """Each worker's collective thread works `seconds` of CPU from now, or from `start_s`
+        for a worker whose clock is earlier (an overlapped collective's hosts' part; start_s:
+        when the collective starts, once the last rank has posted it). With contention it
+        shares the cores with the compute, and a wait() for the collective ends no earlier
+        than it; without, it runs as compute before the worker's own (a host with no core to
+        spare)."""
         if self.contention is None:
             self._lay_out(phase, np.full(len(self._t), seconds), None)
             return
         self._settle()
         self._background = np.full(len(self._t), seconds)
+        self._background_start = (self._t if start_s is None
+                                  else np.maximum(self._t, start_s))
 
     def _settle(self) -> None:
         """Lay out the held compute: each worker's share of it stretched or shrunk by the
@@ -90,8 +95,9 @@ class Timeline:
         workers = len(self._t)
         work = sum((seconds for _, seconds, _ in held), np.zeros(workers))
         threads = self._background if self._background is not None else np.zeros(workers)
+        starts = self._background_start if self._background is not None else self._t
         self._background = None
-        ends = shared_ends(np.concatenate([self._t, self._t]), np.concatenate([work, threads]),
+        ends = shared_ends(np.concatenate([self._t, starts]), np.concatenate([work, threads]),
                            self.contention.time_factor)
         self._background_end = float(ends[workers:].max())
         ends = ends[:workers]
@@ -162,6 +168,7 @@ class Timeline:
         seconds, run from the worker's arrival to the collective's end: the rest was hidden;
         with `comm_max_s`, comm at most that: the collectives' own seconds, the rest of the
         wait idle)."""
+        self._settle()  # lay out the held compute and the threads before reading their end
         if self._background_end > seg.end_s:  # its threads' CPU work ended later
             late = replace(seg, end_s=self._background_end)
             self.gates[id(late)] = self.gates[id(seg)]
