@@ -150,6 +150,19 @@ def test_search_keeps_only_splits_that_pay():
                                                            (1, (4, 4), False)]
 
 
+def test_a_split_refined_back_onto_its_owner_is_not_kept():
+    """The step model may prefer every row back on the owner (a larger all-reduce instead of
+    its broadcast); such a "split" moves no work and is not kept, whatever the gain."""
+    def step_of(split):
+        return 1.0 - 0.001 * split[0][0] if split else 1.0
+
+    split, trials = search_split(  # water-filled to 48/16, refined to 64/0
+        candidates=[0], precondition_s=[2.0], dims_g=[64], owners=[0], speeds=[1.0, 1.0],
+        compute_of=lambda s: [2.0, 1.0], step_time_of=step_of)
+    assert split == {}
+    assert [(t.rows, t.kept) for t in trials] == [((64, 0), False)]
+
+
 def test_refine_rows_moves_granules_while_the_step_drops():
     """The step is least at 40 rows on rank 0; granules of 8 move toward it from either side,
     whichever way the load points, and stop at a split that does not fit."""

@@ -102,8 +102,10 @@ def search_split(*, candidates: Sequence[int], precondition_s: Sequence[float],
     against compute_of(split so far) (seconds per worker, speeds applied) less its own share on
     its owner, round to rows, refine them (refine_rows), and keep it when step_time_of(split with it) is below the best
     step so far by more than `min_gain` (a fraction) and `fits(split with it)` (memory caps).
-    A candidate whose rows all fall on its owner is not tried (the other workers may take all
-    of them). Returns the split (layer -> rows per rank) and every trial."""
+    A candidate whose rows all fall on its owner, after the water-fill or after refining, is
+    not kept: it would move no work, only trade its owner's broadcast for a larger all-reduce
+    and add a decomposition broadcast (the other workers may take all of its rows). Returns
+    the split (layer -> rows per rank) and every trial."""
     speed = np.asarray(speeds, dtype=float)
     split: dict[int, Rows] = {}
     best_s = step_time_of(split)
@@ -122,7 +124,8 @@ def search_split(*, candidates: Sequence[int], precondition_s: Sequence[float],
                                         load_s=compute_of(trial), step_time_of=step_time_of,
                                         fits=fits)
         rows = trial[i]
-        kept = step_s is not None and step_s < best_s * (1 - min_gain)
+        moved = rows[owners[i]] < dims_g[i]  # refined back onto its owner: nothing moves
+        kept = moved and step_s is not None and step_s < best_s * (1 - min_gain)
         trials.append(SplitTrial(layer=i, rows=rows, step_time_s=step_s, kept=kept))
         if kept:
             split[i], best_s = rows, step_s
