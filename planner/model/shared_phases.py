@@ -55,9 +55,7 @@ def shared_phases(line: Timeline, profile: Profile, *, strategy: Strategy,
             line, profile, owners=owners, workers=workers, net=net, split=split, posted=True)
         line.compute("precondition", own_s / speed, own_counts)
         line.wait(decomposing)
-        shares = split_shares(profile, split, workers)
-        line.compute("precondition", costs[sorted(split)] @ shares / speed,
-                     (shares > 0).sum(axis=0))
+        _compute_shares(line, profile, split=split, costs=costs, speed=speed)
         return seconds + _ordered_broadcasts(line, net, per_owner(nbytes_of(profile) * whole,
                                                                   owners, workers),
                                              own_counts, workers, counters, then_s=then_s)
@@ -66,9 +64,7 @@ def shared_phases(line: Timeline, profile: Profile, *, strategy: Strategy,
                                                      workers=workers, net=net, split=split)
     summing = None
     if overlapped:
-        shares = split_shares(profile, split, workers)
-        line.compute("precondition", costs[sorted(split)] @ shares / speed,
-                     (shares > 0).sum(axis=0))
+        _compute_shares(line, profile, split=split, costs=costs, speed=speed)
         summing = _post_share_sum(line, profile, network=network, split=split, seconds=then_s,
                                   own_s=own_s / speed, own_counts=own_counts)
     else:
@@ -84,6 +80,14 @@ def shared_phases(line: Timeline, profile: Profile, *, strategy: Strategy,
         line.wait(summing)
         seconds += then_s
     return seconds
+
+
+def _compute_shares(line: Timeline, profile: Profile, *, split: Split, costs: np.ndarray,
+                    speed: np.ndarray) -> None:
+    """Every rank preconditions its rows of the split layers (costs: each layer's
+    precondition_s at speed 1)."""
+    shares = split_shares(profile, split, len(speed))
+    line.compute("precondition", costs[sorted(split)] @ shares / speed, (shares > 0).sum(axis=0))
 
 
 def _post_share_sum(line: Timeline, profile: Profile, *, network: Network | None,
