@@ -6,9 +6,11 @@ rate (the profile's collectives are the shaped link's; the phases every rank run
 timed on all ranks together) and every algorithm is trained at every rate; each run is predicted
 from its round's profile alone, no calibration run: at the base rate as measured, at another
 rate through the what-if's bandwidth scaling (`dpkfac whatif --bandwidth-scale`). Each row is
-the median over the rounds of the predicted and of the measured step (this shared host's speed
-drifts by 10-30% within minutes; a median of 3 rounds is not moved by one bad round). Also, per node count, the prediction from a cluster file that describes the emulated
-cluster (its link rate, no measurement) beside the profile's.
+the median over the rounds of the predicted and of the measured step: this shared host's speed
+drifts by 10-30% within minutes, and the same run measured 12 s apart reads 51-62 ms (dp-kfac,
+2 nodes, 100 Mbit/s), so a median of 5 rounds is not moved by two bad ones. Also, per node count, the prediction
+from a cluster file that describes the emulated cluster (its link rate, no measurement) beside
+the profile's.
 
 dp-kfac rows run the overlapped step (train's default: owners build factors and decompose while
 the gradient all-reduce is in flight), "dp-kfac serial" the serial one (--no-overlap), each
@@ -19,7 +21,7 @@ Floors (exit 1 below them), for the first node count at the base rate: dp-kfac a
 dp-kfac; every prediction within --max-error (10%) of the measured mean step.
 
     python bench/network.py [--nodes 2,3] [--rates 100mbit,400mbit] [--model digits-cnn]
-                            [--steps 60] [--rounds 3] [--work DIR]
+                            [--steps 60] [--rounds 5] [--work DIR]
                             [--docs-out docs/results/network.md | --no-docs]
 """
 from __future__ import annotations
@@ -176,7 +178,7 @@ def main() -> int:
     parser.add_argument("--model", default="digits-cnn")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--rounds", type=lambda s: max(int(s), 1), default=3,
+    parser.add_argument("--rounds", type=lambda s: max(int(s), 1), default=5,
                         help="profile + every run, repeated; a row is the median of the "
                         "rounds' predictions and of their measurements")
     parser.add_argument("--algorithms", default=",".join(a[0] for a in ALGORITHMS),
