@@ -38,6 +38,7 @@ from rich.console import Console
 
 from dpkfac.core.placement import load_placement
 from dpkfac.core.profile import load_profile
+from dpkfac.core.units import payload_bytes_per_s
 from dpkfac.emulation import EmulatedCluster, emulation_unavailable, rate_bytes_per_s
 from planner.model.calibrate import predicted_phases
 from planner.whatif.sweep import scale_bandwidth
@@ -77,11 +78,12 @@ def plan(profile: Path, out: Path, *flags: str) -> Path:
 
 
 def cluster_file(work: Path, nodes: int, rate: str) -> Path:
-    """A dpkfac cluster file of the emulated cluster: one worker per node, the link's rate."""
+    """A dpkfac cluster file of the emulated cluster: one worker per node, the payload rate
+    TCP gets on its links."""
     path = work / f"cluster-{nodes}.json"
     path.write_text(json.dumps({
         "schema": "dpkfac.cluster/1", "nodes": nodes, "gpus_per_node": 1,
-        "inter_node": {"bandwidth_bytes_per_s": rate_bytes_per_s(rate), "latency_s": 1e-4},
+        "inter_node": {"bandwidth_bytes_per_s": payload_bytes_per_s(rate), "latency_s": 1e-4},
         "intra_node": {"bandwidth_bytes_per_s": 1e10, "latency_s": 1e-5}}))
     return path
 

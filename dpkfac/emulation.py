@@ -12,8 +12,10 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,8 +80,10 @@ class EmulationError(RuntimeError):
 class EmulatedCluster:
     """`nodes` network namespaces, node i at 10.77.0.(i+1)/24 on its `eth0`, all joined to a
     bridge that lives in a hub namespace; every link shaped to `rate` (tc syntax: "100mbit") in
-    both directions. Use as a context manager (or up()/down()); down() always removes every
-    namespace it made, and so does interpreter exit."""
+    both directions. Use as a context manager (or up()/down()); down() kills the jobs it
+    launched that still run and removes every namespace it made, and so does interpreter exit
+    or SIGTERM (while up, a SIGTERM left at its default action raises SystemExit instead, so
+    `with` blocks unwind)."""
 
     def __init__(self, nodes: int, rate: str = "100mbit", *, name: str | None = None) -> None:
         if nodes < 1:
@@ -88,6 +92,8 @@ class EmulatedCluster:
         self.rate = rate
         self.name = name or f"dpk{os.getpid() % 100000}"
         self._made: list[str] = []
+        self._jobs: list[subprocess.Popen] = []
+        self._sigterm = None  # the SIGTERM handler up() replaced, restored by down()
 
     # -- namespaces and links ---------------------------------------------------------------
     @property
@@ -105,6 +111,7 @@ class EmulatedCluster:
     def up(self) -> "EmulatedCluster":
         """Create the hub with its bridge, then each node with its shaped link."""
         atexit.register(self.down)
+        self._exit_on_sigterm()
         try:
             self._namespace(self.hub)
             self._ip(self.hub, "link", "add", "br0", "type", "bridge")
@@ -153,9 +160,25 @@ class EmulatedCluster:
         _run(["ip", "-n", ns, *args])
 
     def down(self) -> None:
-        """Delete every namespace this cluster made (their links and qdiscs go with them)."""
+        """Kill the jobs launched here that still run, then delete every namespace this
+        cluster made (their links and qdiscs go with them)."""
+        while self._jobs:
+            job = self._jobs.pop()
+            if job.poll() is None:
+                kill_node(job)
+                job.wait()
         while self._made:
             subprocess.run(["ip", "netns", "del", self._made.pop()], capture_output=True)
+        if self._sigterm is not None:
+            signal.signal(signal.SIGTERM, self._sigterm)
+            self._sigterm = None
+
+    def _exit_on_sigterm(self) -> None:
+        """Turn SIGTERM into SystemExit while the cluster is up (main thread, default action
+        only), so that a terminated job still runs down()."""
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL):
+            self._sigterm = signal.signal(signal.SIGTERM, _raise_system_exit)
 
     def __enter__(self) -> "EmulatedCluster":
         return self.up()
@@ -170,7 +193,8 @@ class EmulatedCluster:
         """Start `torchrun ... ARGS` with one agent per node (c10d rendezvous at node 0), each
         in its own session (kill_node reaches its workers); the agents' processes by node."""
         launcher = str(Path(sys.executable).parent / "torchrun")
-        return [subprocess.Popen(
+        self._jobs = [job for job in self._jobs if job.poll() is None]
+        jobs = [subprocess.Popen(
             ["ip", "netns", "exec", self.namespace(node), launcher,
              "--nnodes", str(self.nodes), "--nproc_per_node", str(nproc_per_node),
              "--rdzv_backend", "c10d", "--rdzv_endpoint",
@@ -181,6 +205,8 @@ class EmulatedCluster:
             start_new_session=True,
             env={**os.environ, **(env or {}), "GLOO_SOCKET_IFNAME": "eth0"})
             for node in range(self.nodes)]
+        self._jobs.extend(jobs)
+        return jobs
 
     def torchrun(self, args: list[str], *, nproc_per_node: int = 1, env: dict | None = None,
                  timeout_s: float = 600.0, cwd: str | os.PathLike | None = None
@@ -200,6 +226,10 @@ class EmulatedCluster:
                 err += f"\nemulation: killed after {timeout_s:.0f} s"
             results.append(NodeResult(node, proc.returncode, out, err))
         return results
+
+
+def _raise_system_exit(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def kill_node(proc: subprocess.Popen) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from dpkfac.core.errors import InputError
 from dpkfac.core.strategy import TRAIN_ALGORITHMS
-from dpkfac.core.units import parse_link_rate, positive_seconds
+from dpkfac.core.units import payload_bytes_per_s, positive_seconds
 
 
 def register(subparsers) -> None:
@@ -39,9 +39,10 @@ def _register_profile(subparsers) -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed runs before timing")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--link-rate", default=None, metavar="RATE",
-                   help="the rate of the links between the workers, as tc writes it (e.g. "
-                   "100mbit, 25gbit); recorded so `whatif --bandwidth-scale` speeds up only "
-                   "the time on the wire, not the hosts' part of each collective")
+                   help="the line rate of the links between the workers, as tc writes it "
+                   "(e.g. 100mbit, 25gbit); the payload rate TCP gets on it (1448 of every "
+                   "1514 bytes) is recorded, so `whatif --bandwidth-scale` speeds up only the "
+                   "time on the wire, not the hosts' part of each collective")
     _add_cpu_runtime_flags(p)
     p.set_defaults(func=_run_profile)
 
@@ -154,7 +155,7 @@ def _run_profile(args: argparse.Namespace) -> int:
         raise InputError(f"--batch-size must be a positive integer, got {args.batch_size}")
     if args.repeats < 3 or args.warmup < 0:
         raise InputError("--repeats must be >= 3 and --warmup >= 0")
-    link = parse_link_rate(args.link_rate, what="--link-rate") if args.link_rate else None
+    link = payload_bytes_per_s(args.link_rate, what="--link-rate") if args.link_rate else None
     for flag, value in (("--num-classes", args.num_classes), ("--vocab-size", args.vocab_size)):
         if value is not None and value < 1:
             raise InputError(f"{flag} must be a positive integer, got {value}")

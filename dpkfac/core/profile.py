@@ -117,7 +117,7 @@ class CommCosts:
     allreduce_points: MeasuredPoints | None = None
     broadcast_points: MeasuredPoints | None = None
     broadcast_overlap: float = 1.0  # broadcasts posted together that progress at once
-    link_bytes_per_s: float | None = None  # the links' rate, when the profile was told it
+    link_bytes_per_s: float | None = None  # the links' payload rate, when the profile was told it
     gradient_allreduce_cpu_s: float | None = None  # the CPU seconds of the gradient all-reduce
     gradient_buckets_s: float | None = None  # the step's bucket all-reduces posted back to back
     notes: dict = field(default_factory=dict, compare=False)

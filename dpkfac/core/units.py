@@ -32,6 +32,10 @@ def parse_bytes(text: str, *, what: str = "size") -> int:
     return int(value)
 
 
+# Of every full frame a TCP stream puts on an Ethernet link at MTU 1500, the payload's share:
+# 1448 bytes of data (TCP and IPv4 headers with timestamps take 52) in a 1514-byte frame.
+TCP_PAYLOAD_FRACTION = 1448 / 1514
+
 _RATE_UNITS = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "bit": 1.0}  # tc's suffixes, bits/s
 _RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]+)\s*$")
 
@@ -45,6 +49,13 @@ def parse_link_rate(text: str, *, what: str = "link rate") -> float:
         raise InputError(f"{what} {text!r} is not a link rate; expected e.g. 100mbit, 25gbit "
                          "or 800kbit (bits per second)")
     return float(match.group(1)) * _RATE_UNITS[unit] / 8
+
+
+def payload_bytes_per_s(line_rate: str, *, what: str = "link rate") -> float:
+    """The payload bytes per second a TCP stream gets on an Ethernet link whose line rate tc
+    writes as `line_rate` ('100mbit': 12.5e6 B/s on the line, 11.96e6 of payload), the rate
+    collectives over it see. InputError as parse_link_rate."""
+    return parse_link_rate(line_rate, what=what) * TCP_PAYLOAD_FRACTION
 
 
 def parse_int_list(text: str, *, what: str = "list", minimum: int = 1) -> tuple[int, ...]:

@@ -16,4 +16,4 @@ class ProfileOptions:
     factor_decay: float = 0.95
     flush_denormal: bool = True  # as `train` does by default (runtime.cpu_runtime)
     keep_freed_memory: bool = True  # as `train` does by default (runtime.cpu_runtime)
-    link_bytes_per_s: float | None = None  # the links' rate, recorded for bandwidth what-ifs
+    link_bytes_per_s: float | None = None  # the links' payload rate, for bandwidth what-ifs
