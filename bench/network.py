@@ -8,9 +8,9 @@ from its round's profile alone, no calibration run: at the base rate as measured
 rate through the what-if's bandwidth scaling (`dpkfac whatif --bandwidth-scale`). Each row is
 the median over the rounds of the predicted and of the measured step: this shared host's speed
 drifts by 10-30% within minutes, and the same run measured 12 s apart reads 51-62 ms (dp-kfac,
-2 nodes, 100 Mbit/s), so a median of 5 rounds is not moved by two bad ones. Also, per node count, the prediction
-from a cluster file that describes the emulated cluster (its link rate, no measurement) beside
-the profile's.
+2 nodes, 100 Mbit/s), so a median of 5 rounds is not moved by two bad ones. Also, per node
+count, the prediction from a cluster file that describes the emulated cluster (its links'
+payload rate, no measurement) beside the profile's.
 
 dp-kfac rows run the overlapped step (train's default: owners build factors and decompose while
 the gradient all-reduce is in flight), "dp-kfac serial" the serial one (--no-overlap), each
