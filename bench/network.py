@@ -21,13 +21,15 @@ Floors (exit 1 below them), for the first node count at the base rate: dp-kfac a
 dp-kfac; every prediction within --max-error (10%) of the measured mean step.
 
     python bench/network.py [--nodes 2,3] [--rates 100mbit,400mbit] [--model digits-cnn]
-                            [--steps 60] [--rounds 5] [--work DIR]
+                            [--steps 60] [--min-run-seconds 8] [--rounds 5]
+                            [--work DIR]
                             [--docs-out docs/results/network.md | --no-docs]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -114,22 +116,30 @@ def measure_nodes(work: Path, nodes: int, rates: list[str], args) -> list[dict]:
                 for rate in rates[::-1] if round_ % 2 else rates:
                     if rate != cluster.rate:
                         cluster.set_rate(rate)
-                    run = work / f"run-{nodes}-{round_}-{rate}-{name.replace(' ', '-')}"
-                    dpkfac_on(cluster, "train", "--placement", str(placements[which]), "--out",
-                              str(run), "--max-steps", str(args.steps), "--epochs", "1000",
-                              "--no-progress", *(f.replace("P", str(nodes)) for f in flags))
-                    summary = json.loads((run / "summary.json").read_text())
                     scaled = scale_bandwidth(profile,
                                              rate_bytes_per_s(rate) / rate_bytes_per_s(rates[0]))
                     predicted = predicted_phases(scaled, load_placement(placements[which]),
                                                  variant=variant,
                                                  overlap="--no-overlap" not in flags
                                                  )["step_time"][0]
+                    steps = run_steps(args.steps, args.min_run_seconds, predicted)
+                    run = work / f"run-{nodes}-{round_}-{rate}-{name.replace(' ', '-')}"
+                    dpkfac_on(cluster, "train", "--placement", str(placements[which]), "--out",
+                              str(run), "--max-steps", str(steps), "--epochs", "1000",
+                              "--no-progress", *(f.replace("P", str(nodes)) for f in flags))
+                    summary = json.loads((run / "summary.json").read_text())
                     rows.append({"nodes": nodes, "round": round_, "rate": rate,
                                  "algorithm": name, "predicted_s": predicted,
-                                 "measured_s": summary["mean_step_time_s"],
+                                 "measured_s": summary["mean_step_time_s"], "steps": steps,
                                  "bytes": summary["comm_bytes_per_step"]["total"]})
     return rows
+
+
+def run_steps(least: int, least_seconds: float, predicted_s: float) -> int:
+    """Steps of one measured run: at least `least`, and enough for about `least_seconds` of
+    steps at the predicted step time (seconds): this host's speed wanders over seconds, so a
+    run of a fast algorithm is made long enough to average over it, not over one second."""
+    return max(least, math.ceil(least_seconds / predicted_s)) if predicted_s > 0 else least
 
 
 def plan_placements(work: Path, profile: Path, nodes: int) -> dict[str, Path]:
@@ -158,6 +168,7 @@ def over_rounds(rows: list[dict]) -> list[dict]:
                     "predicted_s": statistics.median(g["predicted_s"] for g in group),
                     "measured_s": statistics.median(g["measured_s"] for g in group),
                     "round_errors": (min(errors), max(errors)),
+                    "steps": statistics.median(g["steps"] for g in group),
                     "bytes": group[-1]["bytes"]})
     return out
 
@@ -179,7 +190,11 @@ def main() -> int:
                         help="link rates; the first is the profile's")
     parser.add_argument("--model", default="digits-cnn")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=60,
+                        help="least steps per run (the first 5 are not timed)")
+    parser.add_argument("--min-run-seconds", type=float, default=8.0,
+                        help="and at least this many seconds of steps per run, at the "
+                        "predicted step time")
     parser.add_argument("--rounds", type=lambda s: max(int(s), 1), default=5,
                         help="profile + every run, repeated; a row is the median of the "
                         "rounds' predictions and of their measurements")
@@ -213,7 +228,7 @@ def report(rows: list[dict], described: list[dict], args, nodes: list[int],
            rates: list[str]) -> int:
     failures = []
     headers = ["nodes", "link", "algorithm", "predicted ms", "measured ms", "error",
-               "rounds' errors", "traffic KB/step"]
+               "rounds' errors", "steps/run", "traffic KB/step"]
     cells = []
     for r in rows:
         error = r["predicted_s"] / r["measured_s"] - 1
@@ -224,7 +239,7 @@ def report(rows: list[dict], described: list[dict], args, nodes: list[int],
                       f"{1e3 * r['predicted_s']:.1f}", f"{1e3 * r['measured_s']:.1f}",
                       f"{100 * error:+.1f}%",
                       " .. ".join(f"{100 * e:+.1f}%" for e in r["round_errors"]),
-                      f"{r['bytes'] / 1e3:,.0f}"])
+                      f"{r['steps']:.0f}", f"{r['bytes'] / 1e3:,.0f}"])
     step = {(r["nodes"], r["rate"], r["algorithm"]): r["measured_s"] for r in rows}
     speedups = []
     for slower, floor in (("mpd-kfac", args.min_speedup), ("dp-kfac serial", args.min_overlap)):
@@ -244,7 +259,8 @@ def report(rows: list[dict], described: list[dict], args, nodes: list[int],
         file_cells.append([str(d["nodes"]), f"{1e3 * d['profile_s']:.1f}",
                            f"{1e3 * d['cluster_file_s']:.1f}", f"{100 * error:+.1f}%"])
     console = Console(width=120)
-    title = (f"{args.model} (batch {args.batch_size}/worker), {args.steps} steps per run, "
+    title = (f"{args.model} (batch {args.batch_size}/worker), at least {args.steps} steps and "
+             f"{args.min_run_seconds:g} s per run, "
              f"median of {args.rounds} rounds: predicted (each round's profile at the first rate, "
              "no calibration) vs measured mean step")
     console.print(rich_table(title, headers, cells, left=("link", "algorithm")))
