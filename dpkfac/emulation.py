@@ -25,7 +25,13 @@ from dpkfac.core.units import parse_link_rate
 
 RENDEZVOUS_PORT = 29400
 TBF_LATENCY = "200ms"    # how long a packet may queue before tbf drops it
-TBF_BURST_S = 2.5e-4     # a link may send this many seconds' worth at line rate after idling
+# a link may send this many seconds' worth at line rate after idling: tbf refills its bucket
+# when its timer fires, and on a busy host the timer fires late; whatever would overflow the
+# bucket meanwhile is lost, so a bucket shorter than the lateness runs the link below its rate
+# by an amount that follows the host's load (at 0.25 ms, 4 MiB at 400 Mbit/s took 95-245 ms
+# where the rate allows 88; at 5 ms, 86-87 ms, and a 1.18 MB all-reduce at 100 Mbit/s 97-99 ms
+# where it took 104-180)
+TBF_BURST_S = 5e-3
 TBF_MIN_BURST = 4 << 10  # bytes: and never less (a few full-size packets)
 
 
@@ -38,9 +44,10 @@ def rate_bytes_per_s(rate: str) -> float:
 
 
 def tbf_burst_bytes(rate: str) -> int:
-    """The token bucket of a link of `rate`: TBF_BURST_S of its bandwidth (at least
-    TBF_MIN_BURST), so the burst is the same time at every rate and a faster link is the
-    slower one sped up, as the what-if's bandwidth scaling assumes."""
+    """The token bucket of a link of `rate`, bytes: TBF_BURST_S of its bandwidth (at least
+    TBF_MIN_BURST), so the burst is the same time at every rate: a transfer that outlasts it
+    takes its bytes over the rate less TBF_BURST_S at any rate, a constant the what-if's
+    bandwidth scaling keeps with the hosts' part of the time."""
     return max(int(rate_bytes_per_s(rate) * TBF_BURST_S), TBF_MIN_BURST)
 
 
