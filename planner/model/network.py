@@ -47,12 +47,6 @@ def allreduce_per_hop(measured: AlphaBeta, *, measured_ranks: int) -> AlphaBeta:
                      beta_s_per_byte=measured.beta_s_per_byte * p0 / (2 * (p0 - 1)))
 
 
-
-
-
-
-
-
 @dataclass(frozen=True)
 class Network:
     """Per-hop costs of the two collectives the executor uses, independent of the rank count.

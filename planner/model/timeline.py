@@ -31,7 +31,6 @@ class Segment:
                 "count": self.count, "start_s": self.start_s, "end_s": self.end_s}
 
 
-
 class Timeline:
     """Per-worker clocks and segments of one step; collectives are barriers."""
 
