@@ -108,7 +108,10 @@ def test_an_early_bucket_hides_its_wire_time_under_the_rest_of_backward():
                             config=OVERLAPPED).cycle.steps[0]
         old = predict_step(fused, variant=variant, owners=[0, 0, 1], workers=2,
                            config=OVERLAPPED).cycle.steps[0]
-        assert step.phases_s["allreduce"] == pytest.approx((end - 1.0,) * 2)
+        # dp-kfac: rank 1, the last owner, began the step b earlier (done with the step before
+        # once rank 0's broadcast had reached it), so it waits that much longer
+        b = 1e-3 + (2000 + COUNTERS) * 1e-9 if variant == "dp-kfac" else 0.0
+        assert step.phases_s["allreduce"] == pytest.approx((end - 1.0, end - 1.0 + b))
         assert old.step_time_s - step.step_time_s == pytest.approx(fused_end - end)
     step = simulate_step(profile, owners=[0, 0, 1], workers=2, config=OVERLAPPED,
                          strategy=None, speeds=[1.0, 2.0])  # rank 1 has both ready earlier
@@ -219,18 +222,19 @@ def test_the_hosts_part_of_the_buckets_still_takes_the_cpu():
     assert step.step_time_s == pytest.approx(1.0 + d0 + d1 + 0.01)
 
 
-# figures from the model before buckets and ordered broadcasts (same profile, 3 ranks of speeds
-# 1, 1.5, 2): (step_time_s, allreduce phase per rank)
+# figures from the model without buckets (same profile, 3 ranks of speeds 1, 1.5, 2):
+# (step_time_s, allreduce phase per rank); in steady state a rank done with a step early (a
+# faster one, a broadcast's root) begins the next early and waits longer in the all-reduce
 BEFORE = {
     ("sgd", True): (0.053168928000000004,
-                    (0.0011689279999999996, 0.01783559466666667, 0.026168928)),
-    ("mpd-kfac", False): (0.2680917687111111,
-                          (0.0011689279999999996, 0.01783559466666667, 0.026168928)),
+                    (0.0011689279999999996, 0.01850226133333334, 0.027168928000000002)),
+    ("mpd-kfac", False): (0.2679167231111111,
+                          (0.0011689279999999996, 0.018327215733333284, 0.026993882399999967)),
     ("kaisa-comm-opt", True): (0.16369610631111112,
-                               (0.0011689279999999996, 0.01783559466666667, 0.026168928)),
-    ("dp-kfac", True): (0.2675196485333334, (0.001, 0.01783559466666667, 0.026168928)),
-    ("dp-kfac", False): (0.26768857653333333,
-                         (0.0011689279999999996, 0.01783559466666667, 0.026168928)),
+                               (0.0011689279999999996, 0.027763990666666676, 0.04106152199999998)),
+    ("dp-kfac", True): (0.26734460293333334, (0.001, 0.018327215733333284, 0.026993882399999967)),
+    ("dp-kfac", False): (0.2675135309333333,
+                         (0.0011689279999999996, 0.018327215733333284, 0.026993882399999967)),
 }
 
 
@@ -243,8 +247,8 @@ def test_a_profile_without_buckets_predicts_as_before(variant, overlap):
     pred = predict_step(profile_from_dict(doc), variant=variant, owners=owners, workers=3,
                         config=PlanConfig(overlap=overlap), speeds=[1.0, 1.5, 2.0])
     step_s, allreduce = BEFORE[variant, overlap]
-    assert pred.step_time_s == step_s
-    assert pred.cycle.mean_phases()["allreduce"] == allreduce
+    assert pred.step_time_s == pytest.approx(step_s, rel=1e-12)
+    assert pred.cycle.mean_phases()["allreduce"] == pytest.approx(allreduce, rel=1e-12)
 
 
 # --- broadcasts in owner rank order ---------------------------------------------------------
@@ -257,12 +261,13 @@ def test_the_first_owner_done_broadcasts_under_the_others_preconditioning():
     # rank 0 owns layer 2 (4.25 s local, 0.25 s preconditioning), rank 1 layers 0, 1 (4.5 s
     # local, 3.5 s preconditioning): rank 0's broadcast may start once rank 0 is done (4.5 s)
     # and rank 1 has started preconditioning (4.5 s), so it runs under rank 1's
-    # preconditioning; rank 1's starts at 8 s
+    # preconditioning; rank 1's starts at 8 s, and rank 1, its root, is done once its bytes are
+    # buffered (the least broadcast, 1 ms)
     step = simulate_step(profile, owners=[1, 1, 0], workers=2, config=SERIAL)
     assert step.step_time_s == pytest.approx(t0 + 8.0 + b + 0.01)
-    assert step.phases_s["broadcast"] == pytest.approx((3.5 + b, b))
-    assert step.comm_s == pytest.approx((allreduce + 2 * b, allreduce + b))
-    assert step.idle_s == pytest.approx((3.5 - b, 0.0))
+    assert step.phases_s["broadcast"] == pytest.approx((3.5 + b, 1e-3))
+    assert step.comm_s == pytest.approx((allreduce + 2 * b, allreduce + 1e-3))
+    assert step.idle_s == pytest.approx((3.5 - b, b - 1e-3))  # rank 1 done that much earlier
     kinds = [(s.kind, s.worker) for s in step.critical_path]
     assert kinds == [("forward_backward", 0), ("allreduce", None), ("factors", 1),
                      ("decompose", 1), ("precondition", 1), ("broadcast", None),

@@ -6,7 +6,7 @@ import pytest
 from dpkfac.core.profile import profile_from_dict
 from dpkfac.core.step import PHASES
 from dpkfac.core.strategy import KAISA_COMM_OPT, MPD_KFAC
-from planner.model.costs import PlanConfig
+from planner.model.costs import PlanConfig, network_of
 from planner.model.simulate import cycle_length, simulate_cycle, simulate_step
 from planner.model.step import predict_step
 from planner.model.stagger import per_slot_makespan_s, stagger_decompositions
@@ -87,7 +87,9 @@ def test_allreduced_factors_by_hand():
     assert step.second_order_s == pytest.approx(factors + reduce + rank0 + 2 * b)
     assert step.phases_s["factor_allreduce"] == pytest.approx((reduce, reduce))
     assert step.phases_s["factors"] == pytest.approx((factors, factors))
-    assert step.phases_s["broadcast"] == pytest.approx((2 * b, 2 * b + rank0 - rank1))
+    # rank 1, the last owner, is done once rank 0's broadcast has reached it (b after rank 0
+    # is): its own broadcast's bytes are buffered, rank 0 reads them after it has gone on
+    assert step.phases_s["broadcast"] == pytest.approx((2 * b, b + rank0 - rank1))
 
 
 def test_shared_decompositions_by_hand():
@@ -167,3 +169,33 @@ def test_one_worker_has_no_communication():
     step = simulate_step(profile, owners=[0, 0, 0], workers=1, config=PlanConfig())
     assert step.allreduce_s == 0 and step.comm_s == (0.0,)
     assert step.step_time_s == pytest.approx(0.1 + 12.5 + 0.01)
+
+
+def test_a_broadcasts_root_begins_the_next_step_while_its_bytes_are_read():
+    """The owner's broadcast returns once its bytes are buffered: in steady state its next
+    forward/backward and local phases (overlapped: under the gradient all-reduce) run while
+    the other rank still reads, so a step is the owner's own chain plus the root's fixed
+    cost, not plus the whole transfer; one step from a standing start still has it all."""
+    doc = hand_profile()
+    doc["comm"]["broadcast"].update(alpha_s=1e-3, beta_s_per_byte=1e-3)  # 4 KB: about 4 s
+    profile = profile_from_dict(doc)
+    owners, overlapped = [1, 1, 1], PlanConfig()
+    net = network_of(profile)
+    transfer = net.broadcast_s(ranks=2, nbytes=4000 + COUNTERS)
+    root = net.broadcast_root_s(ranks=2)
+    assert transfer > 4.0 and root == pytest.approx(1e-3)
+    standing = simulate_step(profile, owners=owners, workers=2, config=overlapped)
+    steady = simulate_cycle(profile, owners=owners, workers=2, config=overlapped).steps[0]
+    allreduce = 1e-3 + 1000 * 4 * 1e-9  # no link rate: all of it the owner's CPU's
+    chain = (0.1 + allreduce + (1.0 + 0.5 + 0.25) + (2.0 + 1.0 + 4.0) + (3.0 + 0.5 + 0.25)
+             + root + 0.01)
+    assert steady.step_time_s == pytest.approx(chain)
+    assert standing.step_time_s == pytest.approx(chain - root + transfer)
+    assert steady.phases_s["broadcast"][1] == pytest.approx(root)
+    assert steady.leads() == pytest.approx([0.0, root - transfer])
+    for rank in range(2):  # each rank's timers add up to the step in steady state
+        assert sum(steady.phases_s[p][rank] for p in PHASES) == pytest.approx(chain)
+    # serial, the gradient all-reduce waits for both ranks: the owner's head start is lost
+    serial = simulate_cycle(profile, owners=owners, workers=2, config=SERIAL).steps[0]
+    assert serial.step_time_s == pytest.approx(
+        simulate_step(profile, owners=owners, workers=2, config=SERIAL).step_time_s)

@@ -109,6 +109,13 @@ class Network:
             return 0.0
         return self._shaped(self.allreduce_points, self._allreduce_model, ranks, nbytes)
 
+    def broadcast_root_s(self, *, ranks: int) -> float:
+        """Seconds a broadcast costs its root, which returns once its bytes are in its
+        sockets' buffers while the receivers still read them: the collective's fixed cost,
+        taken as the least time of a broadcast (an upper bound: that also carries the first
+        bytes across; 0 at one rank)."""
+        return self.broadcast_floor_s(ranks=ranks, min_bytes=0.0, max_bytes=0.0)
+
     def broadcasts_floor_s(self, *, ranks: int, total_bytes: float) -> float:
         """A proven lower bound on the seconds of one or more broadcasts among `ranks` ranks
         that together move `total_bytes` bytes. Model only: one broadcast of everything (k

@@ -179,7 +179,9 @@ def _ordered_broadcasts(line: Timeline, net: Network, sizes: Sequence[float],
     order on broadcast_overlap lanes (Network.broadcast_queue_end_s); the all-reduce, posted
     after them, starts when every rank has finished preconditioning and they are done. When
     the first may start only once every rank is done, that is Network.broadcast_group_s after
-    the last rank, as collectives. A rank's comm seconds: its wait, at most that group's."""
+    the last rank. Without that all-reduce, the last owner goes on once the others'
+    broadcasts have reached it and its own bytes are buffered (_receivers_end_s); every other
+    rank receives until the end. A rank's comm seconds: its wait, at most that group's."""
     if workers == 1:
         return 0.0
     seconds = [net.broadcast_s(ranks=workers, nbytes=n + counters)
@@ -191,15 +193,31 @@ def _ordered_broadcasts(line: Timeline, net: Network, sizes: Sequence[float],
     # owner o may start once ranks 0..o have ended and ranks above o have started
     above = np.append(np.maximum.accumulate(starts[::-1])[::-1], -np.inf)
     arrivals = np.maximum(np.maximum.accumulate(ends)[ranks], above[ranks + 1]).tolist()
-    if seconds and arrivals[0] < ends.max():
+    if seconds and (arrivals[0] < ends.max() or then_s is None):
         end, k = net.broadcast_queue_end_s(arrivals, seconds)
         o = ranks[k]
         gate = int(np.argmax(np.concatenate([ends[:o + 1], starts[o + 1:]])))
+        until = None if then_s is not None else _receivers_end_s(
+            net, arrivals, seconds, end=end, last_root=int(ranks[-1]), ends=ends)
         line.wait(line.post_at("broadcast", start_s=arrivals[k], end_s=end, gate=gate,
-                               count=len(seconds) - k), comm_max_s=group_s)
+                               count=len(seconds) - k), comm_max_s=group_s, until=until)
     elif seconds:
         line.collective("broadcast", group_s, count=len(seconds))
     if then_s is not None:
         line.collective("broadcast", then_s)
         group_s += then_s
     return group_s
+
+
+def _receivers_end_s(net: Network, arrivals: Sequence[float], seconds: Sequence[float], *,
+                     end: float, last_root: int, ends: np.ndarray) -> np.ndarray:
+    """When each rank is done with the owners' ordered broadcasts (queue ending at `end`):
+    every rank receives the last owner's, so it waits for the end, but the last owner
+    itself only for the others' broadcasts and its own send (Network.broadcast_root_s, from
+    its clock `ends`); a root returns once its bytes are buffered."""
+    until = np.full(len(ends), end)
+    received = (net.broadcast_queue_end_s(arrivals[:-1], seconds[:-1])[0]
+                if len(seconds) > 1 else -np.inf)
+    root_s = net.broadcast_root_s(ranks=len(ends))
+    until[last_root] = min(end, max(received, ends[last_root] + root_s))
+    return until

@@ -52,9 +52,13 @@ collectives is laid out by processor sharing (planner.model.sharing): with k wor
 at once each takes Contention.time_factor(k) times its busy figure, so an owner left computing
 alone runs faster than the all-ranks-busy figures the profile holds.
 
-A collective needs every rank: it starts when the last one has posted it. Plain SGD (strategy
-None) has steps 1, 2 and 7's optimizer only. A cycle is lcm(factor_update_freq,
-inv_update_freq) steps; its mean step is the prediction. Per worker: busy (computing), comm
+A collective needs every rank: it starts when the last one has posted it. A broadcast's root
+returns once its bytes are in its sockets' buffers (Network.broadcast_root_s) while the others
+still read them, so the last owner of step 6 may be done before the rest and begin the next
+step early; the steps of a cycle are simulated in that steady state (simulate_cycle), each
+from the workers' leads at the end of the one before. Plain SGD (strategy None) has steps 1,
+2 and 7's optimizer only. A cycle is lcm(factor_update_freq, inv_update_freq) steps; its mean
+step is the prediction. Per worker: busy (computing), comm
 (in a collective) and idle (waiting) seconds; the critical path is the chain of segments that
 set the step's end.
 """
@@ -98,6 +102,9 @@ class StepResult:
     phase (overlapped: what of the second order the all-reduce does not hide). compute_makespan_s: the largest per-worker K-FAC compute of this step.
     phases_s: per phase (PHASES), per worker, as the executor's timers see it (waiting included).
     precondition_end_s: when each worker's preconditioning ended (empty for plain SGD).
+    end_s: when each worker is done with the step (the step's time for the last; a
+    broadcast's root may be done before). Times from the start of the step of the worker that
+    began it last.
     """
     step_time_s: float
     second_order_s: float
@@ -110,6 +117,13 @@ class StepResult:
     critical_path: tuple[Segment, ...]
     phases_s: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
     precondition_end_s: tuple[float, ...] = ()
+    end_s: tuple[float, ...] = ()
+
+    def leads(self) -> np.ndarray:
+        """How much earlier than the last worker each one begins the next step, as seconds
+        at or below 0 (the next step's `start`)."""
+        ends = np.asarray(self.end_s, dtype=float)
+        return ends - ends.max()
 
 
 @dataclass(frozen=True)
@@ -152,19 +166,22 @@ def simulate_step(profile: Profile, *, owners: Sequence[int], workers: int, conf
                   strategy: Strategy | None = DP_KFAC, step: int = 0,
                   speeds: Sequence[float] | None = None, network: Network | None = None,
                   decomposition_step: Sequence[int] | None = None,
-                  trace: bool = True, split: Split | None = None) -> StepResult:
+                  trace: bool = True, split: Split | None = None,
+                  start: Sequence[float] | None = None) -> StepResult:
     """Simulate step number `step` of `profile` under `strategy` (None: plain SGD) with layer i
     owned by rank owners[i]. decomposition_step[i]: the slot in 0..inv_update_freq-1 of layer
     i's decomposition (None: all at step % inv_update_freq == 0; split layers always 0). trace:
     also find the critical path (False: empty, faster for sweeps). split: layer index -> rows
-    of its G side per rank (DP-KFAC only; other strategies ignore it)."""
+    of its G side per rank (DP-KFAC only; other strategies ignore it). start: when each worker
+    begins, seconds at or below 0 (StepResult.leads of the step before; None: all at 0)."""
     speed = np.asarray(check_speeds(speeds, workers))
     split = applied_split(split, strategy)
     decomposition_step = _unstaggered(decomposition_step, split)
     net = network_of(profile, network)
-    line = Timeline(workers, trace=trace, contention=profile.contention)
+    line = Timeline(workers, trace=trace, contention=profile.contention, start=start)
     hide_local = overlapped(strategy, config=config, workers=workers)
     from_backward = hide_local or posted_from_backward(profile, config=config, workers=workers)
+    began = line.t.copy()
     line.compute("forward_backward", profile.forward_backward_posting_s(from_backward) / speed)
     buckets = bucket_costs(profile, workers=workers, network=network)
     allreduce_s = chained_seconds(buckets)
@@ -173,7 +190,7 @@ def simulate_step(profile: Profile, *, owners: Sequence[int], workers: int, conf
                  config=config, step=step, speed=speed, net=net,
                  decomposition_step=decomposition_step)
     if from_backward:
-        pending = _post_buckets(line, buckets)
+        pending = _post_buckets(line, buckets, began)
         line.background("allreduce", buckets_cpu_s(profile, buckets, workers=workers,
                                                    network=network))
         if hide_local:
@@ -205,7 +222,8 @@ def simulate_step(profile: Profile, *, owners: Sequence[int], workers: int, conf
         critical_path=line.critical_path(),
         phases_s={phase: tuple(line.phases[phase].tolist()) for phase in PHASES},
         precondition_end_s=tuple(line.ends["precondition"].tolist())
-        if "precondition" in line.ends else ())
+        if "precondition" in line.ends else (),
+        end_s=tuple(line.t.tolist()))
 
 
 def overlapped(strategy: Strategy | None, *, config: PlanConfig, workers: int) -> bool:
@@ -221,12 +239,14 @@ def posted_from_backward(profile: Profile, *, config: PlanConfig, workers: int) 
     return config.overlap and workers > 1 and bool(profile.gradient_buckets)
 
 
-def _post_buckets(line: Timeline, buckets: Sequence[BucketCost]) -> Segment:
+def _post_buckets(line: Timeline, buckets: Sequence[BucketCost], began: np.ndarray
+                  ) -> Segment:
     """Post the buckets' all-reduces as a chain (buckets.bucket_chain): bucket i once the
-    slowest worker has it ready (its ready fraction of that worker's forward/backward) and
-    bucket i-1 is done. The chain's last unbroken run is the posted segment."""
+    slowest worker has it ready (its ready fraction of that worker's forward/backward, which
+    began at `began`) and bucket i-1 is done. The chain's last unbroken run is the posted
+    segment."""
     ends = line.t  # each worker's end of forward/backward
-    ready = [b.ready * ends for b in buckets]
+    ready = [began + b.ready * (ends - began) for b in buckets]
     chain = bucket_chain([float(r.max()) for r in ready], [b.seconds for b in buckets],
                          [b.chained_s for b in buckets])
     return line.post_at("allreduce", start_s=chain.start_s, end_s=chain.end_s,
@@ -272,18 +292,30 @@ def simulate_cycle(profile: Profile, *, owners: Sequence[int], workers: int, con
                    network: Network | None = None,
                    decomposition_step: Sequence[int] | None = None,
                    trace: bool = True, split: Split | None = None) -> CycleResult:
-    """Simulate the steps 0 .. cycle_length(config)-1 (steps of the same kind only once);
-    trace and split as simulate_step's."""
-    memo: dict[tuple[bool, int], StepResult] = {}
-    steps = []
-    for k in range(cycle_length(config)):
+    """Simulate the steps 0 .. cycle_length(config)-1 in steady state (steps of the same kind
+    from the same start only once); trace and split as simulate_step's. A worker done with a
+    step early (a broadcast's root) begins the next one early (StepResult.leads): one untraced
+    pass over the cycle finds how the last step leaves the workers, the cycle then runs
+    from there."""
+    memo: dict[tuple, StepResult] = {}
+
+    def run(k: int, start: np.ndarray, traced: bool) -> StepResult:
         slot = k % config.inv_update_freq
         key = (k % config.factor_update_freq == 0,
-               slot if decomposition_step is not None else int(slot == 0))
+               slot if decomposition_step is not None else int(slot == 0),
+               tuple(np.round(start, 12)), traced)
         if key not in memo:
             memo[key] = simulate_step(profile, owners=owners, workers=workers, config=config,
                                       strategy=strategy, step=k, speeds=speeds, network=network,
-                                      decomposition_step=decomposition_step, trace=trace,
-                                      split=split)
-        steps.append(memo[key])
+                                      decomposition_step=decomposition_step, trace=traced,
+                                      split=split, start=start)
+        return memo[key]
+
+    start = np.zeros(workers)
+    for k in range(cycle_length(config)):
+        start = run(k, start, False).leads()
+    steps = []
+    for k in range(cycle_length(config)):
+        steps.append(run(k, start, trace))
+        start = steps[-1].leads()
     return CycleResult(steps=tuple(steps))

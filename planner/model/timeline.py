@@ -34,10 +34,12 @@ class Segment:
 class Timeline:
     """Per-worker clocks and segments of one step; collectives are barriers."""
 
-    def __init__(self, workers: int, *, trace: bool,
-                 contention: Contention | None = None) -> None:
+    def __init__(self, workers: int, *, trace: bool, contention: Contention | None = None,
+                 start: Sequence[float] | None = None) -> None:
         self.trace = trace  # record segments for the critical path
-        self._t = np.zeros(workers)
+        # each worker's clock when it begins the step (0; earlier, below 0, for a worker that
+        # ended the step before early)
+        self._t = np.zeros(workers) if start is None else np.array(start, dtype=float)
         # with contention, compute between two collectives is held here, then laid out at
         # the speeds processor sharing gives (settle)
         self.contention = contention if contention and contention.applies(workers) else None
@@ -162,24 +164,31 @@ class Timeline:
                 return
         segments.insert(0, marker)
 
-    def wait(self, seg: Segment, *, comm_max_s: float | None = None) -> None:
+    def wait(self, seg: Segment, *, comm_max_s: float | None = None,
+             until: np.ndarray | None = None) -> None:
         """Every worker waits for the posted collective `seg` (its phase's timer, and its comm
         seconds, run from the worker's arrival to the collective's end: the rest was hidden;
         with `comm_max_s`, comm at most that: the collectives' own seconds, the rest of the
-        wait idle)."""
+        wait idle). `until`: each worker's own end, where it is earlier than the collective's
+        (a broadcast's root, done once its bytes are in its sockets' buffers)."""
         self._settle()  # lay out the held compute and the threads before reading their end
         if self._background_end > seg.end_s:  # its threads' CPU work ended later
             late = replace(seg, end_s=self._background_end)
             self.gates[id(late)] = self.gates[id(seg)]
             seg = late
         self._background_end = 0.0
+        ends = np.full(len(self.t), seg.end_s) if until is None else np.minimum(until, seg.end_s)
         for w in range(len(self.t) if self.trace else 0):
-            if seg.end_s >= self.t[w]:
+            if ends[w] < seg.end_s:  # its own share: no collective to follow back from here
+                if ends[w] > self.t[w]:
+                    self.segments[w].append(Segment(seg.kind, w, float(self.t[w]),
+                                                    float(ends[w])))
+            elif seg.end_s >= self.t[w]:
                 self.segments[w].append(seg)
-        waited = np.maximum(seg.end_s - self.t, 0.0)
+        waited = np.maximum(ends - self.t, 0.0)
         self.phases[seg.kind] += waited
         self.comm += waited if comm_max_s is None else np.minimum(waited, comm_max_s)
-        self._t = np.maximum(self.t, seg.end_s)
+        self._t = np.maximum(self.t, ends)
 
     def critical_path(self) -> tuple[Segment, ...]:
         """Walk back from the worker that ends last, through each collective to the worker
