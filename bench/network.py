@@ -6,11 +6,13 @@ rate (the profile's collectives are the shaped link's; the phases every rank run
 timed on all ranks together) and every algorithm is trained at every rate; each run is predicted
 from its round's profile alone, no calibration run: at the base rate as measured, at another
 rate through the what-if's bandwidth scaling (`dpkfac whatif --bandwidth-scale`). Each row is
-the median over the rounds of the predicted and of the measured step: this shared host's speed
-drifts by 10-30% within minutes, and the same run measured 12 s apart reads 51-62 ms (dp-kfac,
-2 nodes, 100 Mbit/s), so a median of 5 rounds is not moved by two bad ones. Also, per node
-count, the prediction from a cluster file that describes the emulated cluster (its links'
-payload rate, no measurement) beside the profile's.
+the median over the rounds of the predicted and of the measured step, so two bad rounds do not
+move it: this shared host's speed drifts over seconds (the same dp-kfac run at 2 nodes and 100
+Mbit/s, repeated, reads 43.4-46.6 ms; 48-61 ms before the links' token bucket outlasted tbf's
+late timer, dpkfac.emulation.TBF_BURST_S), and each run lasts at least --min-run-seconds of
+steps so that a fast algorithm's is not one second's. Also, per node count, the prediction
+from a cluster file that describes the emulated cluster (its links' payload rate, no
+measurement) beside the profile's.
 
 dp-kfac rows run the overlapped step (train's default: owners build factors and decompose while
 the gradient all-reduce is in flight), "dp-kfac serial" the serial one (--no-overlap), each

@@ -2,7 +2,8 @@
 
 profile + cluster -> per-layer work (seconds, amortised over the update frequencies) and state
 (bytes), per-worker speeds and state caps (bytes) -> planner.solve.solvers.solve -> owners ->
-the owner search (fewer owners when that predicts a shorter step) -> the split pass (share the
+the relabel pass (below) -> the owner search (fewer owners when that predicts a shorter step
+than the labelled placement over all workers) -> the split pass (share the
 preconditioning of the heaviest layers across all workers when that predicts a shorter step;
 planner.solve.split) -> the relabel pass (among interchangeable workers, the owner groups that
 finish preconditioning first take the low ranks, whose broadcasts go first, when that predicts
@@ -132,6 +133,12 @@ def make_plan(*, profile: Profile, cluster: Cluster, config: PlanConfig, method:
                      ilp_max_binaries=ilp_max_binaries)
     trials: tuple[OwnerTrial, ...] = ()
     if owners == "auto" and method == "best" and workers > 1:
+        # labelled first: broadcasts go in rank order, so the labels change the step the
+        # owner search compares fewer owners with
+        labelled, _, changed = _relabel_pass(profile, solution.owners, {}, config=config,
+                                             speeds=cluster.speeds, network=network, caps=caps)
+        if changed:
+            solution = replace(solution, owners=labelled)
         solution, trials = _fewer_owners(profile, solution, config=config, speeds=cluster.speeds,
                                          network=network, caps=caps,
                                          time_limit_s=min(time_limit_s, 1.0))
@@ -227,8 +234,8 @@ def plan_owners(profile: Profile, *, workers: int, config: PlanConfig,
     """The planner's owners for a what-if point, fast: the best of the heuristics and local
     search (the ILP only on small instances), so a 1..4096 sweep stays within seconds; with at
     least as many workers as layers every layer first gets its own worker (the compute makespan
-    then meets its lower bound, the largest layer); then the owner search and the relabel
-    pass."""
+    then meets its lower bound, the largest layer); then the relabel pass, the owner search and
+    the relabel pass again."""
     works = layer_works_s(profile, config=config)
     if workers >= len(profile.layers):
         full = Solution(owners=tuple(range(len(profile.layers))), method="one layer each",
@@ -240,8 +247,11 @@ def plan_owners(profile: Profile, *, workers: int, config: PlanConfig,
     if workers == 1:
         return full.owners
     speeds = (1.0,) * workers
-    best, _ = _fewer_owners(profile, full, config=config, speeds=speeds, network=network,
-                            caps=None, time_limit_s=time_limit_s)
+    labelled, _, _ = _relabel_pass(profile, full.owners, {}, config=config, speeds=speeds,
+                                   network=network, caps=None)
+    best, _ = _fewer_owners(profile, replace(full, owners=labelled), config=config,
+                            speeds=speeds, network=network, caps=None,
+                            time_limit_s=time_limit_s)
     owners, _, _ = _relabel_pass(profile, best.owners, {}, config=config, speeds=speeds,
                                  network=network, caps=None)
     return owners
