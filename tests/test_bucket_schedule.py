@@ -449,9 +449,14 @@ def test_the_placement_records_the_relabel_pass(monkeypatch):
     profile = profile_from_dict(synthetic_profile_dict(6, 1))
     kept = make_plan(profile=profile, cluster=flat_cluster(workers=2), config=SERIAL,
                      time_limit_s=0.2)
-    swap = {0: 1, 1: 0}
-    monkeypatch.setattr("planner.plan._relabel_pass", lambda profile, owners, split, **kw: (
-        tuple(swap[o] for o in owners), dict(split), True))
+    swap, calls = {0: 1, 1: 0}, []
+
+    def relabel(profile, owners, split, **kw):  # the pass after the owner search swaps
+        calls.append(owners)
+        if len(calls) == 1:  # the pass before it keeps the labels
+            return tuple(owners), dict(split), False
+        return tuple(swap[o] for o in owners), dict(split), True
+    monkeypatch.setattr("planner.plan._relabel_pass", relabel)
     renamed = make_plan(profile=profile, cluster=flat_cluster(workers=2), config=SERIAL,
                         time_limit_s=0.2)
     assert renamed.solution.owners == tuple(swap[o] for o in kept.solution.owners)

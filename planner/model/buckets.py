@@ -105,16 +105,14 @@ def bucket_costs(profile: Profile, *, workers: int, network: Network | None = No
 def buckets_cpu_s(profile: Profile, buckets: Sequence[BucketCost], *, workers: int,
                   network: Network | None = None) -> float:
     """Of the buckets' seconds, what an overlapped step's all-reduces take from the host's
-    cores after forward/backward: what is not on the wire, or, with ranks sharing a host and
-    the all-reduce's CPU seconds measured, at most those (costs.gradient_allreduce_cpu_s's
-    rule; without profile buckets exactly that figure)."""
+    cores after forward/backward: what is not on the wire, at most the all-reduce's CPU
+    seconds when the profile measured them (costs.gradient_allreduce_cpu_s's rule; without
+    profile buckets exactly that figure)."""
     if not profile.gradient_buckets:
         return gradient_allreduce_cpu_s(profile, workers=workers, network=network)
     rest = chained_seconds(buckets) - sum(b.wire_s for b in buckets)
     cpu = profile.comm.gradient_allreduce_cpu_s
-    if cpu is None or profile.contention is None or not profile.contention.applies(workers):
-        return rest
-    return min(cpu, rest)
+    return rest if cpu is None else min(cpu, rest)
 
 
 @dataclass(frozen=True)

@@ -194,15 +194,15 @@ def gradient_allreduce_hidden_s(profile: Profile, *, workers: int,
 def gradient_allreduce_cpu_s(profile: Profile, *, workers: int,
                              network: Network | None = None) -> float:
     """Of gradient_allreduce_s, the seconds an overlapped step's all-reduce takes from its
-    host's cores: what is not on the wire (gradient_allreduce_wire_s), or, with ranks sharing
-    a host (profile.contention at this world size) and the all-reduce's CPU seconds measured,
-    at most those (the rest is waiting: wake-ups, latency)."""
+    host's cores: what is not on the wire (gradient_allreduce_wire_s), at most the
+    all-reduce's CPU seconds when the profile measured them (the rest is waiting: wake-ups,
+    latency, which take no core: at 4x the bandwidth the latency floor is most of a 153 KB
+    all-reduce, and charging it to the owner's CPU predicted 3 nodes slower at 400 Mbit/s
+    than at 100)."""
     rest = (gradient_allreduce_s(profile, workers=workers, network=network)
             - gradient_allreduce_wire_s(profile, workers=workers, network=network))
     cpu = profile.comm.gradient_allreduce_cpu_s
-    if cpu is None or profile.contention is None or not profile.contention.applies(workers):
-        return rest
-    return min(cpu, rest)
+    return rest if cpu is None else min(cpu, rest)
 
 
 def common_memory_bytes(profile: Profile, *, workers: int) -> int:
