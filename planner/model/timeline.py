@@ -32,7 +32,8 @@ class Segment:
 
 
 class Timeline:
-    """Per-worker clocks and segments of one step; collectives are barriers."""
+    """Per-worker clocks and segments of one step; collectives are barriers, except that a
+    worker may leave a posted one at its own end (wait's `until`: a broadcast's root)."""
 
     def __init__(self, workers: int, *, trace: bool, contention: Contention | None = None,
                  start: Sequence[float] | None = None) -> None:
