@@ -122,3 +122,50 @@ def test_contention_survives_the_file_round_trip():
     again = profile_from_dict(profile_to_dict(profile))
     assert again.contention == ONE_CORE
     assert again.comm.gradient_allreduce_cpu_s == 0.002
+
+
+def _time_steps_with_alone_steps(rank: int, world_size: int) -> dict:
+    """time_steps on 2 gloo ranks with alone steps: which samples each timed step went to."""
+    import torch
+
+    from executor.profiling import ProfileOptions
+    from executor.profiling import kernels
+    from executor_fixtures import small_cnn
+
+    torch.manual_seed(0)
+    model = small_cnn()
+    precond = kernels.one_rank_preconditioner(model, ProfileOptions())
+    gen = torch.Generator().manual_seed(rank)
+    batches = [(torch.randn(8, 1, 8, 8, generator=gen), torch.randint(0, 10, (8,), generator=gen))]
+    kernels.accumulate_factors(model, precond, batches, torch.nn.functional.cross_entropy)
+    order: list[int] = []
+    timed_step = kernels._time_one_step
+
+    def recording(*args, **kwargs):
+        order.append(id(args[6]))  # the samples dict the step is timed into
+        return timed_step(*args, **kwargs)
+
+    kernels._time_one_step = recording
+    measured = kernels.time_steps(model, precond, batches, torch.nn.functional.cross_entropy,
+                                  ProfileOptions(warmup=1, repeats=4), advance=lambda: None,
+                                  align=torch.distributed.barrier, world_size=world_size,
+                                  alone=rank == 0)
+    kinds = {id(measured.busy): "busy", id(measured.alone): "alone"}
+    return {"order": [kinds[i] for i in order], "alone": measured.alone,
+            "busy_decompositions": len(measured.busy["0"]["decompose_a"]),
+            "slowdown": (kernels.contention_slowdown(measured.busy, measured.alone)
+                         if measured.alone else None)}
+
+
+def test_the_profiles_alone_steps_alternate_with_the_busy_ones():
+    """Contention is timed at the same moments as the busy figures: rank 0 times each step
+    again alone right after every rank timed it (the others only in its traffic), so a drift
+    of the host's speed between two spans is not read as contention."""
+    from distributed_helpers import run_distributed
+
+    first, second = run_distributed(_time_steps_with_alone_steps, 2)
+    assert first["order"] == ["busy", "alone"] * 5  # warm-up + 4 repeats, each timed twice
+    assert second["order"] == ["busy"] * 5 and second["alone"] is None
+    assert first["busy_decompositions"] == second["busy_decompositions"] == 4
+    assert all(len(v) == 4 for v in first["alone"]["0"].values())
+    assert first["slowdown"] > 0

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import platform
 from contextlib import nullcontext
-from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -29,9 +28,9 @@ from .kernels import (
     contention_slowdown,
     layer_record,
     one_rank_preconditioner,
+    StepSamples,
     step_record,
     time_steps,
-    traffic_steps,
 )
 from .options import ProfileOptions
 
@@ -46,9 +45,9 @@ def profile_module(model: nn.Module, batches: Batches, world: WorldInfo, *, loss
     After folding the batches into the factors (so decompositions see full-rank factors, as in
     training), every rank at once runs warm-up + repeats training-like steps
     (kernels.time_steps: the step's traffic flows as in the overlapped step), each step
-    started together; medians over every rank's repeats. Then rank 0 times them again alone,
-    the others only in the traffic (the profile's contention: busy over alone). Then every rank
-    times the collectives.
+    started together; medians over every rank's repeats. Between them rank 0 times each step
+    again alone, the others only in its traffic (the profile's contention: busy over alone,
+    at the same moments). Then every rank times the collectives.
     """
     malloc = keep_freed_memory() if options.keep_freed_memory else {}
     with flushed_denormals(options.flush_denormal) as flushing:
@@ -65,15 +64,14 @@ def _profile(model: nn.Module, batches: Batches, world: WorldInfo, loss_fn: Loss
     try:
         rows = accumulate_factors(model, precond, batches, loss_fn)
         steps = options.warmup + options.repeats
-        alone_steps = steps if world.world_size > 1 else 0
-        with _progress_bar(progress, steps + alone_steps + 1) as bar:
-            timed = partial(time_steps, model, precond, batches, loss_fn, options,
-                            advance=lambda: _advance(bar, "steps"),
-                            align=dist.barrier if world.world_size > 1 else lambda: None,
-                            world_size=world.world_size)
-            samples = _on_all_ranks_at_once(world, timed)
-            contention = _contention(world, samples, timed, lambda: traffic_steps(
-                model, _kfac_numel(precond), steps, dist.barrier, world.world_size))
+        with _progress_bar(progress, steps + 1) as bar:
+            measured = time_steps(model, precond, batches, loss_fn, options,
+                                  advance=lambda: _advance(bar, "steps"),
+                                  align=dist.barrier if world.world_size > 1 else lambda: None,
+                                  world_size=world.world_size,
+                                  alone=world.rank == 0 if world.world_size > 1 else None)
+            samples = _pooled(all_gather_object(measured.busy, world))
+            contention = _contention(world, measured)
             precond.remove_hooks()
             x, y = batches[0]
             bucket_bytes = tuple(model_bucket_bytes(model))
@@ -118,30 +116,27 @@ def _kfac_numel(precond) -> int:
     return sum(block.grad_numel for block in precond.blocks.values())
 
 
-def _on_all_ranks_at_once(world: WorldInfo, measure) -> dict[str, dict[str, list[float]]]:
-    """`measure()` ({what: {kernel: [seconds, ...]}}) run on every rank together, every rank's
-    samples pooled, on every rank. In training the ranks compute at the same time (every phase
-    but the waits runs on all of them: forward/backward, each owner's layers), so kernels are
-    timed beside one another, with whatever the ranks cost each other on a shared host (cores,
-    memory bandwidth, caches)."""
+def _pooled(per_rank: list[dict[str, dict[str, list[float]]]]) -> dict[str, dict[str, list[float]]]:
+    """Every rank's busy samples ({what: {kernel: [seconds, ...]}}) pooled. In training the
+    ranks compute at the same time (every phase but the waits runs on all of them:
+    forward/backward, each owner's layers), so kernels are timed beside one another, with
+    whatever the ranks cost each other on a shared host (cores, memory bandwidth, caches)."""
     pooled: dict[str, dict[str, list[float]]] = {}
-    for samples in all_gather_object(measure(), world):
+    for samples in per_rank:
         for what, kernels in samples.items():
             for kernel, values in kernels.items():
                 pooled.setdefault(what, {}).setdefault(kernel, []).extend(values)
     return pooled
 
 
-def _contention(world: WorldInfo, busy: dict, timed, traffic_only) -> dict | None:
-    """Rank 0 times its kernels again alone (the others take part in the step's traffic only,
-    computing nothing): {"ranks", "slowdown"} for the profile (None on one rank). The
-    slowdown (busy over alone) is what the ranks cost one another's kernels."""
+def _contention(world: WorldInfo, measured: StepSamples) -> dict | None:
+    """{"ranks", "slowdown"} for the profile (None on one rank): rank 0's K-FAC kernels in the
+    steps every rank computes over the same kernels in the steps between them where it
+    computes alone (the others in the traffic only): what the ranks cost one another."""
     if world.world_size == 1:
         return None
-    alone = timed() if world.rank == 0 else traffic_only()
-    slowdown = broadcast_object(contention_slowdown(busy, alone) if world.rank == 0 else None,
-                                world)
-    return {"ranks": world.world_size, "slowdown": slowdown}
+    slowdown = contention_slowdown(measured.busy, measured.alone) if world.rank == 0 else None
+    return {"ranks": world.world_size, "slowdown": broadcast_object(slowdown, world)}
 
 
 def _device_name(device: torch.device) -> str:

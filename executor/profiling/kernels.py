@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -52,10 +53,17 @@ def accumulate_factors(model: nn.Module, precond: BaseKFACPreconditioner, batche
 
 def time_steps(model: nn.Module, precond: BaseKFACPreconditioner, batches: Batches,
                loss_fn: LossFn, options: ProfileOptions, advance: Callable[[], None],
-               align: Callable[[], None] = lambda: None, world_size: int = 1
-               ) -> dict[str, dict[str, list[float]]]:
-    """Seconds of every kernel in each timed step: {layer name or "step": {kernel: [s, ...]}}.
-    `align()` runs before each step (a barrier, when every rank times steps at once).
+               align: Callable[[], None] = lambda: None, world_size: int = 1,
+               alone: bool | None = None) -> StepSamples:
+    """Seconds of every kernel in each timed step: {layer name or "step": {kernel: [s, ...]}}
+    of the steps every rank computes ("busy"), and, with `alone` set, of the steps between
+    them where rank 0 computes alone ("alone"; None elsewhere). `align()` runs before each
+    step (a barrier, when every rank times steps at once).
+
+    `alone` (more than one rank timing together): after each busy step, rank 0 (alone=True)
+    runs and times the same step again while the others (alone=False) only take part in its
+    traffic (traffic_step), so the two kinds see the host at the same moments and their
+    ratio (contention_slowdown) is not a drift of the host's speed between two spans.
 
     With `world_size` > 1 ranks timing together, the step's traffic runs too, where the
     executor's overlapped DP-KFAC step has it: the gradient buckets' all-reduces
@@ -77,23 +85,41 @@ def time_steps(model: nn.Module, precond: BaseKFACPreconditioner, batches: Batch
     factor_g is batch_factor G and fold_factors (both running averages and their non-finite
     check); decompose_a / decompose_g are decompose_factor; precondition is precondition_layer.
     """
-    names = list(precond.blocks)
-    samples = {name: {k: [] for k in LAYER_KERNELS} for name in names}
-    samples["step"] = {k: [] for k in STEP_PHASES}
-    step = samples["step"]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9, weight_decay=5e-4)
     buckets = GradientBuckets(model, world_size, record_times=True)
-    step.update({bucket_key(b): [] for b in range(len(buckets.members))})
-    if world_size > 1:
-        step[OVERLAPPED_FB] = []
+    busy = _empty_samples(list(precond.blocks), len(buckets.members), world_size)
+    solo = _empty_samples(list(precond.blocks), len(buckets.members), world_size) if alone else None
+    traffic = _traffic_numels(model, precond)
     try:
         for i in range(options.warmup + options.repeats):
+            kind = dict(keep=i >= options.warmup, align=align, world_size=world_size,
+                        overlapped=(i - options.warmup) % 2 == 0)
             _time_one_step(model, precond, batches[i % len(batches)], loss_fn, optimizer,
-                           buckets, samples, keep=i >= options.warmup, align=align,
-                           world_size=world_size, overlapped=(i - options.warmup) % 2 == 0)
+                           buckets, busy, **kind)
+            if alone:
+                _time_one_step(model, precond, batches[i % len(batches)], loss_fn, optimizer,
+                               buckets, solo, **kind)
+            elif alone is False:
+                traffic_step(*traffic, align, world_size)
             advance()
     finally:
         buckets.remove()
+    return StepSamples(busy=busy, alone=solo)
+
+
+@dataclass(frozen=True)
+class StepSamples:
+    """time_steps' samples: of the steps every rank computes, and of rank 0's alone (or None)."""
+    busy: dict[str, dict[str, list[float]]]
+    alone: dict[str, dict[str, list[float]]] | None
+
+
+def _empty_samples(names: list[str], buckets: int, world_size: int) -> dict:
+    samples = {name: {k: [] for k in LAYER_KERNELS} for name in names}
+    samples["step"] = {k: [] for k in STEP_PHASES}
+    samples["step"].update({bucket_key(b): [] for b in range(buckets)})
+    if world_size > 1:
+        samples["step"][OVERLAPPED_FB] = []
     return samples
 
 
@@ -151,20 +177,23 @@ def _time_one_step(model: nn.Module, precond: BaseKFACPreconditioner,
         optimizer.step()
 
 
-def traffic_steps(model: nn.Module, kfac_numel: int, steps: int,
-                  align: Callable[[], None], world_size: int) -> None:
-    """What time_steps' traffic asks of a rank that computes nothing, for `steps` steps: so
-    that one rank can time its kernels alone while the others only take part in the step's
-    collectives (each gradient bucket's all-reduce, the loss riding in bucket 0; rank 0's
-    broadcast of kfac_numel elements)."""
+def _traffic_numels(model: nn.Module, precond: BaseKFACPreconditioner) -> tuple[list[int], int]:
+    """Elements of each gradient bucket's all-reduce (the loss riding in bucket 0) and of rank
+    0's broadcast of every preconditioned gradient."""
     itemsize = next(p for p in model.parameters() if p.requires_grad).element_size()
     numels = [nbytes // itemsize + (b == 0) for b, nbytes in enumerate(model_bucket_bytes(model))]
-    for _ in range(steps):
-        align()
-        pending = [torch.distributed.all_reduce(torch.zeros(n), async_op=True) for n in numels]
-        for work in pending:
-            work.wait()
-        _broadcast_from_rank0([torch.zeros(kfac_numel)], world_size)
+    return numels, sum(block.grad_numel for block in precond.blocks.values())
+
+
+def traffic_step(bucket_numels: list[int], kfac_numel: int, align: Callable[[], None],
+                 world_size: int) -> None:
+    """What one of time_steps' steps asks of a rank that computes nothing: each gradient
+    bucket's all-reduce (`bucket_numels` elements) and rank 0's broadcast of `kfac_numel`."""
+    align()
+    pending = [torch.distributed.all_reduce(torch.zeros(n), async_op=True) for n in bucket_numels]
+    for work in pending:
+        work.wait()
+    _broadcast_from_rank0([torch.zeros(kfac_numel)], world_size)
 
 
 def contention_slowdown(busy: dict[str, dict[str, list[float]]],
