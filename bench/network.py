@@ -43,7 +43,12 @@ from rich.console import Console
 from dpkfac.core.placement import load_placement
 from dpkfac.core.profile import load_profile
 from dpkfac.core.units import payload_bytes_per_s
-from dpkfac.emulation import EmulatedCluster, emulation_unavailable, rate_bytes_per_s
+from dpkfac.emulation import (
+    EmulatedCluster,
+    emulation_unavailable,
+    rate_bytes_per_s,
+    tbf_burst_bytes,
+)
 from planner.model.calibrate import predicted_phases
 from planner.whatif.sweep import scale_bandwidth
 
@@ -108,7 +113,8 @@ def measure_nodes(work: Path, nodes: int, rates: list[str], args) -> list[dict]:
                 cluster.set_rate(rates[0])
             profile_path = work / f"profile-{nodes}-{round_}.json"
             dpkfac_on(cluster, "profile", "--model", args.model, "--batch-size",
-                      str(args.batch_size), "--out", str(profile_path), "--link-rate", rates[0])
+                      str(args.batch_size), "--out", str(profile_path), "--link-rate", rates[0],
+                      "--link-burst", str(tbf_burst_bytes(rates[0])))
             profile = load_profile(profile_path)
             if not placements:
                 placements = plan_placements(work, profile_path, nodes)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from dpkfac.core.errors import InputError
 from dpkfac.core.strategy import TRAIN_ALGORITHMS
-from dpkfac.core.units import payload_bytes_per_s, positive_seconds
+from dpkfac.core.units import parse_bytes, parse_link_rate, payload_bytes_per_s, positive_seconds
 
 
 def register(subparsers) -> None:
@@ -43,6 +43,10 @@ def _register_profile(subparsers) -> None:
                    "(e.g. 100mbit, 25gbit); the payload rate TCP gets on it (1448 of every "
                    "1514 bytes) is recorded, so `whatif --bandwidth-scale` speeds up only the "
                    "time on the wire, not the hosts' part of each collective")
+    p.add_argument("--link-burst", default=None, metavar="BYTES",
+                   help="with --link-rate, for shaped links: the token bucket as tc's tbf "
+                   "writes it (e.g. 62500 or 62.5kb), the bytes that leave at once after an "
+                   "idle link; the what-if keeps it as that many seconds of the rate")
     _add_cpu_runtime_flags(p)
     p.set_defaults(func=_run_profile)
 
@@ -147,6 +151,15 @@ def _add_cpu_runtime_flags(p: argparse.ArgumentParser) -> None:
                    "for reuse, so large temporaries are not page-faulted in every step)")
 
 
+def _link_burst_s(burst: str | None, rate: str | None) -> float:
+    """Seconds of the line rate `rate` a tbf bucket of `burst` bytes holds; 0 without one."""
+    if burst is None:
+        return 0.0
+    if rate is None:
+        raise InputError("--link-burst needs --link-rate (the rate the bucket fills at)")
+    return parse_bytes(burst, what="--link-burst") / parse_link_rate(rate, what="--link-rate")
+
+
 def _run_profile(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if not out.parent.is_dir():
@@ -156,6 +169,7 @@ def _run_profile(args: argparse.Namespace) -> int:
     if args.repeats < 3 or args.warmup < 0:
         raise InputError("--repeats must be >= 3 and --warmup >= 0")
     link = payload_bytes_per_s(args.link_rate, what="--link-rate") if args.link_rate else None
+    burst_s = _link_burst_s(args.link_burst, args.link_rate)
     for flag, value in (("--num-classes", args.num_classes), ("--vocab-size", args.vocab_size)):
         if value is not None and value < 1:
             raise InputError(f"{flag} must be a positive integer, got {value}")
@@ -176,7 +190,7 @@ def _run_profile(args: argparse.Namespace) -> int:
     options = ProfileOptions(compute_method=args.compute_method, warmup=args.warmup,
                              repeats=args.repeats, flush_denormal=not args.keep_denormals,
                              keep_freed_memory=not args.release_freed_memory,
-                             link_bytes_per_s=link)
+                             link_bytes_per_s=link, link_burst_s=burst_s)
     world = init_distributed(device=args.device)
     try:
         batches = consecutive_batches(work.split.train, args.batch_size, options.factor_batches,

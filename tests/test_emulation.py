@@ -15,7 +15,7 @@ import pytest
 
 from dpkfac import emulation
 from dpkfac.core.units import payload_bytes_per_s
-from dpkfac.emulation import EmulatedCluster, emulation_unavailable, tbf_burst_bytes
+from dpkfac.emulation import TBF_BURST_S, EmulatedCluster, emulation_unavailable, tbf_burst_bytes
 
 REASON = emulation_unavailable()
 needs_emulation = pytest.mark.skipif(REASON is not None, reason=f"no emulated cluster: {REASON}")
@@ -164,13 +164,15 @@ def test_profile_across_shaped_nodes_predicts_the_dp_kfac_step(tmp_path: Path):
         profile, placement, run = tmp_path / "p.json", tmp_path / "pl.json", tmp_path / "run"
         for result in cluster.torchrun(["-m", "dpkfac.cli", "profile", "--model", "digits-cnn",
                                         "--batch-size", "32", "--out", str(profile),
-                                        "--repeats", "5", "--link-rate", "100mbit"],
+                                        "--repeats", "5", "--link-rate", "100mbit",
+                                        "--link-burst", str(tbf_burst_bytes("100mbit"))],
                                        env=env, timeout_s=300):
             assert result.returncode == 0, result.stderr[-3000:]
         comm = json.loads(profile.read_text())["comm"]
         one_mib = comm["allreduce"]["seconds"][comm["message_bytes"].index(1 << 20)]
         assert one_mib > 0.8 * (1 << 20) / 12.5e6, one_mib  # the link, not loopback
         assert comm["link_bytes_per_s"] == pytest.approx(payload_bytes_per_s("100mbit"))
+        assert comm["link_burst_s"] == pytest.approx(TBF_BURST_S)
         assert main(["plan", "--profile", str(profile), "--workers", "2",
                      "--out", str(placement)]) == 0
         predicted = json.loads(placement.read_text())["predicted"]["step_time_s"]

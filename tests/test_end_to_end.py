@@ -172,9 +172,14 @@ def test_train_resume_continues_exactly(tmp_path):
     _assert_clean_error(longer, "lr_schedule")
 
 
-def test_profile_bad_link_rate_is_a_clean_error(tmp_path):
+@pytest.mark.parametrize("flags, message", [
+    (("--link-rate", "fast"), "--link-rate"),
+    (("--link-burst", "62500"), "--link-burst needs --link-rate"),
+    (("--link-rate", "100mbit", "--link-burst", "lots"), "--link-burst"),
+])
+def test_profile_bad_link_flags_are_a_clean_error(tmp_path, flags, message):
     out = tmp_path / "p.json"
     result = run_dpkfac("profile", "--model", "digits-mlp", "--batch-size", "8", "--out",
-                        str(out), "--link-rate", "fast")
-    _assert_clean_error(result, "--link-rate")
+                        str(out), *flags)
+    _assert_clean_error(result, message)
     assert not out.exists()

@@ -108,3 +108,17 @@ def test_plan_for_group_without_a_group_is_plan():
         dpkfac.plan(doc, 2)["assignment"]
     with pytest.raises(InputError, match="memory"):
         dpkfac.plan_for_group(doc, workers=2, memory_cap=1)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"rounds": 3}, "unknown option"),
+    ({"repeats": 2}, "repeats must be >= 3"),
+    ({"link_burst_s": 0.005}, "link_burst_s needs link_bytes_per_s"),
+])
+def test_profile_bad_options_are_input_errors(options, message):
+    import torch
+    from executor_fixtures import small_cnn
+
+    batch = (torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,)))
+    with pytest.raises(InputError, match=message):
+        dpkfac.profile(small_cnn(), batch, **options)

@@ -246,6 +246,31 @@ def test_bandwidth_scaling_with_a_known_link_rate_keeps_the_hosts_part():
         assert faster.broadcast_points.seconds[1] == pytest.approx(want)  # p - 1 = 1 send
 
 
+def test_bandwidth_scaling_keeps_a_shaped_links_burst_in_seconds():
+    """A token bucket of 5 ms of the rate lets that much of a message leave at once: at 100
+    Mbit/s (12.5 MB/s) a 1 MB message waits 80 - 5 ms for the wire, at 4x 20 - 5 ms; a 150 KB
+    one waits 12 - 5 ms, and nothing at 4x (it fits in the bucket). The hosts' 2 ms stays."""
+    from dpkfac.core.profile import CommCosts, MeasuredPoints, profile_to_dict
+    from planner.whatif.sweep import scale_bandwidth
+
+    base = profile_from_dict(synthetic_profile_dict(2, 0, world_size=2))
+    sizes, floor, host, burst = (1024, 150_000, 1_000_000), 0.003, 0.002, 0.005
+    points = MeasuredPoints(sizes, (floor, floor + host + 0.012 - burst,
+                                    floor + host + 0.080 - burst))
+    comm = CommCosts(backend="gloo", world_size=2, allreduce=base.comm.allreduce,
+                     broadcast=base.comm.broadcast, allreduce_points=points,
+                     broadcast_points=points, link_bytes_per_s=12.5e6, link_burst_s=burst)
+    profile = dataclasses.replace(base, comm=comm)
+    faster = scale_bandwidth(profile, 4.0).comm
+    want = (floor, floor + host, floor + host + 0.020 - burst)
+    assert faster.allreduce_points.seconds == pytest.approx(want)
+    assert faster.broadcast_points.seconds == pytest.approx(want)
+    assert faster.link_burst_s == burst  # the bucket fills at the faster rate too
+    assert profile_from_dict(profile_to_dict(profile)).comm.link_burst_s == burst
+    slower = scale_bandwidth(profile, 0.5).comm.allreduce_points.seconds
+    assert slower[2] == pytest.approx(floor + host + 0.160 - burst)
+
+
 def test_bandwidth_scaling_keeps_the_hosts_measured_cpu_seconds_of_an_allreduce():
     """On a slow link the hosts' work of an all-reduce runs under the transfer and the curve
     shows only the wire; on a 4x faster one the all-reduce still takes the CPU seconds the

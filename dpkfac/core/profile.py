@@ -85,13 +85,17 @@ class MeasuredPoints:
         return MeasuredPoints(self.message_bytes, tuple(t * factor for t in self.seconds))
 
     def faster_link(self, scale: float, *, wire_s_per_byte: float | None = None,
-                    host_s_per_byte: float | None = None) -> "MeasuredPoints":
+                    host_s_per_byte: float | None = None,
+                    burst_s: float = 0.0) -> "MeasuredPoints":
         """The curve on a link `scale` times the bandwidth. Of each size's time beyond the
         latency floor (the least measured time: wake-up, protocol, what no bandwidth shortens),
         the part on the wire is divided by `scale`: with `wire_s_per_byte` (seconds per
         message byte the link itself takes, known from its rate) that many seconds, at most
         all of it; the rest (the hosts' copies and reductions) is kept. Without it, all of
-        it. With `host_s_per_byte` (the hosts' CPU seconds per byte, measured), the time above
+        it. `burst_s` (with `wire_s_per_byte`): the link's token bucket, seconds of its rate
+        that leave at once after an idle link, the same at every rate (a shaped link's burst):
+        a message waits for the wire only beyond it, max(0, wire - burst_s) at either rate.
+        With `host_s_per_byte` (the hosts' CPU seconds per byte, measured), the time above
         the floor never drops below that much of it (at most what was measured): on a slow
         link the hosts' work runs under the transfer of the chunks before, on a fast one it is
         what remains."""
@@ -99,10 +103,23 @@ class MeasuredPoints:
         out = []
         for n, t in zip(self.message_bytes, self.seconds):
             above = max(t - floor, 0.0)
-            wire = above if wire_s_per_byte is None else min(n * wire_s_per_byte, above)
+            wire, faster = self._wire_s(n, above, scale, wire_s_per_byte, burst_s)
             host = 0.0 if host_s_per_byte is None else min(n * host_s_per_byte, above)
-            out.append(floor + max(above - wire + wire / scale, host))
+            out.append(floor + max(above - wire + faster, host))
         return MeasuredPoints(self.message_bytes, tuple(out))
+
+    @staticmethod
+    def _wire_s(nbytes: int, above_s: float, scale: float, wire_s_per_byte: float | None,
+                burst_s: float) -> tuple[float, float]:
+        """Seconds of a measured time above the floor (`above_s`) that waited for the wire,
+        and what they become on a link `scale` times as fast."""
+        if wire_s_per_byte is None:
+            return above_s, above_s / scale
+        waited = max(nbytes * wire_s_per_byte - burst_s, 0.0)
+        if waited == 0.0:
+            return 0.0, 0.0
+        wire = min(waited, above_s)
+        return wire, wire * max(nbytes * wire_s_per_byte / scale - burst_s, 0.0) / waited
 
 
 @dataclass(frozen=True)
@@ -118,6 +135,7 @@ class CommCosts:
     broadcast_points: MeasuredPoints | None = None
     broadcast_overlap: float = 1.0  # broadcasts posted together that progress at once
     link_bytes_per_s: float | None = None  # the links' payload rate, when the profile was told it
+    link_burst_s: float = 0.0  # the links' token bucket, seconds of their rate (shaped links)
     gradient_allreduce_cpu_s: float | None = None  # the CPU seconds of the gradient all-reduce
     gradient_buckets_s: float | None = None  # the step's bucket all-reduces posted back to back
     notes: dict = field(default_factory=dict, compare=False)
@@ -265,7 +283,7 @@ def profile_from_dict(doc: Any, *, source: str = "profile") -> Profile:
 
 
 _COMM_KEYS = {"backend", "world_size", "allreduce", "broadcast", "message_bytes",
-              "broadcast_overlap", "link_bytes_per_s", "gradient_allreduce_cpu_s",
+              "broadcast_overlap", "link_bytes_per_s", "link_burst_s", "gradient_allreduce_cpu_s",
               "gradient_buckets_s"}
 _COLLECTIVE_KEYS = {"alpha_s", "beta_s_per_byte", "seconds"}
 
@@ -294,6 +312,7 @@ def _comm_costs(comm: dict, *, source: str) -> CommCosts:
                      allreduce_points=points["allreduce"], broadcast_points=points["broadcast"],
                      broadcast_overlap=comm.get("broadcast_overlap", 1.0),
                      link_bytes_per_s=comm.get("link_bytes_per_s"),
+                     link_burst_s=comm.get("link_burst_s", 0.0),
                      gradient_allreduce_cpu_s=comm.get("gradient_allreduce_cpu_s"),
                      gradient_buckets_s=comm.get("gradient_buckets_s"), notes=notes)
 
@@ -340,6 +359,8 @@ def _comm_to_dict(costs: CommCosts) -> dict:
         doc["broadcast_overlap"] = costs.broadcast_overlap
     if costs.link_bytes_per_s is not None:
         doc["link_bytes_per_s"] = costs.link_bytes_per_s
+    if costs.link_burst_s:
+        doc["link_burst_s"] = costs.link_burst_s
     for key in ("gradient_allreduce_cpu_s", "gradient_buckets_s"):
         if getattr(costs, key) is not None:
             doc[key] = getattr(costs, key)

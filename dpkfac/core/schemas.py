@@ -105,6 +105,7 @@ PROFILE_SCHEMA: dict = {
                 "message_bytes": {"type": "array", "minItems": 1, "items": POSITIVE_INTEGER},
                 "broadcast_overlap": {"type": "number", "minimum": 1},
                 "link_bytes_per_s": {"type": "number", "exclusiveMinimum": 0},
+                "link_burst_s": _SECONDS,
                 "gradient_allreduce_cpu_s": _SECONDS,
                 "gradient_buckets_s": _SECONDS,
                 "allreduce": _ALPHA_BETA,

@@ -57,7 +57,8 @@ def profile_comm(world: WorldInfo, options: ProfileOptions, sizes: tuple[int, ..
         seconds = means[k * len(sizes):(k + 1) * len(sizes)]
         fits[kind] = dict(fit_alpha_beta(sizes, seconds), seconds=seconds)
     link = {} if options.link_bytes_per_s is None else {
-        "link_bytes_per_s": options.link_bytes_per_s}
+        "link_bytes_per_s": options.link_bytes_per_s,
+        **({"link_burst_s": options.link_burst_s} if options.link_burst_s else {})}
     return {"backend": backend, "world_size": world.world_size, **fits, "source": "measured",
             "statistic": "mean over trials of (last rank's return - mean arrival)",
             "message_bytes": list(sizes), **link,

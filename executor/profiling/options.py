@@ -17,3 +17,4 @@ class ProfileOptions:
     flush_denormal: bool = True  # as `train` does by default (runtime.cpu_runtime)
     keep_freed_memory: bool = True  # as `train` does by default (runtime.cpu_runtime)
     link_bytes_per_s: float | None = None  # the links' payload rate, for bandwidth what-ifs
+    link_burst_s: float = 0.0  # the links' token bucket, seconds of their rate (shaped links)
