@@ -62,7 +62,7 @@ def time_steps(model: nn.Module, precond: BaseKFACPreconditioner, batches: Batch
 
     `alone` (more than one rank timing together): after each busy step, rank 0 (alone=True)
     runs and times the same step again while the others (alone=False) only take part in its
-    traffic (traffic_step), so the two kinds see the host at the same moments and their
+    traffic (_traffic_step), so the two kinds see the host at the same moments and their
     ratio (contention_slowdown) is not a drift of the host's speed between two spans.
 
     With `world_size` > 1 ranks timing together, the step's traffic runs too, where the
@@ -87,20 +87,21 @@ def time_steps(model: nn.Module, precond: BaseKFACPreconditioner, batches: Batch
     """
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9, weight_decay=5e-4)
     buckets = GradientBuckets(model, world_size, record_times=True)
-    busy = _empty_samples(list(precond.blocks), len(buckets.members), world_size)
-    solo = _empty_samples(list(precond.blocks), len(buckets.members), world_size) if alone else None
+    names, count = list(precond.blocks), len(buckets.members)
+    busy = _empty_samples(names, count, world_size)
+    solo = _empty_samples(names, count, world_size) if alone else None
     traffic = _traffic_numels(model, precond)
     try:
         for i in range(options.warmup + options.repeats):
-            kind = dict(keep=i >= options.warmup, align=align, world_size=world_size,
-                        overlapped=(i - options.warmup) % 2 == 0)
+            how = dict(keep=i >= options.warmup, align=align, world_size=world_size,
+                       overlapped=(i - options.warmup) % 2 == 0)
             _time_one_step(model, precond, batches[i % len(batches)], loss_fn, optimizer,
-                           buckets, busy, **kind)
+                           buckets, busy, **how)
             if alone:
                 _time_one_step(model, precond, batches[i % len(batches)], loss_fn, optimizer,
-                               buckets, solo, **kind)
+                               buckets, solo, **how)
             elif alone is False:
-                traffic_step(*traffic, align, world_size)
+                _traffic_step(*traffic, align, world_size)
             advance()
     finally:
         buckets.remove()
@@ -115,6 +116,7 @@ class StepSamples:
 
 
 def _empty_samples(names: list[str], buckets: int, world_size: int) -> dict:
+    """time_steps' sample lists for layers `names`, the step phases and `buckets` buckets."""
     samples = {name: {k: [] for k in LAYER_KERNELS} for name in names}
     samples["step"] = {k: [] for k in STEP_PHASES}
     samples["step"].update({bucket_key(b): [] for b in range(buckets)})
@@ -185,7 +187,7 @@ def _traffic_numels(model: nn.Module, precond: BaseKFACPreconditioner) -> tuple[
     return numels, sum(block.grad_numel for block in precond.blocks.values())
 
 
-def traffic_step(bucket_numels: list[int], kfac_numel: int, align: Callable[[], None],
+def _traffic_step(bucket_numels: list[int], kfac_numel: int, align: Callable[[], None],
                  world_size: int) -> None:
     """What one of time_steps' steps asks of a rank that computes nothing: each gradient
     bucket's all-reduce (`bucket_numels` elements) and rank 0's broadcast of `kfac_numel`."""
