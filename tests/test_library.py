@@ -114,6 +114,7 @@ def test_plan_for_group_without_a_group_is_plan():
     ({"rounds": 3}, "unknown option"),
     ({"repeats": 2}, "repeats must be >= 3"),
     ({"link_burst_s": 0.005}, "link_burst_s needs link_bytes_per_s"),
+    ({"link_burst_s": -0.005, "link_bytes_per_s": 1e7}, "link_burst_s must be >= 0"),
 ])
 def test_profile_bad_options_are_input_errors(options, message):
     import torch

@@ -283,8 +283,8 @@ def profile_from_dict(doc: Any, *, source: str = "profile") -> Profile:
 
 
 _COMM_KEYS = {"backend", "world_size", "allreduce", "broadcast", "message_bytes",
-              "broadcast_overlap", "link_bytes_per_s", "link_burst_s", "gradient_allreduce_cpu_s",
-              "gradient_buckets_s"}
+              "broadcast_overlap", "link_bytes_per_s", "link_burst_s",
+              "gradient_allreduce_cpu_s", "gradient_buckets_s"}
 _COLLECTIVE_KEYS = {"alpha_s", "beta_s_per_byte", "seconds"}
 
 

@@ -64,6 +64,8 @@ def _options(given: dict) -> ProfileOptions:
     if options.repeats < 3 or options.warmup < 0:  # as `dpkfac profile` requires
         raise InputError("dpkfac.profile: repeats must be >= 3 and warmup >= 0, got "
                          f"{options.repeats} and {options.warmup}")
+    if options.link_burst_s < 0:
+        raise InputError(f"dpkfac.profile: link_burst_s must be >= 0, got {options.link_burst_s}")
     if options.link_burst_s and options.link_bytes_per_s is None:
         raise InputError("dpkfac.profile: link_burst_s needs link_bytes_per_s")
     return options
