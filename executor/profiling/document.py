@@ -24,11 +24,12 @@ from ..workload.loaders import Batches
 from ..workload.loss import LossFn
 from .collectives import message_sizes, profile_comm
 from .kernels import (
+    StepSamples,
     accumulate_factors,
     contention_slowdown,
+    kfac_numel,
     layer_record,
     one_rank_preconditioner,
-    StepSamples,
     step_record,
     time_steps,
 )
@@ -78,7 +79,7 @@ def _profile(model: nn.Module, batches: Batches, world: WorldInfo, loss_fn: Loss
             comm = profile_comm(world, options,
                                 _step_message_sizes(model, precond, world, bucket_bytes),
                                 before=lambda: loss_fn(model(x), y).backward(),
-                                owner_bytes=4 * _kfac_numel(precond) // world.world_size,
+                                owner_bytes=4 * kfac_numel(precond) // world.world_size,
                                 gradient_bytes=4 * (_grad_numel(model) + 1),
                                 bucket_bytes=bucket_bytes)
             _advance(bar, "collectives")
@@ -103,17 +104,13 @@ def _step_message_sizes(model: nn.Module, precond, world: WorldInfo,
     gradient all-reduce (gradients and the loss), each of its buckets (`bucket_bytes`), an
     owner's share of the preconditioned gradients, all factors (when they are all-reduced)."""
     factors = sum(b.dim_a ** 2 + b.dim_g ** 2 for b in precond.blocks.values())
-    extra = (4 * (_grad_numel(model) + 1), 4 * _kfac_numel(precond) // world.world_size,
+    extra = (4 * (_grad_numel(model) + 1), 4 * kfac_numel(precond) // world.world_size,
              4 * factors, *bucket_bytes)
     return message_sizes(4 * _grad_numel(model), extra)
 
 
 def _grad_numel(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def _kfac_numel(precond) -> int:
-    return sum(block.grad_numel for block in precond.blocks.values())
 
 
 def _pooled(per_rank: list[dict[str, dict[str, list[float]]]]) -> dict[str, dict[str, list[float]]]:

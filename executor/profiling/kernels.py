@@ -179,12 +179,17 @@ def _time_one_step(model: nn.Module, precond: BaseKFACPreconditioner,
         optimizer.step()
 
 
+def kfac_numel(precond: BaseKFACPreconditioner) -> int:
+    """Elements of every K-FAC layer's gradient (what the owners' broadcasts carry in all)."""
+    return sum(block.grad_numel for block in precond.blocks.values())
+
+
 def _traffic_numels(model: nn.Module, precond: BaseKFACPreconditioner) -> tuple[list[int], int]:
     """Elements of each gradient bucket's all-reduce (the loss riding in bucket 0) and of rank
     0's broadcast of every preconditioned gradient."""
     itemsize = next(p for p in model.parameters() if p.requires_grad).element_size()
     numels = [nbytes // itemsize + (b == 0) for b, nbytes in enumerate(model_bucket_bytes(model))]
-    return numels, sum(block.grad_numel for block in precond.blocks.values())
+    return numels, kfac_numel(precond)
 
 
 def _traffic_step(bucket_numels: list[int], kfac_numel: int, align: Callable[[], None],
