@@ -138,6 +138,9 @@ class CommCosts:
     link_burst_s: float = 0.0  # the links' token bucket, seconds of their rate (shaped links)
     gradient_allreduce_cpu_s: float | None = None  # the CPU seconds of the gradient all-reduce
     gradient_buckets_s: float | None = None  # the step's bucket all-reduces posted back to back
+    # the pace (0..1] of the step's bucket all-reduces posted while every rank computes, over
+    # their pace posted alone (ranks that outnumber their host's cores); 1 where not measured
+    busy_progress: float = 1.0
     notes: dict = field(default_factory=dict, compare=False)
 
     def wire_s_per_byte(self, kind: str) -> float | None:
@@ -149,6 +152,11 @@ class CommCosts:
         p = self.world_size
         per_byte = 2 * (p - 1) / p if kind == "allreduce" else float(p - 1)
         return per_byte / self.link_bytes_per_s
+
+    def busy_progress_at(self, workers: int) -> float:
+        """busy_progress for a step of `workers` workers: the measured pace at the profiled
+        world size, 1 at others (their hosts are unknown)."""
+        return self.busy_progress if workers == self.world_size else 1.0
 
     def scaled(self, *, allreduce: float, broadcast: float) -> "CommCosts":
         """Every all-reduce time times `allreduce`, every broadcast time times `broadcast`."""
@@ -284,7 +292,7 @@ def profile_from_dict(doc: Any, *, source: str = "profile") -> Profile:
 
 _COMM_KEYS = {"backend", "world_size", "allreduce", "broadcast", "message_bytes",
               "broadcast_overlap", "link_bytes_per_s", "link_burst_s",
-              "gradient_allreduce_cpu_s", "gradient_buckets_s"}
+              "gradient_allreduce_cpu_s", "gradient_buckets_s", "busy_progress"}
 _COLLECTIVE_KEYS = {"alpha_s", "beta_s_per_byte", "seconds"}
 
 
@@ -314,7 +322,8 @@ def _comm_costs(comm: dict, *, source: str) -> CommCosts:
                      link_bytes_per_s=comm.get("link_bytes_per_s"),
                      link_burst_s=comm.get("link_burst_s", 0.0),
                      gradient_allreduce_cpu_s=comm.get("gradient_allreduce_cpu_s"),
-                     gradient_buckets_s=comm.get("gradient_buckets_s"), notes=notes)
+                     gradient_buckets_s=comm.get("gradient_buckets_s"),
+                     busy_progress=comm.get("busy_progress", 1.0), notes=notes)
 
 
 def _alpha_beta(d: dict) -> dict:
@@ -361,6 +370,8 @@ def _comm_to_dict(costs: CommCosts) -> dict:
         doc["link_bytes_per_s"] = costs.link_bytes_per_s
     if costs.link_burst_s:
         doc["link_burst_s"] = costs.link_burst_s
+    if costs.busy_progress != 1.0:
+        doc["busy_progress"] = costs.busy_progress
     for key in ("gradient_allreduce_cpu_s", "gradient_buckets_s"):
         if getattr(costs, key) is not None:
             doc[key] = getattr(costs, key)

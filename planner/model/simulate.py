@@ -195,6 +195,8 @@ def simulate_step(profile: Profile, *, owners: Sequence[int], workers: int, conf
                                                    network=network))
         if hide_local:
             _local_phases(line, **local)
+        pending = line.slowed(pending, progress=profile.comm.busy_progress_at(workers),
+                              since=began)
         line.wait(pending)
         ar_end = pending.end_s
     else:
