@@ -50,7 +50,9 @@ compute, sharing the cores. Otherwise the step is serial, as listed.
 Ranks that share a host (profile.contention, at the profiled world size): compute between two
 collectives is laid out by processor sharing (planner.model.sharing): with k workers computing
 at once each takes Contention.time_factor(k) times its busy figure, so an owner left computing
-alone runs faster than the all-ranks-busy figures the profile holds.
+alone runs faster than the all-ranks-busy figures the profile holds. The chain of bucket
+all-reduces posted from backward moves at comm.busy_progress ** ((k - 1) / (W - 1)) of its pace
+while k of the W workers compute (Timeline.slowed; the profiled world size only).
 
 A collective needs every rank: it starts when the last one has posted it. A broadcast's root
 returns once its bytes are in its sockets' buffers (Network.broadcast_root_s) while the others
