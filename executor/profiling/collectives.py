@@ -123,7 +123,7 @@ def _busy_progress(world: WorldInfo, options: ProfileOptions,
         return {}
     bufs = [torch.zeros(max(n // 4, 1), dtype=torch.float32) for n in bucket_bytes]
     matrix = torch.randn(256, 256)
-    idle = [_chain_done_s(bufs, 0.0, matrix) for _ in range(options.warmup)][-1]
+    idle = [_chain_done_s(bufs, 0.0, matrix) for _ in range(max(options.warmup, 1))][-1]
     busy_s = max(4 * idle, 0.02)
     samples = {"idle": [], "busy": []}
     for _ in range(2 * options.repeats):
