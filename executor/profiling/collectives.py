@@ -99,13 +99,17 @@ def _collective(kind: str, buf: torch.Tensor):
 def _bucket_chain(bucket_bytes: tuple[int, ...], world: WorldInfo):
     """The gradient buckets' all-reduces (one buffer each), posted asynchronously one after
     another as the step posts them, then waited for, as a callable."""
-    bufs = [torch.zeros(max(n // 4, 1), dtype=torch.float32, device=world.device)
-            for n in bucket_bytes]
+    bufs = _bucket_buffers(bucket_bytes, world.device)
 
     def chain():
         for work in [dist.all_reduce(buf, async_op=True) for buf in bufs]:
             work.wait()
     return chain
+
+
+def _bucket_buffers(bucket_bytes: tuple[int, ...], device: torch.device) -> list[torch.Tensor]:
+    """One float32 buffer per gradient bucket, of its bytes."""
+    return [torch.zeros(max(n // 4, 1), dtype=torch.float32, device=device) for n in bucket_bytes]
 
 
 def _busy_progress(world: WorldInfo, options: ProfileOptions,
@@ -121,7 +125,7 @@ def _busy_progress(world: WorldInfo, options: ProfileOptions,
     nothing without buckets."""
     if not bucket_bytes or world.device.type != "cpu":
         return {}
-    bufs = [torch.zeros(max(n // 4, 1), dtype=torch.float32) for n in bucket_bytes]
+    bufs = _bucket_buffers(bucket_bytes, world.device)
     matrix = torch.randn(256, 256)
     idle = [_chain_done_s(bufs, 0.0, matrix) for _ in range(max(options.warmup, 1))][-1]
     busy_s = max(4 * idle, 0.02)

@@ -184,7 +184,11 @@ class Timeline:
             t = edge
         else:
             pace = 1.0
-        late = replace(seg, end_s=t + left / pace)
+        return self._ending_at(seg, t + left / pace)
+
+    def _ending_at(self, seg: Segment, end_s: float) -> Segment:
+        """The posted collective `seg` ending at `end_s` instead, with the same gate."""
+        late = replace(seg, end_s=end_s)
         self.gates[id(late)] = self.gates[id(seg)]
         return late
 
@@ -197,9 +201,7 @@ class Timeline:
         (a broadcast's root, done once its bytes are in its sockets' buffers)."""
         self._settle()  # lay out the held compute and the threads before reading their end
         if self._background_end > seg.end_s:  # its threads' CPU work ended later
-            late = replace(seg, end_s=self._background_end)
-            self.gates[id(late)] = self.gates[id(seg)]
-            seg = late
+            seg = self._ending_at(seg, self._background_end)
         self._background_end = 0.0
         ends = np.full(len(self.t), seg.end_s) if until is None else np.minimum(until, seg.end_s)
         for w in range(len(self.t) if self.trace else 0):
