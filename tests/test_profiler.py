@@ -94,7 +94,7 @@ def _interleaved_trials(rank: int, world_size: int) -> dict:
     world = WorldInfo(rank=rank, world_size=world_size, local_rank=rank,
                       device=torch.device("cpu"), backend="gloo")
     means = time_collectives([op("a", 0.002), op("b", 0.02)], world, options,
-                             before=lambda: None)
+                             before=lambda: None, between=lambda trial: calls.append(trial))
     late = time_collectives([op("c", 0.0)], world, options,  # rank 1 computes 20 ms longer
                             before=lambda: time.sleep(0.02 if rank == 1 else 0.0))
     return {"calls": [c for c in calls if c != "c"], "means": means, "late": late[0]}
@@ -106,12 +106,52 @@ def test_collective_trials_interleave_and_run_from_mean_arrival_to_last_return()
     results = run_distributed(_interleaved_trials, 2)
     trials = 1 + 2 * 2  # warm-up + 2 x repeats
     for result in results:
-        assert result["calls"] == ["a", "b"] * trials  # trial i of every op, then i + 1
+        # trial i of every op, then between(i), then trial i + 1
+        assert result["calls"] == [call for i in range(trials) for call in ("a", "b", i)]
         a_s, b_s = result["means"]
         assert a_s >= 0.002 and b_s >= 0.02  # rank 1's sleeps: the slowest rank's time counts
         # a late arrival counts from the ranks' mean arrival: half of rank 1's 20 ms
         assert 0.009 <= result["late"] <= 0.016
     assert results[0]["means"] == results[1]["means"]
+
+
+def _profile_order(rank: int, world_size: int) -> dict:
+    """A 2-rank profile of a small CNN, logging its timed steps and its collectives' trials."""
+    from executor.profiling import collectives, kernels
+    from executor_fixtures import small_cnn
+
+    log: list[str] = []
+    step, trials = kernels.StepTimer.step, collectives.time_collectives
+
+    def logged_step(self):
+        log.append("step")
+        step(self)
+
+    def logged_trials(ops, world, options, before, between=lambda trial: None):
+        def logged(trial):
+            log.append("trial")
+            between(trial)
+        return trials(ops, world, options, before, logged)
+
+    kernels.StepTimer.step, collectives.time_collectives = logged_step, logged_trials
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(rank)
+    batch = (torch.randn(8, 1, 8, 8, generator=gen), torch.randint(0, 10, (8,), generator=gen))
+    doc = dpkfac.profile(small_cnn(), batch, warmup=1, repeats=4, factor_batches=2)
+    return {"log": log, "decompose_a": doc["layers"][0]["decompose_a_s"]}
+
+
+def test_the_profiles_steps_are_spread_over_the_collectives_trials():
+    """A shared host's slow seconds meet a few of the profile's timed steps, not all: after
+    the warm-up steps, one timed step runs after every second trial of the collectives."""
+    from distributed_helpers import run_distributed
+
+    for result in run_distributed(_profile_order, 2):
+        # the warm-up step, then a timed step after trials 1, 3, 5 and 7 of the 9 (warm-up +
+        # 2 x repeats); the broadcast overlap's trials follow
+        assert result["log"][:14] == ["step"] + ["trial", "trial", "step"] * 4 + ["trial"]
+        assert result["log"].count("step") == 1 + 4
+        assert result["decompose_a"] > 0
 
 
 def test_alpha_beta_fit_recovers_a_line_and_clamps_at_zero():

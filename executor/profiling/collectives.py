@@ -33,11 +33,12 @@ def message_sizes(model_grad_bytes: int, extra: tuple[int, ...] = ()) -> tuple[i
 
 
 def profile_comm(world: WorldInfo, options: ProfileOptions, sizes: tuple[int, ...],
-                  before=lambda: None, owner_bytes: int = 1 << 10,
+                  before=lambda: None, between=lambda trial: None, owner_bytes: int = 1 << 10,
                   gradient_bytes: int | None = None,
                   bucket_bytes: tuple[int, ...] = ()) -> dict:
     """The profile's `comm` entry: alpha-beta fits per collective kind over `sizes` (bytes),
-    each call timed after `before()`, the broadcast overlap at `owner_bytes` per owner, the
+    each call timed after `before()` (`between(trial)` after each of their trials), the
+    broadcast overlap at `owner_bytes` per owner, the
     CPU seconds of the gradient all-reduce (`gradient_bytes`, when given), and with two or
     more gradient buckets (`bucket_bytes`, in posting order) their all-reduces posted back to
     back as the step posts them (`gradient_buckets_s`); assumed costs on a world of one."""
@@ -51,7 +52,7 @@ def profile_comm(world: WorldInfo, options: ProfileOptions, sizes: tuple[int, ..
     chained = len(bucket_bytes) > 1
     ops = [_collective(kind, shared[:max(n // 4, 1)]) for kind in kinds for n in sizes]
     means = time_collectives(ops + ([_bucket_chain(bucket_bytes, world)] if chained else []),
-                             world, options, before)
+                             world, options, before, between)
     fits = {}
     for k, kind in enumerate(kinds):
         seconds = means[k * len(sizes):(k + 1) * len(sizes)]
@@ -180,7 +181,8 @@ def _broadcast_overlap(world: WorldInfo, options: ProfileOptions, nbytes: int, b
                                            "all_ranks_s": group_s}}
 
 
-def time_collectives(ops, world: WorldInfo, options: ProfileOptions, before) -> list[float]:
+def time_collectives(ops, world: WorldInfo, options: ProfileOptions, before,
+                      between=lambda trial: None) -> list[float]:
     """Seconds of each collective call in `ops` as training meets it: right after compute
     (`before`, one forward/backward of the model, when the communication threads have gone
     idle), not back to back. Each trial: barrier, compute, then one timed call on every rank.
@@ -193,7 +195,7 @@ def time_collectives(ops, world: WorldInfo, options: ProfileOptions, before) -> 
     profiling shifts every message size alike instead of bending the size-to-time curve. The
     mean over the trials, not the median: collectives on shared hosts have long tails, and
     the planner predicts mean step times. Every rank runs the same fixed number of
-    collectives."""
+    collectives. `between(trial)` runs after each trial (0, 1, ...), untimed, on every rank."""
     trials = options.warmup + 2 * options.repeats
     arrive = torch.zeros(len(ops), trials, dtype=torch.float64)
     done = torch.zeros(len(ops), trials, dtype=torch.float64)
@@ -207,6 +209,7 @@ def time_collectives(ops, world: WorldInfo, options: ProfileOptions, before) -> 
             op()
             synchronize_device()
             done[j, trial] = time.perf_counter() - start
+        between(trial)
     dist.all_reduce(arrive)  # sum over ranks
     dist.all_reduce(done, op=dist.ReduceOp.MAX)
     seconds = done - arrive / world.world_size

@@ -31,7 +31,7 @@ from .kernels import (
     layer_record,
     one_rank_preconditioner,
     step_record,
-    time_steps,
+    StepTimer,
 )
 from .options import ProfileOptions
 
@@ -45,10 +45,12 @@ def profile_module(model: nn.Module, batches: Batches, world: WorldInfo, *, loss
 
     After folding the batches into the factors (so decompositions see full-rank factors, as in
     training), every rank at once runs warm-up + repeats training-like steps
-    (kernels.time_steps: the step's traffic flows as in the overlapped step), each step
+    (kernels.StepTimer: the step's traffic flows as in the overlapped step), each step
     started together; medians over every rank's repeats. Between them rank 0 times each step
     again alone, the others only in its traffic (the profile's contention: busy over alone,
-    at the same moments). Then every rank times the collectives.
+    at the same moments). Every rank also times the collectives; the timed steps are spread
+    over the collectives' trials (one after every second trial), so a shared host's slow
+    seconds meet a few of them, which the medians drop, instead of all.
     """
     malloc = keep_freed_memory() if options.keep_freed_memory else {}
     with flushed_denormals(options.flush_denormal) as flushing:
@@ -62,29 +64,35 @@ def _profile(model: nn.Module, batches: Batches, world: WorldInfo, loss_fn: Loss
              options: ProfileOptions, progress: bool) -> dict:
     require_kfac_layers(model, what="the model")
     precond = one_rank_preconditioner(model, options)
+    timer = None
     try:
         rows = accumulate_factors(model, precond, batches, loss_fn)
-        steps = options.warmup + options.repeats
-        with _progress_bar(progress, steps + 1) as bar:
-            measured = time_steps(model, precond, batches, loss_fn, options,
-                                  advance=lambda: _advance(bar, "steps"),
-                                  align=dist.barrier if world.world_size > 1 else lambda: None,
-                                  world_size=world.world_size,
-                                  alone=world.rank == 0 if world.world_size > 1 else None)
-            samples = _pooled(all_gather_object(measured.busy, world))
-            contention = _contention(world, measured)
-            precond.remove_hooks()
+        with _progress_bar(progress, options.warmup + options.repeats + 1) as bar:
+            timer = StepTimer(model, precond, batches, loss_fn, options,
+                              align=dist.barrier if world.world_size > 1 else lambda: None,
+                              world_size=world.world_size,
+                              alone=world.rank == 0 if world.world_size > 1 else None)
+            step = _stepper(timer, lambda: _advance(bar, "steps"))
+            for _ in range(options.warmup):
+                step()
             x, y = batches[0]
             bucket_bytes = tuple(model_bucket_bytes(model))
             comm = profile_comm(world, options,
                                 _step_message_sizes(model, precond, world, bucket_bytes),
-                                before=lambda: loss_fn(model(x), y).backward(),
+                                before=lambda: _forward_backward(model, precond, loss_fn, x, y),
+                                between=lambda trial: step() if trial % 2 else None,
                                 owner_bytes=4 * kfac_numel(precond) // world.world_size,
                                 gradient_bytes=4 * (_grad_numel(model) + 1),
                                 bucket_bytes=bucket_bytes)
+            while timer.left:
+                step()
             _advance(bar, "collectives")
+        samples = _pooled(all_gather_object(timer.samples.busy, world))
+        contention = _contention(world, timer.samples)
     finally:
         precond.remove_hooks()
+        if timer is not None:
+            timer.close()
     return {
         "schema": PROFILE_SCHEMA_ID, "batch_size": int(batches[0][0].shape[0]),
         "device": _device_name(world.device), "dtype": "float32",
@@ -96,6 +104,23 @@ def _profile(model: nn.Module, batches: Batches, world: WorldInfo, loss_fn: Loss
         "environment": _environment(world, options),
         **({"contention": contention} if contention else {}),
     }
+
+
+def _stepper(timer: StepTimer, advance):
+    """A callable running the timer's next step (nothing once all are run), then `advance()`."""
+    def step():
+        if timer.left:
+            timer.step()
+            advance()
+    return step
+
+
+def _forward_backward(model: nn.Module, precond, loss_fn: LossFn, x: torch.Tensor,
+                      y: torch.Tensor) -> None:
+    """One forward/backward of the batch (x, y), its captured activations dropped: the compute
+    each collective trial follows."""
+    loss_fn(model(x), y).backward()
+    precond.capture.clear()
 
 
 def _step_message_sizes(model: nn.Module, precond, world: WorldInfo,
@@ -148,7 +173,8 @@ def _environment(world: WorldInfo, options: ProfileOptions) -> dict:
             "cuda": torch.version.cuda, "world_size": world.world_size,
             "timing": {"warmup": options.warmup, "repeats": options.repeats,
                        "statistic": "median", "spread": "interquartile range",
-                       "ranks_timed_at_once": world.world_size}}
+                       "ranks_timed_at_once": world.world_size,
+                       "steps_spread": "one after every second collective trial"}}
 
 
 def _progress_bar(enabled: bool, total: int):

@@ -85,27 +85,63 @@ def time_steps(model: nn.Module, precond: BaseKFACPreconditioner, batches: Batch
     factor_g is batch_factor G and fold_factors (both running averages and their non-finite
     check); decompose_a / decompose_g are decompose_factor; precondition is precondition_layer.
     """
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9, weight_decay=5e-4)
-    buckets = GradientBuckets(model, world_size, record_times=True)
-    names, count = list(precond.blocks), len(buckets.members)
-    busy = _empty_samples(names, count, world_size)
-    solo = _empty_samples(names, count, world_size) if alone else None
-    traffic = _traffic_numels(model, precond)
+    timer = StepTimer(model, precond, batches, loss_fn, options, align=align,
+                      world_size=world_size, alone=alone)
     try:
-        for i in range(options.warmup + options.repeats):
-            how = dict(keep=i >= options.warmup, align=align, world_size=world_size,
-                       overlapped=(i - options.warmup) % 2 == 0)
-            _time_one_step(model, precond, batches[i % len(batches)], loss_fn, optimizer,
-                           buckets, busy, **how)
-            if alone:
-                _time_one_step(model, precond, batches[i % len(batches)], loss_fn, optimizer,
-                               buckets, solo, **how)
-            elif alone is False:
-                _traffic_step(*traffic, align, world_size)
+        while timer.left:
+            timer.step()
             advance()
     finally:
-        buckets.remove()
-    return StepSamples(busy=busy, alone=solo)
+        timer.close()
+    return timer.samples
+
+
+class StepTimer:
+    """time_steps one step at a time, so a caller can spread the timed steps over a longer
+    span (between the collectives' trials: a shared host's slow seconds then touch a few
+    steps, which the medians drop, instead of every one). `step()` runs the next of the
+    options' warm-up + repeats steps; `close()` removes the gradient buckets' hooks."""
+
+    def __init__(self, model: nn.Module, precond: BaseKFACPreconditioner, batches: Batches,
+                 loss_fn: LossFn, options: ProfileOptions, *,
+                 align: Callable[[], None] = lambda: None, world_size: int = 1,
+                 alone: bool | None = None) -> None:
+        self._model, self._precond, self._batches, self._loss_fn = model, precond, batches, loss_fn
+        self._warmup, self._align, self._world_size, self._alone = \
+            options.warmup, align, world_size, alone
+        self._optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9,
+                                          weight_decay=5e-4)
+        self._buckets = GradientBuckets(model, world_size, record_times=True)
+        names, count = list(precond.blocks), len(self._buckets.members)
+        self.samples = StepSamples(
+            busy=_empty_samples(names, count, world_size),
+            alone=_empty_samples(names, count, world_size) if alone else None)
+        self._traffic = _traffic_numels(model, precond)
+        self._done, self._total = 0, options.warmup + options.repeats
+
+    @property
+    def left(self) -> int:
+        """Steps still to run."""
+        return self._total - self._done
+
+    def step(self) -> None:
+        """Run (and, past the warm-up, time) the next step; with `alone` set, rank 0 then runs
+        it again alone while the others take part in its traffic only."""
+        i = self._done
+        how = dict(keep=i >= self._warmup, align=self._align, world_size=self._world_size,
+                   overlapped=(i - self._warmup) % 2 == 0)
+        run = (self._model, self._precond, self._batches[i % len(self._batches)],
+               self._loss_fn, self._optimizer, self._buckets)
+        _time_one_step(*run, self.samples.busy, **how)
+        if self._alone:
+            _time_one_step(*run, self.samples.alone, **how)
+        elif self._alone is False:
+            _traffic_step(*self._traffic, self._align, self._world_size)
+        self._done += 1
+
+    def close(self) -> None:
+        """Detach the gradient buckets' hooks from the model."""
+        self._buckets.remove()
 
 
 @dataclass(frozen=True)
