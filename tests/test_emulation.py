@@ -173,6 +173,7 @@ def test_profile_across_shaped_nodes_predicts_the_dp_kfac_step(tmp_path: Path):
         assert one_mib > 0.8 * (1 << 20) / 12.5e6, one_mib  # the link, not loopback
         assert comm["link_bytes_per_s"] == pytest.approx(payload_bytes_per_s("100mbit"))
         assert comm["link_burst_s"] == pytest.approx(TBF_BURST_S)
+        assert 0 < comm["link_idle_s"] < 0.5  # the forward/backward before each timed call
         assert main(["plan", "--profile", str(profile), "--workers", "2",
                      "--out", str(placement)]) == 0
         predicted = json.loads(placement.read_text())["predicted"]["step_time_s"]

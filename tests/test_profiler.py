@@ -95,9 +95,12 @@ def _interleaved_trials(rank: int, world_size: int) -> dict:
                       device=torch.device("cpu"), backend="gloo")
     means = time_collectives([op("a", 0.002), op("b", 0.02)], world, options,
                              before=lambda: None, between=lambda trial: calls.append(trial))
+    idle = time_collectives([op("d", 0.0)], world, options,  # every rank computes 10 ms
+                            before=lambda: time.sleep(0.01)).idle_s
     late = time_collectives([op("c", 0.0)], world, options,  # rank 1 computes 20 ms longer
                             before=lambda: time.sleep(0.02 if rank == 1 else 0.0))
-    return {"calls": [c for c in calls if c != "c"], "means": means, "late": late[0]}
+    return {"calls": [c for c in calls if c not in ("c", "d")], "means": means.seconds,
+            "late": late.seconds[0], "idle": idle}
 
 
 def test_collective_trials_interleave_and_run_from_mean_arrival_to_last_return():
@@ -112,6 +115,7 @@ def test_collective_trials_interleave_and_run_from_mean_arrival_to_last_return()
         assert a_s >= 0.002 and b_s >= 0.02  # rank 1's sleeps: the slowest rank's time counts
         # a late arrival counts from the ranks' mean arrival: half of rank 1's 20 ms
         assert 0.009 <= result["late"] <= 0.016
+        assert 0.01 <= result["idle"] <= 0.02  # the link idles while the ranks compute
     assert results[0]["means"] == results[1]["means"]
 
 

@@ -271,6 +271,32 @@ def test_bandwidth_scaling_keeps_a_shaped_links_burst_in_seconds():
     assert slower[2] == pytest.approx(floor + host + 0.160 - burst)
 
 
+def test_bandwidth_scaling_counts_only_the_burst_that_refilled_before_the_profiles_calls():
+    """The profile's calls follow 3 ms of compute after the call before drained the bucket:
+    only 3 ms of the 5 ms burst left at once. At 100 Mbit/s (12.5 MB/s) a 150 KB message
+    waited 12 - 3 ms for the wire; at 4x (3 ms of the rate) it waits for nothing."""
+    from dpkfac.core.profile import CommCosts, MeasuredPoints, profile_to_dict
+    from planner.whatif.sweep import scale_bandwidth
+
+    base = profile_from_dict(synthetic_profile_dict(2, 0, world_size=2))
+    floor, host, idle = 0.003, 0.001, 0.003
+    points = MeasuredPoints((1024, 150_000), (floor, floor + host + 0.012 - idle))
+    comm = CommCosts(backend="gloo", world_size=2, allreduce=base.comm.allreduce,
+                     broadcast=base.comm.broadcast, allreduce_points=points,
+                     broadcast_points=points, link_bytes_per_s=12.5e6, link_burst_s=0.005,
+                     link_idle_s=idle)
+    profile = dataclasses.replace(base, comm=comm)
+    assert comm.refilled_burst_s() == idle
+    assert dataclasses.replace(comm, link_idle_s=0.02).refilled_burst_s() == 0.005
+    faster = scale_bandwidth(profile, 4.0).comm
+    assert faster.broadcast_points.seconds == pytest.approx((floor, floor + host))
+    assert profile_from_dict(profile_to_dict(profile)).comm.link_idle_s == idle
+    # read as a full 5 ms bucket, 2 ms of the wait would have been kept as the hosts' work
+    full = scale_bandwidth(dataclasses.replace(profile, comm=dataclasses.replace(
+        comm, link_idle_s=None)), 4.0).comm
+    assert full.broadcast_points.seconds[1] == pytest.approx(floor + host + 0.002)
+
+
 def test_bandwidth_scaling_keeps_the_hosts_measured_cpu_seconds_of_an_allreduce():
     """On a slow link the hosts' work of an all-reduce runs under the transfer and the curve
     shows only the wire; on a 4x faster one the all-reduce still takes the CPU seconds the

@@ -136,6 +136,7 @@ class CommCosts:
     broadcast_overlap: float = 1.0  # broadcasts posted together that progress at once
     link_bytes_per_s: float | None = None  # the links' payload rate, when the profile was told it
     link_burst_s: float = 0.0  # the links' token bucket, seconds of their rate (shaped links)
+    link_idle_s: float | None = None  # seconds the link idled before each timed call (compute)
     gradient_allreduce_cpu_s: float | None = None  # the CPU seconds of the gradient all-reduce
     gradient_buckets_s: float | None = None  # the step's bucket all-reduces posted back to back
     # the pace (0..1] of the step's bucket all-reduces posted while every rank computes, over
@@ -152,6 +153,14 @@ class CommCosts:
         p = self.world_size
         per_byte = 2 * (p - 1) / p if kind == "allreduce" else float(p - 1)
         return per_byte / self.link_bytes_per_s
+
+    def refilled_burst_s(self) -> float:
+        """Seconds of the link's rate its token bucket held as each timed call started: the
+        burst, at most what refilled while the link idled before the call (link_idle_s, the
+        compute the call followed; the call before it had drained the bucket). The same at
+        any rate: an idle second refills a second of the rate."""
+        idle = self.link_idle_s
+        return self.link_burst_s if idle is None else min(self.link_burst_s, idle)
 
     def busy_progress_at(self, workers: int) -> float:
         """busy_progress for a step of `workers` workers: the measured pace at the profiled
@@ -291,7 +300,7 @@ def profile_from_dict(doc: Any, *, source: str = "profile") -> Profile:
 
 
 _COMM_KEYS = {"backend", "world_size", "allreduce", "broadcast", "message_bytes",
-              "broadcast_overlap", "link_bytes_per_s", "link_burst_s",
+              "broadcast_overlap", "link_bytes_per_s", "link_burst_s", "link_idle_s",
               "gradient_allreduce_cpu_s", "gradient_buckets_s", "busy_progress"}
 _COLLECTIVE_KEYS = {"alpha_s", "beta_s_per_byte", "seconds"}
 
@@ -321,6 +330,7 @@ def _comm_costs(comm: dict, *, source: str) -> CommCosts:
                      broadcast_overlap=comm.get("broadcast_overlap", 1.0),
                      link_bytes_per_s=comm.get("link_bytes_per_s"),
                      link_burst_s=comm.get("link_burst_s", 0.0),
+                     link_idle_s=comm.get("link_idle_s"),
                      gradient_allreduce_cpu_s=comm.get("gradient_allreduce_cpu_s"),
                      gradient_buckets_s=comm.get("gradient_buckets_s"),
                      busy_progress=comm.get("busy_progress", 1.0), notes=notes)
@@ -372,7 +382,7 @@ def _comm_to_dict(costs: CommCosts) -> dict:
         doc["link_burst_s"] = costs.link_burst_s
     if costs.busy_progress != 1.0:
         doc["busy_progress"] = costs.busy_progress
-    for key in ("gradient_allreduce_cpu_s", "gradient_buckets_s"):
+    for key in ("link_idle_s", "gradient_allreduce_cpu_s", "gradient_buckets_s"):
         if getattr(costs, key) is not None:
             doc[key] = getattr(costs, key)
     for kind, fit, points in (("allreduce", costs.allreduce, costs.allreduce_points),

@@ -106,6 +106,7 @@ PROFILE_SCHEMA: dict = {
                 "broadcast_overlap": {"type": "number", "minimum": 1},
                 "link_bytes_per_s": {"type": "number", "exclusiveMinimum": 0},
                 "link_burst_s": _SECONDS,
+                "link_idle_s": _SECONDS,
                 "gradient_allreduce_cpu_s": _SECONDS,
                 "gradient_buckets_s": _SECONDS,
                 "busy_progress": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -51,15 +52,17 @@ def profile_comm(world: WorldInfo, options: ProfileOptions, sizes: tuple[int, ..
     shared = torch.zeros(max(max(sizes) // 4, 1), dtype=torch.float32, device=world.device)
     chained = len(bucket_bytes) > 1
     ops = [_collective(kind, shared[:max(n // 4, 1)]) for kind in kinds for n in sizes]
-    means = time_collectives(ops + ([_bucket_chain(bucket_bytes, world)] if chained else []),
+    timed = time_collectives(ops + ([_bucket_chain(bucket_bytes, world)] if chained else []),
                              world, options, before, between)
+    means = timed.seconds
     fits = {}
     for k, kind in enumerate(kinds):
         seconds = means[k * len(sizes):(k + 1) * len(sizes)]
         fits[kind] = dict(fit_alpha_beta(sizes, seconds), seconds=seconds)
     link = {} if options.link_bytes_per_s is None else {
         "link_bytes_per_s": options.link_bytes_per_s,
-        **({"link_burst_s": options.link_burst_s} if options.link_burst_s else {})}
+        **({"link_burst_s": options.link_burst_s, "link_idle_s": timed.idle_s}
+           if options.link_burst_s else {})}
     return {"backend": backend, "world_size": world.world_size, **fits, "source": "measured",
             "statistic": "mean over trials of (last rank's return - mean arrival)",
             "message_bytes": list(sizes), **link,
@@ -174,15 +177,23 @@ def _broadcast_overlap(world: WorldInfo, options: ProfileOptions, nbytes: int, b
             work.wait()
 
     single_s, group_s = time_collectives([lambda: dist.broadcast(bufs[0], 0), group], world,
-                                          options, before)
+                                          options, before).seconds
     overlap = min(max(world.world_size * single_s / group_s, 1.0), float(world.world_size))
     return {"broadcast_overlap": overlap,
             "broadcast_overlap_measured": {"message_bytes": nbytes, "one_s": single_s,
                                            "all_ranks_s": group_s}}
 
 
+@dataclass(frozen=True)
+class CollectiveTimes:
+    """time_collectives' result: seconds of each op; seconds the link idled before each call
+    (the ranks' mean compute before it, over every op and timed trial)."""
+    seconds: list[float]
+    idle_s: float
+
+
 def time_collectives(ops, world: WorldInfo, options: ProfileOptions, before,
-                      between=lambda trial: None) -> list[float]:
+                     between=lambda trial: None) -> CollectiveTimes:
     """Seconds of each collective call in `ops` as training meets it: right after compute
     (`before`, one forward/backward of the model, when the communication threads have gone
     idle), not back to back. Each trial: barrier, compute, then one timed call on every rank.
@@ -213,4 +224,5 @@ def time_collectives(ops, world: WorldInfo, options: ProfileOptions, before,
     dist.all_reduce(arrive)  # sum over ranks
     dist.all_reduce(done, op=dist.ReduceOp.MAX)
     seconds = done - arrive / world.world_size
-    return seconds[:, options.warmup:].mean(dim=1).tolist()
+    return CollectiveTimes(seconds=seconds[:, options.warmup:].mean(dim=1).tolist(),
+                           idle_s=float(arrive[:, options.warmup:].mean()) / world.world_size)

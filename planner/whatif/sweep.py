@@ -106,7 +106,8 @@ def scale_bandwidth(profile: Profile, scale: float) -> Profile:
     """The profile on links `scale` times as fast: each collective's measured curve keeps its
     latency floor (the least measured time) and divides the rest by `scale`, or only its wire
     time when the profile knows the link rate (`profile --link-rate`; the hosts' part stays, and
-    so does the links' token bucket, `profile --link-burst`),
+    so does the links' token bucket, `profile --link-burst`, as full as it was when the
+    profile's calls started: CommCosts.refilled_burst_s),
     the all-reduce's never below the hosts' CPU seconds the profile measured for it
     (comm.gradient_allreduce_cpu_s, per byte) (MeasuredPoints.faster_link); the alpha-beta
     fits divide seconds per byte by `scale`."""
@@ -118,7 +119,7 @@ def scale_bandwidth(profile: Profile, scale: float) -> Profile:
                host_s_per_byte: float | None = None) -> MeasuredPoints | None:
         return None if points is None else points.faster_link(
             scale, wire_s_per_byte=comm.wire_s_per_byte(kind), host_s_per_byte=host_s_per_byte,
-            burst_s=comm.link_burst_s)
+            burst_s=comm.refilled_burst_s())
 
     costs = dataclasses.replace(comm, allreduce=_faster_fit(comm.allreduce, scale),
                                 broadcast=_faster_fit(comm.broadcast, scale),
