@@ -39,10 +39,11 @@ def profile_comm(world: WorldInfo, options: ProfileOptions, sizes: tuple[int, ..
                   bucket_bytes: tuple[int, ...] = ()) -> dict:
     """The profile's `comm` entry: alpha-beta fits per collective kind over `sizes` (bytes),
     each call timed after `before()` (`between(trial)` after each of their trials), the
-    broadcast overlap at `owner_bytes` per owner, the
-    CPU seconds of the gradient all-reduce (`gradient_bytes`, when given), and with two or
-    more gradient buckets (`bucket_bytes`, in posting order) their all-reduces posted back to
-    back as the step posts them (`gradient_buckets_s`); assumed costs on a world of one."""
+    broadcast overlap at `owner_bytes` per owner, the CPU seconds of the gradient all-reduce
+    (`gradient_bytes`, when given), and with two or more gradient buckets (`bucket_bytes`, in
+    posting order) their all-reduces posted back to back as the step posts them
+    (`gradient_buckets_s`); with a shaped link (options.link_burst_s), how long the link
+    idled before each timed call (`link_idle_s`); assumed costs on a world of one."""
     backend = world.backend or ("nccl" if world.device.type == "cuda" else "gloo")
     if world.world_size == 1:
         return {"backend": backend, "world_size": 1, "allreduce": dict(ASSUMED_COMM),

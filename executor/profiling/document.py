@@ -25,13 +25,13 @@ from ..workload.loss import LossFn
 from .collectives import message_sizes, profile_comm
 from .kernels import (
     StepSamples,
+    StepTimer,
     accumulate_factors,
     contention_slowdown,
     kfac_numel,
     layer_record,
     one_rank_preconditioner,
     step_record,
-    StepTimer,
 )
 from .options import ProfileOptions
 
