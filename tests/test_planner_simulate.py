@@ -199,3 +199,54 @@ def test_a_broadcasts_root_begins_the_next_step_while_its_bytes_are_read():
     serial = simulate_cycle(profile, owners=owners, workers=2, config=SERIAL).steps[0]
     assert serial.step_time_s == pytest.approx(
         simulate_step(profile, owners=owners, workers=2, config=SERIAL).step_time_s)
+
+
+def _shaped(doc: dict, *, rate: float, burst_s: float, idle_s: float | None) -> dict:
+    """`doc` measured on a shaped link of `rate` bytes/s whose bucket holds `burst_s` seconds
+    of it, the profile's calls made `idle_s` after the one before (None: not recorded); its
+    broadcasts take 1 ms + bytes / rate."""
+    doc["comm"]["broadcast"]["beta_s_per_byte"] = 1 / rate
+    doc["comm"].update(link_bytes_per_s=rate, link_burst_s=burst_s,
+                       **({} if idle_s is None else {"link_idle_s": idle_s}))
+    return doc
+
+
+def test_a_broadcast_draws_on_the_shaped_links_bucket_as_it_refilled():
+    """At 1 MB/s (1 us per byte) with a 5 ms bucket, the profile's calls found 2 ms of it: a
+    10 KB broadcast waited 8 ms for the wire there. Finding the bucket full it waits 5 ms,
+    finding it empty 10 ms; elsewhere (another rank count, no record) as profiled."""
+    from planner.model.shared_phases import _after_the_link_idled
+
+    profile = profile_from_dict(_shaped(hand_profile(), rate=1e6, burst_s=0.005, idle_s=0.002))
+    net = network_of(profile)
+    assert net.link.refilled_s == 0.002
+    lone = net.broadcast_s(ranks=2, nbytes=10_000)
+    assert net.broadcast_with_tokens_s(ranks=2, nbytes=10_000, tokens_s=0.005) == \
+        pytest.approx(lone - 0.003)
+    assert net.broadcast_with_tokens_s(ranks=2, nbytes=10_000, tokens_s=0.0) == \
+        pytest.approx(lone + 0.002)
+    assert net.broadcast_with_tokens_s(ranks=3, nbytes=10_000, tokens_s=0.0) == \
+        net.broadcast_s(ranks=3, nbytes=10_000)
+    assert net.broadcast_with_tokens_s(ranks=2, nbytes=10_000, tokens_s=None) == lone
+    # two 4 KB broadcasts 10 ms after the link was last used: the first finds the bucket full
+    # (waits 0, 2 ms less than profiled), leaves 1 ms of it to the second, right behind it
+    first, second = (net.broadcast_s(ranks=2, nbytes=4000) + d for d in (-0.002, 0.001))
+    assert _after_the_link_idled(net, [4000, 4000], [0.010, 0.010], workers=2, free_s=0.0) \
+        == pytest.approx([first, second])
+    unrecorded = network_of(profile_from_dict(_shaped(hand_profile(), rate=1e6, burst_s=0.005,
+                                                      idle_s=None)))
+    assert unrecorded.link is None
+
+
+def test_broadcasts_after_a_long_compute_find_the_bucket_refilled_and_share_it():
+    """Serial DP-KFAC on the hand profile at 200 KB/s: both owners compute for seconds after
+    the gradient all-reduce, so owner 0's broadcast (2016 bytes: 10.08 ms on the wire) finds
+    the 5 ms bucket full and waits 3 ms less than the profile's calls (made 2 ms after the
+    call before); owner 1's, right behind it, finds it empty and waits 2 ms more."""
+    shaped = _shaped(hand_profile(), rate=2e5, burst_s=0.005, idle_s=0.002)
+    step = simulate_step(profile_from_dict(shaped), owners=[0, 0, 1], workers=2, config=SERIAL)
+    as_profiled = simulate_step(profile_from_dict(_shaped(hand_profile(), rate=2e5, burst_s=0.005,
+                                                          idle_s=None)),
+                                owners=[0, 0, 1], workers=2, config=SERIAL)
+    saved = as_profiled.phases_s["broadcast"][0] - step.phases_s["broadcast"][0]
+    assert saved == pytest.approx(0.003 - 0.002)
