@@ -19,30 +19,6 @@ from typing import Sequence
 from dpkfac.core.profile import AlphaBeta, CommCosts, MeasuredPoints
 
 
-@dataclass(frozen=True)
-class LinkBucket:
-    """A shaped link's token bucket (tc's tbf) as the profile met it: seconds on the wire per
-    byte of a broadcast at the measured rank count, the bucket (`burst_s`, seconds of the rate
-    that leave at once after an idle link) and what it held as the profile's timed calls
-    started (`refilled_s`, CommCosts.refilled_burst_s). Seconds of the rate throughout."""
-    broadcast_s_per_byte: float
-    burst_s: float
-    refilled_s: float
-
-    def wire_wait_s(self, nbytes: float, tokens_s: float) -> float:
-        """Seconds a broadcast of `nbytes` bytes waits for the wire when the bucket holds
-        `tokens_s`: for the part of it the bucket lacks."""
-        return max(nbytes * self.broadcast_s_per_byte - tokens_s, 0.0)
-
-    def tokens_after_s(self, nbytes: float, tokens_s: float) -> float:
-        """What the bucket holds after a broadcast of `nbytes` bytes that found `tokens_s`."""
-        return max(tokens_s - nbytes * self.broadcast_s_per_byte, 0.0)
-
-    def refill_s(self, tokens_s: float, idle_s: float) -> float:
-        """What the bucket holds after holding `tokens_s` while the link idled `idle_s`."""
-        return min(self.burst_s, tokens_s + max(idle_s, 0.0))
-
-
 def _check_ranks(ranks: int) -> None:
     if ranks < 1:
         raise ValueError(f"rank count must be >= 1, got {ranks}")
@@ -94,7 +70,6 @@ class Network:
     broadcast_points: MeasuredPoints | None = None
     allreduce_points: MeasuredPoints | None = None
     broadcast_overlap: float = 1.0
-    link: LinkBucket | None = None
 
     def broadcast_group_s(self, seconds: Sequence[float]) -> float:
         """Seconds for broadcasts taking `seconds` each alone, posted together: their sum spread
@@ -126,21 +101,6 @@ class Network:
         if ranks == 1:
             return 0.0
         return self._shaped(self.broadcast_points, self._broadcast_model, ranks, nbytes)
-
-    def broadcast_with_tokens_s(self, *, ranks: int, nbytes: float,
-                                tokens_s: float | None) -> float:
-        """broadcast_s of a broadcast that finds a shaped link's bucket holding `tokens_s`
-        seconds of its rate (None: unknown, as in the profile) where the profile's calls found
-        LinkBucket.refilled_s: its wait for the wire changes by the difference (at the
-        measured rank count only), never below the least time of a broadcast of at most
-        `nbytes`."""
-        seconds = self.broadcast_s(ranks=ranks, nbytes=nbytes)
-        link = self.link
-        if link is None or tokens_s is None or ranks != self.measured_ranks:
-            return seconds
-        change = link.wire_wait_s(nbytes, tokens_s) - link.wire_wait_s(nbytes, link.refilled_s)
-        return max(seconds + change,
-                   self.broadcast_floor_s(ranks=ranks, min_bytes=0.0, max_bytes=nbytes))
 
     def allreduce_s(self, *, ranks: int, nbytes: float) -> float:
         """Seconds for one ring all-reduce of `nbytes` bytes among `ranks` ranks (0 at one rank)."""
@@ -237,14 +197,4 @@ def network_from_profile(costs: CommCosts) -> Network:
                    source="profile", measured_ranks=costs.world_size,
                    broadcast_points=costs.broadcast_points if measured else None,
                    allreduce_points=costs.allreduce_points if measured else None,
-                   broadcast_overlap=costs.broadcast_overlap, link=_link_bucket(costs))
-
-
-def _link_bucket(costs: CommCosts) -> LinkBucket | None:
-    """The profile's shaped link, when it knows the rate, the bucket and how long the link
-    idled before its timed calls (profile --link-rate, --link-burst)."""
-    per_byte = costs.wire_s_per_byte("broadcast")
-    if per_byte is None or not costs.link_burst_s or costs.link_idle_s is None:
-        return None
-    return LinkBucket(broadcast_s_per_byte=per_byte, burst_s=costs.link_burst_s,
-                      refilled_s=costs.refilled_burst_s())
+                   broadcast_overlap=costs.broadcast_overlap)

@@ -184,15 +184,15 @@ def _ordered_broadcasts(line: Timeline, net: Network, sizes: Sequence[float],
     rank receives until the end. A rank's comm seconds: its wait, at most that group's."""
     if workers == 1:
         return 0.0
+    seconds = [net.broadcast_s(ranks=workers, nbytes=n + counters)
+               for n, k in zip(sizes, owned) if k > 0]
+    group_s = net.broadcast_group_s(seconds)
     ends = line.t.copy()
     starts = ends - line.last.get("precondition", np.zeros(workers))
     ranks = np.flatnonzero(np.asarray(owned) > 0)  # the owners, ascending
     # owner o may start once ranks 0..o have ended and ranks above o have started
     above = np.append(np.maximum.accumulate(starts[::-1])[::-1], -np.inf)
     arrivals = np.maximum(np.maximum.accumulate(ends)[ranks], above[ranks + 1]).tolist()
-    seconds = _after_the_link_idled(net, [n + counters for n, k in zip(sizes, owned) if k > 0],
-                                    arrivals, workers=workers, free_s=line.link_free_s)
-    group_s = net.broadcast_group_s(seconds)
     if seconds and (arrivals[0] < ends.max() or then_s is None):
         end, k = net.broadcast_queue_end_s(arrivals, seconds)
         o = ranks[k]
@@ -207,24 +207,6 @@ def _ordered_broadcasts(line: Timeline, net: Network, sizes: Sequence[float],
         line.collective("broadcast", then_s)
         group_s += then_s
     return group_s
-
-
-def _after_the_link_idled(net: Network, nbytes: Sequence[float], arrivals: Sequence[float], *,
-                          workers: int, free_s: float | None) -> list[float]:
-    """Seconds of broadcasts of `nbytes` bytes, each free to start at its arrival, one after
-    another on the link, which the collective before them left at `free_s` with its bucket
-    drained (None: unknown): a shaped link's bucket refills while the link idles and each
-    broadcast draws on it (Network.broadcast_with_tokens_s)."""
-    link = net.link
-    if link is None or free_s is None:
-        return [net.broadcast_s(ranks=workers, nbytes=n) for n in nbytes]
-    seconds, tokens = [], 0.0
-    for n, arrival in zip(nbytes, arrivals):
-        tokens = link.refill_s(tokens, arrival - free_s)
-        seconds.append(net.broadcast_with_tokens_s(ranks=workers, nbytes=n, tokens_s=tokens))
-        tokens = link.tokens_after_s(n, tokens)
-        free_s = max(arrival, free_s) + seconds[-1]
-    return seconds
 
 
 def _receivers_end_s(net: Network, arrivals: Sequence[float], seconds: Sequence[float], *,

@@ -58,7 +58,6 @@ class Timeline:
         # in its list): the collective itself, or the zero-length marker (never on a path)
         # where that worker posted an overlapped one
         self.gates: dict[int, tuple[int, Segment]] = {}
-        self.link_free_s: float | None = None  # when the last collective waited for ended
 
     @property
     def t(self) -> np.ndarray:
@@ -131,7 +130,6 @@ class Timeline:
         self.phases[phase] += start + seconds - self.t
         self.comm += seconds
         self._t = np.full_like(self.t, start + seconds)
-        self._link_used_until(start + seconds)
 
     def post(self, phase: str, seconds: float) -> Segment:
         """An overlapped collective of all workers taking `seconds` once the last one has
@@ -217,10 +215,6 @@ class Timeline:
         self.phases[seg.kind] += waited
         self.comm += waited if comm_max_s is None else np.minimum(waited, comm_max_s)
         self._t = np.maximum(self.t, ends)
-        self._link_used_until(seg.end_s)
-
-    def _link_used_until(self, end_s: float) -> None:
-        self.link_free_s = end_s if self.link_free_s is None else max(self.link_free_s, end_s)
 
     def critical_path(self) -> tuple[Segment, ...]:
         """Walk back from the worker that ends last, through each collective to the worker
