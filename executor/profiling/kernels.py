@@ -55,7 +55,27 @@ def time_steps(model: nn.Module, precond: BaseKFACPreconditioner, batches: Batch
                loss_fn: LossFn, options: ProfileOptions, advance: Callable[[], None],
                align: Callable[[], None] = lambda: None, world_size: int = 1,
                alone: bool | None = None) -> StepSamples:
-    """Seconds of every kernel in each timed step: {layer name or "step": {kernel: [s, ...]}}
+    """Run every one of a StepTimer's steps (see it), calling `advance()` after each; its
+    samples."""
+    timer = StepTimer(model, precond, batches, loss_fn, options, align=align,
+                      world_size=world_size, alone=alone)
+    try:
+        while timer.left:
+            timer.step()
+            advance()
+    finally:
+        timer.close()
+    return timer.samples
+
+
+class StepTimer:
+    """Training-like steps run and timed one at a time, so a caller can spread them over a
+    longer span (between the collectives' trials: a shared host's slow seconds then touch a
+    few steps, which the medians drop, instead of every one). `step()` runs the next of the
+    options' warm-up + repeats steps, `left` counts those still to run, `close()` removes the
+    gradient buckets' hooks; `samples` (StepSamples) holds what follows.
+
+    Seconds of every kernel in each timed step: {layer name or "step": {kernel: [s, ...]}}
     of the steps every rank computes ("busy"), and, with `alone` set, of the steps between
     them where rank 0 computes alone ("alone"; None elsewhere). `align()` runs before each
     step (a barrier, when every rank times steps at once).
@@ -85,22 +105,6 @@ def time_steps(model: nn.Module, precond: BaseKFACPreconditioner, batches: Batch
     factor_g is batch_factor G and fold_factors (both running averages and their non-finite
     check); decompose_a / decompose_g are decompose_factor; precondition is precondition_layer.
     """
-    timer = StepTimer(model, precond, batches, loss_fn, options, align=align,
-                      world_size=world_size, alone=alone)
-    try:
-        while timer.left:
-            timer.step()
-            advance()
-    finally:
-        timer.close()
-    return timer.samples
-
-
-class StepTimer:
-    """time_steps one step at a time, so a caller can spread the timed steps over a longer
-    span (between the collectives' trials: a shared host's slow seconds then touch a few
-    steps, which the medians drop, instead of every one). `step()` runs the next of the
-    options' warm-up + repeats steps; `close()` removes the gradient buckets' hooks."""
 
     def __init__(self, model: nn.Module, precond: BaseKFACPreconditioner, batches: Batches,
                  loss_fn: LossFn, options: ProfileOptions, *,
