@@ -11,6 +11,7 @@ from planner.model.costs import PlanConfig
 from dpkfac.core.errors import InputError
 from planner.plan import make_plan
 from dpkfac.core.profile import profile_from_dict
+from dpkfac.core.units import TCP_REVERSE_ACK_SHARE
 
 from planner_fixtures import synthetic_profile_dict
 
@@ -115,10 +116,11 @@ def _measured_on_a_link(link_bytes_per_s: float | None) -> dict:
     floor, 2 ms of hosts' work at the largest size, the rest wire time."""
     doc = synthetic_profile_dict(4, 0, world_size=2)
     sizes = [1024, 65536, 1 << 20]
-    wire = [n / 1e7 for n in sizes]  # what a 10 MB/s link takes per byte at 2 ranks
     doc["comm"]["message_bytes"] = sizes
-    for kind in ("allreduce", "broadcast"):
-        doc["comm"][kind]["seconds"] = [1e-3 + w + 2e-3 * n / sizes[-1] for n, w in zip(sizes, wire)]
+    for kind, per_byte in (("allreduce", 1 + TCP_REVERSE_ACK_SHARE), ("broadcast", 1.0)):
+        # what a 10 MB/s link takes per byte at 2 ranks (an all-reduce's carries ACKs too)
+        doc["comm"][kind]["seconds"] = [1e-3 + n * per_byte / 1e7 + 2e-3 * n / sizes[-1]
+                                        for n in sizes]
     if link_bytes_per_s is not None:
         doc["comm"]["link_bytes_per_s"] = link_bytes_per_s
     return doc
@@ -149,6 +151,8 @@ def test_a_cluster_file_moves_only_the_wire_of_profiled_collectives():
     fast = cluster_network(cluster_from_dict(_two_nodes(4e7)), hosts=profile.comm)
     n = 1 << 20
     assert slow.allreduce_s(ranks=2, nbytes=n) - fast.allreduce_s(ranks=2, nbytes=n) == \
+        pytest.approx(0.75 * n * (1 + TCP_REVERSE_ACK_SHARE) / 1e7)
+    assert slow.broadcast_s(ranks=2, nbytes=n) - fast.broadcast_s(ranks=2, nbytes=n) == \
         pytest.approx(0.75 * n / 1e7)
     # a profile that cannot tell its link from its hosts: the links alone
     blind = profile_from_dict(_measured_on_a_link(None))

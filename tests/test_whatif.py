@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from dpkfac.core.step import TRAFFIC_KINDS
+from dpkfac.core.units import TCP_REVERSE_ACK_SHARE
 from planner.model.costs import traffic_by_kind
 from planner.whatif.baselines import ALGORITHMS, algorithm_cost
 from dpkfac.core.cluster import Link
@@ -241,9 +242,15 @@ def test_bandwidth_scaling_with_a_known_link_rate_keeps_the_hosts_part():
                          broadcast=base.comm.broadcast, allreduce_points=points,
                          broadcast_points=points, link_bytes_per_s=rate)
         faster = scale_bandwidth(dataclasses.replace(base, comm=comm), 4.0).comm
-        assert faster.allreduce_points.seconds[1] == pytest.approx(want)
-        assert faster.allreduce_points.seconds[0] == pytest.approx(0.003)
         assert faster.broadcast_points.seconds[1] == pytest.approx(want)  # p - 1 = 1 send
+        assert faster.allreduce_points.seconds[0] == pytest.approx(0.003)
+    # the all-reduce's link also carries the ACKs of what it receives: more of it is wire
+    ack_wire = wire * (1 + TCP_REVERSE_ACK_SHARE)
+    assert faster.allreduce_points.seconds[1] == pytest.approx(0.003 + (0.010 + wire) / 4)
+    rated = scale_bandwidth(dataclasses.replace(base, comm=dataclasses.replace(
+        comm, link_bytes_per_s=12.5e6)), 4.0).comm
+    assert rated.allreduce_points.seconds[1] == pytest.approx(
+        0.003 + 0.010 + wire - ack_wire + ack_wire / 4)
 
 
 def test_bandwidth_scaling_keeps_a_shaped_links_burst_in_seconds():
@@ -263,11 +270,13 @@ def test_bandwidth_scaling_keeps_a_shaped_links_burst_in_seconds():
     profile = dataclasses.replace(base, comm=comm)
     faster = scale_bandwidth(profile, 4.0).comm
     want = (floor, floor + host, floor + host + 0.020 - burst)
-    assert faster.allreduce_points.seconds == pytest.approx(want)
     assert faster.broadcast_points.seconds == pytest.approx(want)
+    ack = 1 + TCP_REVERSE_ACK_SHARE  # the all-reduce's link carries its ACKs too
+    assert faster.allreduce_points.seconds[2] == pytest.approx(
+        floor + host + 0.080 - 0.080 * ack + 0.020 * ack - burst)
     assert faster.link_burst_s == burst  # the bucket fills at the faster rate too
     assert profile_from_dict(profile_to_dict(profile)).comm.link_burst_s == burst
-    slower = scale_bandwidth(profile, 0.5).comm.allreduce_points.seconds
+    slower = scale_bandwidth(profile, 0.5).comm.broadcast_points.seconds
     assert slower[2] == pytest.approx(floor + host + 0.160 - burst)
 
 
@@ -297,6 +306,37 @@ def test_bandwidth_scaling_counts_only_the_burst_that_refilled_before_the_profil
     assert full.broadcast_points.seconds[1] == pytest.approx(floor + host + 0.002)
 
 
+def test_an_allreduces_link_carries_the_acks_of_what_it_receives():
+    """A ring all-reduce's ranks send and receive at once, so each link direction also carries
+    the reverse stream's ACKs (a 66-byte frame per two 1514-byte ones); a broadcast's root
+    only sends."""
+    from dpkfac.core.profile import CommCosts
+
+    base = profile_from_dict(synthetic_profile_dict(2, 0, world_size=3))
+    comm = CommCosts(backend="gloo", world_size=3, allreduce=base.comm.allreduce,
+                     broadcast=base.comm.broadcast, link_bytes_per_s=1e7)
+    assert TCP_REVERSE_ACK_SHARE == pytest.approx(0.0218, abs=1e-4)
+    assert comm.wire_s_per_byte("allreduce") == pytest.approx(4 / 3 * 1.0218 / 1e7, rel=1e-4)
+    assert comm.wire_s_per_byte("broadcast") == pytest.approx(2 / 1e7)
+    assert dataclasses.replace(comm, link_bytes_per_s=None).wire_s_per_byte("allreduce") is None
+
+
+def test_bandwidth_scaling_of_a_call_whose_latency_ran_under_its_transfer():
+    """A 1 MB broadcast at 12.5 MB/s waits 80 - 5 ms for the wire (a 5 ms bucket). Measured at
+    exactly that, the 3 ms floor ran under the transfer: at 4x it takes (20 - 5) ms. Measured
+    2 ms above it, those 2 ms stay. Never below the floor: at 16x the wire is gone."""
+    from dpkfac.core.profile import MeasuredPoints
+
+    floor, wait = 0.003, 0.075
+    for measured, want in ((wait, 0.015), (wait + 0.002, 0.017)):
+        points = MeasuredPoints((1024, 1_000_000), (floor, measured))
+        faster = points.faster_link(4.0, wire_s_per_byte=1 / 12.5e6, burst_s=0.005)
+        assert faster.seconds == pytest.approx((floor, want))
+    points = MeasuredPoints((1024, 1_000_000), (floor, wait))
+    assert points.faster_link(16.0, wire_s_per_byte=1 / 12.5e6, burst_s=0.005).seconds[1] \
+        == pytest.approx(floor)
+
+
 def test_bandwidth_scaling_keeps_the_hosts_measured_cpu_seconds_of_an_allreduce():
     """On a slow link the hosts' work of an all-reduce runs under the transfer and the curve
     shows only the wire; on a 4x faster one the all-reduce still takes the CPU seconds the
@@ -308,11 +348,13 @@ def test_bandwidth_scaling_keeps_the_hosts_measured_cpu_seconds_of_an_allreduce(
     base = profile_from_dict(synthetic_profile_dict(2, 0, world_size=2))
     grad = base.model_grad_bytes
     sizes, wire = (1024, 4096, grad), grad / 12.5e6
+    ack = wire * (1 + TCP_REVERSE_ACK_SHARE)  # the all-reduce's wire carries ACKs too
     points = MeasuredPoints(sizes, (0.004, 0.003, 0.003 + wire))  # all of it on the wire
-    for cpu, want in ((None, 0.003 + wire / 4), (wire / 2, 0.003 + wire / 2),
-                      (2 * wire, 0.003 + wire)):  # the host part: at most what was measured
+    for cpu, want in ((None, 0.003 + ack / 4), (wire / 2, 0.003 + wire / 2),
+                      (2 * wire, 0.003 + ack)):  # the host part: at most what was measured
         comm = CommCosts(backend="gloo", world_size=2, allreduce=base.comm.allreduce,
-                         broadcast=base.comm.broadcast, allreduce_points=points,
+                         broadcast=base.comm.broadcast,
+                         allreduce_points=MeasuredPoints(sizes, (0.004, 0.003, 0.003 + ack)),
                          broadcast_points=points, link_bytes_per_s=12.5e6,
                          gradient_allreduce_cpu_s=cpu)
         faster = scale_bandwidth(dataclasses.replace(base, comm=comm), 4.0).comm

@@ -10,6 +10,7 @@ import numpy as np
 from .errors import InputError
 from .jsonio import read_json, validate
 from .schemas import PROFILE_SCHEMA, PROFILE_SCHEMA_ID
+from .units import TCP_REVERSE_ACK_SHARE
 
 
 @dataclass(frozen=True)
@@ -87,14 +88,18 @@ class MeasuredPoints:
     def faster_link(self, scale: float, *, wire_s_per_byte: float | None = None,
                     host_s_per_byte: float | None = None,
                     burst_s: float = 0.0) -> "MeasuredPoints":
-        """The curve on a link `scale` times the bandwidth. Of each size's time beyond the
-        latency floor (the least measured time: wake-up, protocol, what no bandwidth shortens),
-        the part on the wire is divided by `scale`: with `wire_s_per_byte` (seconds per
-        message byte the link itself takes, known from its rate) that many seconds, at most
-        all of it; the rest (the hosts' copies and reductions) is kept. Without it, all of
-        it. `burst_s` (with `wire_s_per_byte`): the link's token bucket, seconds of its rate
-        that leave at once after an idle link, the same at every rate (a shaped link's burst):
-        a message waits for the wire only beyond it, max(0, wire - burst_s) at either rate.
+        """The curve on a link `scale` times the bandwidth, never below the latency floor (the
+        least measured time: wake-up, protocol, what no bandwidth shortens).
+
+        With `wire_s_per_byte` (seconds per message byte the link itself takes, known from
+        its rate), a call waited for the wire max(0, bytes * wire_s_per_byte - burst_s)
+        seconds (`burst_s`: the link's token bucket, seconds of its rate that leave at once
+        after an idle link, the same at every rate: a shaped link's burst); that part shrinks
+        to what it is at the faster rate and the rest of the measured time (the hosts'
+        copies, what latency the transfer did not cover) is kept. A call measured at no more
+        than its wait was all wire (the floor's latency ran under the transfer): it shrinks
+        in proportion. Without `wire_s_per_byte`, all of the time above the floor is divided
+        by `scale`.
         With `host_s_per_byte` (the hosts' CPU seconds per byte, measured), the time above
         the floor never drops below that much of it (at most what was measured): on a slow
         link the hosts' work runs under the transfer of the chunks before, on a fast one it is
@@ -102,24 +107,24 @@ class MeasuredPoints:
         floor = min(self.seconds)
         out = []
         for n, t in zip(self.message_bytes, self.seconds):
-            above = max(t - floor, 0.0)
-            wire, faster = self._wire_s(n, above, scale, wire_s_per_byte, burst_s)
-            host = 0.0 if host_s_per_byte is None else min(n * host_s_per_byte, above)
-            out.append(floor + max(above - wire + faster, host))
+            host = 0.0 if host_s_per_byte is None else min(n * host_s_per_byte,
+                                                            max(t - floor, 0.0))
+            faster = self._faster_s(n, t, floor, scale, wire_s_per_byte, burst_s)
+            out.append(max(floor + host, faster))
         return MeasuredPoints(self.message_bytes, tuple(out))
 
     @staticmethod
-    def _wire_s(nbytes: int, above_s: float, scale: float, wire_s_per_byte: float | None,
-                burst_s: float) -> tuple[float, float]:
-        """Seconds of a measured time above the floor (`above_s`) that waited for the wire,
-        and what they become on a link `scale` times as fast."""
+    def _faster_s(nbytes: int, seconds: float, floor_s: float, scale: float,
+                  wire_s_per_byte: float | None, burst_s: float) -> float:
+        """A call's measured `seconds` on a link `scale` times as fast (faster_link's rule,
+        before its bounds)."""
         if wire_s_per_byte is None:
-            return above_s, above_s / scale
+            return floor_s + max(seconds - floor_s, 0.0) / scale
         waited = max(nbytes * wire_s_per_byte - burst_s, 0.0)
-        if waited == 0.0:
-            return 0.0, 0.0
-        wire = min(waited, above_s)
-        return wire, wire * max(nbytes * wire_s_per_byte / scale - burst_s, 0.0) / waited
+        faster = max(nbytes * wire_s_per_byte / scale - burst_s, 0.0)
+        if waited >= seconds:
+            return seconds * faster / waited
+        return seconds - waited + faster
 
 
 @dataclass(frozen=True)
@@ -146,12 +151,14 @@ class CommCosts:
 
     def wire_s_per_byte(self, kind: str) -> float | None:
         """Seconds per message byte a collective of `kind` spends on the wire at the measured
-        rank count p (ring all-reduce: each rank sends 2 (p-1)/p of the message; broadcast:
-        the root sends it to p-1 ranks); None when the link rate is unknown."""
+        rank count p (ring all-reduce: each rank sends 2 (p-1)/p of the message, on a link
+        that also carries the ACKs of what it receives, TCP_REVERSE_ACK_SHARE; broadcast: the
+        root sends it to p-1 ranks); None when the link rate is unknown."""
         if self.link_bytes_per_s is None:
             return None
         p = self.world_size
-        per_byte = 2 * (p - 1) / p if kind == "allreduce" else float(p - 1)
+        per_byte = (2 * (p - 1) / p * (1 + TCP_REVERSE_ACK_SHARE) if kind == "allreduce"
+                    else float(p - 1))
         return per_byte / self.link_bytes_per_s
 
     def refilled_burst_s(self) -> float:

@@ -35,6 +35,10 @@ def parse_bytes(text: str, *, what: str = "size") -> int:
 # Of every full frame a TCP stream puts on an Ethernet link at MTU 1500, the payload's share:
 # 1448 bytes of data (TCP and IPv4 headers with timestamps take 52) in a 1514-byte frame.
 TCP_PAYLOAD_FRACTION = 1448 / 1514
+# A link direction that carries one TCP stream while the other direction carries another (a
+# ring all-reduce's ranks send and receive at once) also carries the reverse stream's ACKs:
+# a 66-byte frame (delayed ACK) per two full frames, as a share of the data's line bytes.
+TCP_REVERSE_ACK_SHARE = 66 / (2 * 1514)
 
 _RATE_UNITS = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "bit": 1.0}  # tc's suffixes, bits/s
 _RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]+)\s*$")
