@@ -47,10 +47,6 @@ def test_profile_under_torchrun_fits_collectives(profile_path):
     assert 0 < doc["comm"]["gradient_allreduce_cpu_s"] < 1
     if len(doc["step"]["gradient_buckets"]) > 1:  # the step's buckets posted back to back
         assert 0 < doc["comm"]["gradient_buckets_s"] < 1
-    # the buckets' chain beside every rank's compute, against it alone
-    assert 0.05 <= doc["comm"].get("busy_progress", 1.0) <= 1
-    measured = doc["comm"]["busy_progress_measured"]
-    assert measured["compute_s"] >= 0.02 and 0 < measured["idle_s"] < 1
 
 
 def test_plan_train_whatif_round_trip(profile_path, workdir):

@@ -119,6 +119,40 @@ def test_collective_trials_interleave_and_run_from_mean_arrival_to_last_return()
     assert results[0]["means"] == results[1]["means"]
 
 
+def _chain_trials(rank: int, world_size: int) -> dict:
+    """bucket_chain_s over 2 ranks where rank 1's buckets each finish 5 ms late."""
+    import time
+
+    from executor.profiling import collectives
+
+    post = collectives.dist.all_reduce
+
+    class Late:
+        def __init__(self, work):
+            self.work = work
+
+        def wait(self):
+            self.work.wait()
+            time.sleep(0.005 if rank == 1 else 0.0)
+
+    collectives.dist.all_reduce = lambda buf, **kw: Late(post(buf, **kw))
+    try:
+        world = WorldInfo(rank=rank, world_size=world_size, local_rank=rank,
+                          device=torch.device("cpu"), backend="gloo")
+        return {"chain": collectives.bucket_chain_s(
+            world, ProfileOptions(warmup=1, repeats=2), (4096, 1024))}
+    finally:
+        collectives.dist.all_reduce = post
+
+
+def test_the_bucket_chain_is_timed_from_posting_to_the_slowest_ranks_last_completion():
+    from distributed_helpers import run_distributed
+
+    first, second = (r["chain"] for r in run_distributed(_chain_trials, 2))
+    assert first == second  # every rank records the slowest rank's time
+    assert 0.01 <= first < 0.5  # its two buckets each 5 ms late
+
+
 def _profile_order(rank: int, world_size: int) -> dict:
     """A 2-rank profile of a small CNN, logging its timed steps and its collectives' trials."""
     from executor.profiling import collectives, kernels

@@ -144,9 +144,6 @@ class CommCosts:
     link_idle_s: float | None = None  # seconds the link idled before each timed call (compute)
     gradient_allreduce_cpu_s: float | None = None  # the CPU seconds of the gradient all-reduce
     gradient_buckets_s: float | None = None  # the step's bucket all-reduces posted back to back
-    # the pace (0..1] of the step's bucket all-reduces posted while every rank computes, over
-    # their pace posted alone (ranks that outnumber their host's cores); 1 where not measured
-    busy_progress: float = 1.0
     notes: dict = field(default_factory=dict, compare=False)
 
     def wire_s_per_byte(self, kind: str) -> float | None:
@@ -168,11 +165,6 @@ class CommCosts:
         any rate: an idle second refills a second of the rate."""
         idle = self.link_idle_s
         return self.link_burst_s if idle is None else min(self.link_burst_s, idle)
-
-    def busy_progress_at(self, workers: int) -> float:
-        """busy_progress for a step of `workers` workers: the measured pace at the profiled
-        world size, 1 at others (their hosts are unknown)."""
-        return self.busy_progress if workers == self.world_size else 1.0
 
     def scaled(self, *, allreduce: float, broadcast: float) -> "CommCosts":
         """Every all-reduce time times `allreduce`, every broadcast time times `broadcast`."""
@@ -308,7 +300,7 @@ def profile_from_dict(doc: Any, *, source: str = "profile") -> Profile:
 
 _COMM_KEYS = {"backend", "world_size", "allreduce", "broadcast", "message_bytes",
               "broadcast_overlap", "link_bytes_per_s", "link_burst_s", "link_idle_s",
-              "gradient_allreduce_cpu_s", "gradient_buckets_s", "busy_progress"}
+              "gradient_allreduce_cpu_s", "gradient_buckets_s"}
 _COLLECTIVE_KEYS = {"alpha_s", "beta_s_per_byte", "seconds"}
 
 
@@ -339,8 +331,7 @@ def _comm_costs(comm: dict, *, source: str) -> CommCosts:
                      link_burst_s=comm.get("link_burst_s", 0.0),
                      link_idle_s=comm.get("link_idle_s"),
                      gradient_allreduce_cpu_s=comm.get("gradient_allreduce_cpu_s"),
-                     gradient_buckets_s=comm.get("gradient_buckets_s"),
-                     busy_progress=comm.get("busy_progress", 1.0), notes=notes)
+                     gradient_buckets_s=comm.get("gradient_buckets_s"), notes=notes)
 
 
 def _alpha_beta(d: dict) -> dict:
@@ -387,8 +378,6 @@ def _comm_to_dict(costs: CommCosts) -> dict:
         doc["link_bytes_per_s"] = costs.link_bytes_per_s
     if costs.link_burst_s:
         doc["link_burst_s"] = costs.link_burst_s
-    if costs.busy_progress != 1.0:
-        doc["busy_progress"] = costs.busy_progress
     for key in ("link_idle_s", "gradient_allreduce_cpu_s", "gradient_buckets_s"):
         if getattr(costs, key) is not None:
             doc[key] = getattr(costs, key)

@@ -109,7 +109,6 @@ PROFILE_SCHEMA: dict = {
                 "link_idle_s": _SECONDS,
                 "gradient_allreduce_cpu_s": _SECONDS,
                 "gradient_buckets_s": _SECONDS,
-                "busy_progress": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
                 "allreduce": _ALPHA_BETA,
                 "broadcast": _ALPHA_BETA,
             },

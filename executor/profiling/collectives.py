@@ -41,9 +41,10 @@ def profile_comm(world: WorldInfo, options: ProfileOptions, sizes: tuple[int, ..
     each call timed after `before()` (`between(trial)` after each of their trials), the
     broadcast overlap at `owner_bytes` per owner, the CPU seconds of the gradient all-reduce
     (`gradient_bytes`, when given), and with two or more gradient buckets (`bucket_bytes`, in
-    posting order) their all-reduces posted back to back as the step posts them
-    (`gradient_buckets_s`); with a shaped link (options.link_burst_s), how long the link
-    idled before each timed call (`link_idle_s`); assumed costs on a world of one."""
+    posting order) their all-reduces posted back to back as the step posts them, by every
+    rank at once (`gradient_buckets_s`, bucket_chain_s); with a shaped link
+    (options.link_burst_s), how long the link idled before each timed call (`link_idle_s`);
+    assumed costs on a world of one."""
     backend = world.backend or ("nccl" if world.device.type == "cuda" else "gloo")
     if world.world_size == 1:
         return {"backend": backend, "world_size": 1, "allreduce": dict(ASSUMED_COMM),
@@ -51,10 +52,8 @@ def profile_comm(world: WorldInfo, options: ProfileOptions, sizes: tuple[int, ..
                                                            "measure; run under torchrun to fit)"}
     kinds = ("allreduce", "broadcast")
     shared = torch.zeros(max(max(sizes) // 4, 1), dtype=torch.float32, device=world.device)
-    chained = len(bucket_bytes) > 1
     ops = [_collective(kind, shared[:max(n // 4, 1)]) for kind in kinds for n in sizes]
-    timed = time_collectives(ops + ([_bucket_chain(bucket_bytes, world)] if chained else []),
-                             world, options, before, between)
+    timed = time_collectives(ops, world, options, before, between)
     means = timed.seconds
     fits = {}
     for k, kind in enumerate(kinds):
@@ -67,8 +66,8 @@ def profile_comm(world: WorldInfo, options: ProfileOptions, sizes: tuple[int, ..
     return {"backend": backend, "world_size": world.world_size, **fits, "source": "measured",
             "statistic": "mean over trials of (last rank's return - mean arrival)",
             "message_bytes": list(sizes), **link,
-            **({"gradient_buckets_s": means[-1]} if chained else {}),
-            **_busy_progress(world, options, bucket_bytes),
+            **({"gradient_buckets_s": bucket_chain_s(world, options, bucket_bytes)}
+               if len(bucket_bytes) > 1 else {}),
             **_broadcast_overlap(world, options, max(owner_bytes, 1 << 10), before),
             **({} if gradient_bytes is None else {"gradient_allreduce_cpu_s": _allreduce_cpu_s(
                 world, options, gradient_bytes, before)})}
@@ -101,69 +100,26 @@ def _collective(kind: str, buf: torch.Tensor):
     return (lambda: dist.all_reduce(buf)) if kind == "allreduce" else (lambda: dist.broadcast(buf, 0))
 
 
-def _bucket_chain(bucket_bytes: tuple[int, ...], world: WorldInfo):
-    """The gradient buckets' all-reduces (one buffer each), posted asynchronously one after
-    another as the step posts them, then waited for, as a callable."""
-    bufs = _bucket_buffers(bucket_bytes, world.device)
-
-    def chain():
+def bucket_chain_s(world: WorldInfo, options: ProfileOptions,
+                   bucket_bytes: tuple[int, ...]) -> float:
+    """Seconds of the gradient buckets' all-reduces (`bucket_bytes`, in posting order) posted
+    back to back by every rank at once, from the posting to the last one's completion on the
+    slowest rank; mean over the trials. The step model starts the chain when the last rank
+    has posted its first bucket, so the ranks' arrival spread is not part of this figure."""
+    bufs = [torch.zeros(max(n // 4, 1), dtype=torch.float32, device=world.device)
+            for n in bucket_bytes]
+    samples = []
+    for trial in range(options.warmup + 2 * options.repeats):
+        dist.barrier()
+        start = time.perf_counter()
         for work in [dist.all_reduce(buf, async_op=True) for buf in bufs]:
             work.wait()
-    return chain
-
-
-def _bucket_buffers(bucket_bytes: tuple[int, ...], device: torch.device) -> list[torch.Tensor]:
-    """One float32 buffer per gradient bucket, of its bytes."""
-    return [torch.zeros(max(n // 4, 1), dtype=torch.float32, device=device) for n in bucket_bytes]
-
-
-def _busy_progress(world: WorldInfo, options: ProfileOptions,
-                   bucket_bytes: tuple[int, ...]) -> dict:
-    """The pace at which the gradient buckets' all-reduces, posted as the step posts them,
-    progress while every rank computes, over their pace posted alone (ranks that outnumber
-    their host's cores leave the collective threads little time). Trials alternate: the
-    chain waited for at once (idle), then the chain with every rank running matrix products
-    for `busy_s` seconds meanwhile (busy); each chain's time is from posting to its last
-    bucket's completion on the slowest rank. pace = idle / busy while the chain ends within
-    the compute, else the part done during it, (idle - (busy - busy_s)) / busy_s; within
-    [0.05, 1]. Measured on CPU (gloo) only: a GPU rank's collectives do not wait for cores;
-    nothing without buckets."""
-    if not bucket_bytes or world.device.type != "cpu":
-        return {}
-    bufs = _bucket_buffers(bucket_bytes, world.device)
-    matrix = torch.randn(256, 256)
-    idle = [_chain_done_s(bufs, 0.0, matrix) for _ in range(max(options.warmup, 1))][-1]
-    busy_s = max(4 * idle, 0.02)
-    samples = {"idle": [], "busy": []}
-    for _ in range(2 * options.repeats):
-        samples["idle"].append(_chain_done_s(bufs, 0.0, matrix))
-        samples["busy"].append(_chain_done_s(bufs, busy_s, matrix))
-    idle_s, chain_s = (statistics.fmean(samples[k]) for k in ("idle", "busy"))
-    done_in_compute = idle_s if chain_s <= busy_s else idle_s - (chain_s - busy_s)
-    pace = min(max(done_in_compute / min(chain_s, busy_s), 0.05), 1.0)
-    return {"busy_progress": pace,
-            "busy_progress_measured": {"idle_s": idle_s, "busy_s": chain_s,
-                                       "compute_s": busy_s}}
-
-
-def _chain_done_s(bufs: list[torch.Tensor], compute_s: float, matrix: torch.Tensor) -> float:
-    """One trial: after a barrier, post an all-reduce of each buffer, compute matrix products
-    for `compute_s` seconds, wait; seconds from posting to the last all-reduce's completion
-    (its future's callback), the largest over the ranks."""
-    done = [0.0]
-    dist.barrier()
-    start = time.perf_counter()
-    works = [dist.all_reduce(buf, async_op=True) for buf in bufs]
-    works[-1].get_future().then(lambda _: done.__setitem__(0, time.perf_counter()))
-    while time.perf_counter() - start < compute_s:
-        matrix @ matrix
-    for work in works:
-        work.wait()
-    while done[0] == 0.0:  # the callback runs on the collective's thread right after it
-        time.sleep(1e-4)
-    took = torch.tensor([done[0] - start], dtype=torch.float64)
+        synchronize_device()
+        if trial >= options.warmup:
+            samples.append(time.perf_counter() - start)
+    took = torch.tensor(samples, dtype=torch.float64)
     dist.all_reduce(took, op=dist.ReduceOp.MAX)
-    return float(took)
+    return float(took.mean())
 
 
 def _broadcast_overlap(world: WorldInfo, options: ProfileOptions, nbytes: int, before) -> dict:

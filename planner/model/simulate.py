@@ -51,8 +51,8 @@ Ranks that share a host (profile.contention, at the profiled world size): comput
 collectives is laid out by processor sharing (planner.model.sharing): with k workers computing
 at once each takes Contention.time_factor(k) times its busy figure, so an owner left computing
 alone runs faster than the all-ranks-busy figures the profile holds. The chain of bucket
-all-reduces posted from backward moves at comm.busy_progress ** ((k - 1) / (W - 1)) of its pace
-while k of the W workers compute (Timeline.slowed; the profiled world size only).
+all-reduces posted from backward runs at its own pace beside the compute (only its hosts'
+part takes the cores).
 
 A collective needs every rank: it starts when the last one has posted it. A broadcast's root
 returns once its bytes are in its sockets' buffers (Network.broadcast_root_s) while the others
@@ -197,8 +197,6 @@ def simulate_step(profile: Profile, *, owners: Sequence[int], workers: int, conf
                                                    network=network))
         if hide_local:
             _local_phases(line, **local)
-        pending = line.slowed(pending, progress=profile.comm.busy_progress_at(workers),
-                              since=began)
         line.wait(pending)
         ar_end = pending.end_s
     else:

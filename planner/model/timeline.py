@@ -165,27 +165,6 @@ class Timeline:
                 return
         segments.insert(0, marker)
 
-    def slowed(self, seg: Segment, *, progress: float, since: np.ndarray) -> Segment:
-        """The posted collective `seg` as it runs beside the workers' compute (each worker
-        computing from since[w] to its clock now): with k of the W workers computing it moves
-        at progress ** ((k - 1) / (W - 1)) of its own pace (`progress`: its pace while every
-        worker computes; 1 with one or none), so it ends later than seg.end_s."""
-        workers = len(self.t)
-        if progress >= 1.0 or workers < 2:
-            return seg
-        since, ends = np.asarray(since, dtype=float), self.t
-        t, left = seg.start_s, seg.end_s - seg.start_s
-        for edge in sorted({float(x) for x in np.concatenate([since, ends]) if x > t}):
-            computing = int(np.count_nonzero((since <= t) & (ends > t)))
-            pace = progress ** (max(computing - 1, 0) / (workers - 1))
-            if left <= pace * (edge - t):
-                break
-            left -= pace * (edge - t)
-            t = edge
-        else:
-            pace = 1.0
-        return self._ending_at(seg, t + left / pace)
-
     def _ending_at(self, seg: Segment, end_s: float) -> Segment:
         """The posted collective `seg` ending at `end_s` instead, with the same gate."""
         late = replace(seg, end_s=end_s)
