@@ -105,11 +105,14 @@ def bucket_chain_s(world: WorldInfo, options: ProfileOptions,
     """Seconds of the gradient buckets' all-reduces (`bucket_bytes`, in posting order) posted
     back to back by every rank at once, from the posting to the last one's completion on the
     slowest rank; mean over the trials. The step model starts the chain when the last rank
-    has posted its first bucket, so the ranks' arrival spread is not part of this figure."""
+    has posted its first bucket, so the ranks' arrival spread is not part of this figure.
+    Each trial first leaves a shaped link idle for twice its token bucket (options.
+    link_burst_s), long enough to refill it."""
     bufs = [torch.zeros(max(n // 4, 1), dtype=torch.float32, device=world.device)
             for n in bucket_bytes]
     samples = []
     for trial in range(options.warmup + 2 * options.repeats):
+        time.sleep(2 * options.link_burst_s)
         dist.barrier()
         start = time.perf_counter()
         for work in [dist.all_reduce(buf, async_op=True) for buf in bufs]:
