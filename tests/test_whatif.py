@@ -335,6 +335,12 @@ def test_bandwidth_scaling_of_a_call_whose_latency_ran_under_its_transfer():
     points = MeasuredPoints((1024, 1_000_000), (floor, wait))
     assert points.faster_link(16.0, wire_s_per_byte=1 / 12.5e6, burst_s=0.005).seconds[1] \
         == pytest.approx(floor)
+    # a call inside the bucket at the measured rate, and one measured at 0 s (synthetic)
+    inside = MeasuredPoints((1024, 50_000), (0.0, 0.001))
+    assert inside.faster_link(0.5, wire_s_per_byte=1 / 12.5e6, burst_s=0.005).seconds == \
+        pytest.approx((0.0, 0.001 + 0.008 - 0.005))
+    assert inside.faster_link(4.0, wire_s_per_byte=1 / 12.5e6, burst_s=0.005).seconds == \
+        pytest.approx((0.0, 0.001))
 
 
 def test_bandwidth_scaling_keeps_the_hosts_measured_cpu_seconds_of_an_allreduce():

@@ -122,7 +122,7 @@ class MeasuredPoints:
             return floor_s + max(seconds - floor_s, 0.0) / scale
         waited = max(nbytes * wire_s_per_byte - burst_s, 0.0)
         faster = max(nbytes * wire_s_per_byte / scale - burst_s, 0.0)
-        if waited >= seconds:
+        if 0.0 < waited >= seconds:
             return seconds * faster / waited
         return seconds - waited + faster
 
