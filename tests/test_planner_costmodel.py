@@ -292,8 +292,12 @@ def test_measured_points_round_trip_and_mismatch_is_an_input_error():
     doc = with_measured_points(two_layer_profile(), SIZES, STEPPED, STEPPED)
     doc["comm"]["source"] = "measured"
     doc["comm"]["allreduce"]["fit_mean_rel_error"] = 0.37
+    doc["comm"]["broadcast"]["root_seconds"] = [2e-4] * len(SIZES)
     again = profile_to_dict(profile_from_dict(doc))
     assert again["comm"] == doc["comm"]
+    doc["comm"]["broadcast"]["root_seconds"] = [2e-4]
+    with pytest.raises(InputError, match="comm.broadcast.root_seconds"):
+        profile_from_dict(doc)
     bad = with_measured_points(two_layer_profile(), SIZES, STEPPED[:-1], STEPPED)
     with pytest.raises(InputError, match="comm.allreduce.seconds"):
         profile_from_dict(bad)

@@ -182,7 +182,7 @@ def test_a_broadcasts_root_begins_the_next_step_while_its_bytes_are_read():
     owners, overlapped = [1, 1, 1], PlanConfig()
     net = network_of(profile)
     transfer = net.broadcast_s(ranks=2, nbytes=4000 + COUNTERS)
-    root = net.broadcast_root_s(ranks=2)
+    root = net.broadcast_root_s(ranks=2, nbytes=4000 + COUNTERS)
     assert transfer > 4.0 and root == pytest.approx(1e-3)
     standing = simulate_step(profile, owners=owners, workers=2, config=overlapped)
     steady = simulate_cycle(profile, owners=owners, workers=2, config=overlapped).steps[0]
@@ -199,3 +199,23 @@ def test_a_broadcasts_root_begins_the_next_step_while_its_bytes_are_read():
     serial = simulate_cycle(profile, owners=owners, workers=2, config=SERIAL).steps[0]
     assert serial.step_time_s == pytest.approx(
         simulate_step(profile, owners=owners, workers=2, config=SERIAL).step_time_s)
+
+
+def test_a_measured_root_time_is_what_the_last_owner_pays_for_its_broadcast():
+    """With the root's own seconds measured (comm.broadcast.root_seconds), the last owner is
+    charged those, interpolated at its broadcast's size, not the broadcast's least time; and
+    never more than the whole broadcast."""
+    doc = hand_profile()
+    doc["comm"]["message_bytes"] = [1024, 16384]
+    doc["comm"]["broadcast"].update(seconds=[3e-3, 5e-3], root_seconds=[2e-4, 6e-4])
+    profile = profile_from_dict(doc)
+    net = network_of(profile)
+    nbytes = 4000 + COUNTERS
+    expected = 2e-4 + (nbytes - 1024) / (16384 - 1024) * 4e-4
+    assert net.broadcast_root_s(ranks=2, nbytes=nbytes) == pytest.approx(expected)
+    steady = simulate_cycle(profile, owners=[1, 1, 1], workers=2, config=PlanConfig()).steps[0]
+    assert steady.phases_s["broadcast"][1] == pytest.approx(expected)
+    doc["comm"]["broadcast"]["root_seconds"] = [9.0, 9.0]  # longer than the broadcast itself
+    capped = network_of(profile_from_dict(doc))
+    assert capped.broadcast_root_s(ranks=2, nbytes=nbytes) == pytest.approx(
+        capped.broadcast_s(ranks=2, nbytes=nbytes))

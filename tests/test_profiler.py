@@ -99,8 +99,11 @@ def _interleaved_trials(rank: int, world_size: int) -> dict:
                             before=lambda: time.sleep(0.01)).idle_s
     late = time_collectives([op("c", 0.0)], world, options,  # rank 1 computes 20 ms longer
                             before=lambda: time.sleep(0.02 if rank == 1 else 0.0))
-    return {"calls": [c for c in calls if c not in ("c", "d")], "means": means.seconds,
-            "late": late.seconds[0], "idle": idle}
+    root = time_collectives([op("e", 0.0), lambda: time.sleep(0.005 if rank == 0 else 0.0)],
+                            world, options, before=lambda: None)  # rank 0 takes 5 ms
+    return {"calls": [c for c in calls if c not in ("c", "d", "e")], "means": means.seconds,
+            "late": late.seconds[0], "idle": idle, "late_rank0": late.rank0_after_last_s[0],
+            "rank0": root.rank0_after_last_s}
 
 
 def test_collective_trials_interleave_and_run_from_mean_arrival_to_last_return():
@@ -116,7 +119,11 @@ def test_collective_trials_interleave_and_run_from_mean_arrival_to_last_return()
         # a late arrival counts from the ranks' mean arrival: half of rank 1's 20 ms
         assert 0.009 <= result["late"] <= 0.016
         assert 0.01 <= result["idle"] <= 0.02  # the link idles while the ranks compute
+        # rank 0's own time counts from the last arrival: none when it returned before that
+        assert result["late_rank0"] == 0.0
+        assert result["rank0"][0] <= 0.003 and 0.005 <= result["rank0"][1] <= 0.012
     assert results[0]["means"] == results[1]["means"]
+    assert results[0]["rank0"] == results[1]["rank0"]
 
 
 def _chain_trials(rank: int, world_size: int) -> dict:

@@ -138,6 +138,8 @@ class CommCosts:
     broadcast: AlphaBeta
     allreduce_points: MeasuredPoints | None = None
     broadcast_points: MeasuredPoints | None = None
+    # a broadcast's root: its own seconds from the last rank's post to its return (median)
+    broadcast_root_points: MeasuredPoints | None = None
     broadcast_overlap: float = 1.0  # broadcasts posted together that progress at once
     link_bytes_per_s: float | None = None  # the links' payload rate, when the profile was told it
     link_burst_s: float = 0.0  # the links' token bucket, seconds of their rate (shaped links)
@@ -174,7 +176,8 @@ class CommCosts:
                        gradient_buckets_s=None if chain is None else chain * allreduce,
                        broadcast=self.broadcast.scaled(broadcast),
                        allreduce_points=scale(self.allreduce_points, allreduce),
-                       broadcast_points=scale(self.broadcast_points, broadcast))
+                       broadcast_points=scale(self.broadcast_points, broadcast),
+                       broadcast_root_points=scale(self.broadcast_root_points, broadcast))
 
 
 @dataclass(frozen=True)
@@ -301,23 +304,26 @@ def profile_from_dict(doc: Any, *, source: str = "profile") -> Profile:
 _COMM_KEYS = {"backend", "world_size", "allreduce", "broadcast", "message_bytes",
               "broadcast_overlap", "link_bytes_per_s", "link_burst_s", "link_idle_s",
               "gradient_allreduce_cpu_s", "gradient_buckets_s"}
-_COLLECTIVE_KEYS = {"alpha_s", "beta_s_per_byte", "seconds"}
+_COLLECTIVE_KEYS = {"alpha_s", "beta_s_per_byte", "seconds", "root_seconds"}
+
+
+def _measured_points(comm: dict, kind: str, key: str, *, source: str) -> MeasuredPoints | None:
+    """comm[kind][key] (seconds, one per comm.message_bytes entry) as points; None without."""
+    seconds = comm[kind].get(key)
+    if seconds is None or "message_bytes" not in comm:
+        return None
+    sizes = comm["message_bytes"]
+    if len(seconds) != len(sizes) or any(b >= a for a, b in zip(sizes[1:], sizes)):
+        raise InputError(f"{source}: field comm.{kind}.{key}: expected one time per "
+                         f"comm.message_bytes entry ({len(sizes)}, ascending sizes), "
+                         f"got {len(seconds)}")
+    return MeasuredPoints(tuple(sizes), tuple(float(t) for t in seconds))
 
 
 def _comm_costs(comm: dict, *, source: str) -> CommCosts:
     """The comm section: the alpha-beta fits and, with message_bytes, the measured points."""
-    points = {}
-    for kind in ("allreduce", "broadcast"):
-        seconds = comm[kind].get("seconds")
-        if seconds is None or "message_bytes" not in comm:
-            points[kind] = None
-            continue
-        sizes = comm["message_bytes"]
-        if len(seconds) != len(sizes) or any(b >= a for a, b in zip(sizes[1:], sizes)):
-            raise InputError(f"{source}: field comm.{kind}.seconds: expected one time per "
-                             f"comm.message_bytes entry ({len(sizes)}, ascending sizes), "
-                             f"got {len(seconds)}")
-        points[kind] = MeasuredPoints(tuple(sizes), tuple(float(t) for t in seconds))
+    points = {kind: _measured_points(comm, kind, "seconds", source=source)
+              for kind in ("allreduce", "broadcast")}
     notes = {k: v for k, v in comm.items() if k not in _COMM_KEYS}
     notes.update({f"{kind}_fit": {k: v for k, v in comm[kind].items()
                                   if k not in _COLLECTIVE_KEYS}
@@ -326,6 +332,8 @@ def _comm_costs(comm: dict, *, source: str) -> CommCosts:
                      allreduce=AlphaBeta(**_alpha_beta(comm["allreduce"])),
                      broadcast=AlphaBeta(**_alpha_beta(comm["broadcast"])),
                      allreduce_points=points["allreduce"], broadcast_points=points["broadcast"],
+                     broadcast_root_points=_measured_points(comm, "broadcast", "root_seconds",
+                                                            source=source),
                      broadcast_overlap=comm.get("broadcast_overlap", 1.0),
                      link_bytes_per_s=comm.get("link_bytes_per_s"),
                      link_burst_s=comm.get("link_burst_s", 0.0),
@@ -387,4 +395,6 @@ def _comm_to_dict(costs: CommCosts) -> dict:
         if points is not None:
             doc[kind]["seconds"] = list(points.seconds)
             doc["message_bytes"] = list(points.message_bytes)
+    if costs.broadcast_root_points is not None:
+        doc["broadcast"]["root_seconds"] = list(costs.broadcast_root_points.seconds)
     return doc

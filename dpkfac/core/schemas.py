@@ -30,7 +30,9 @@ _ALPHA_BETA = {
     "type": "object",
     "required": ["alpha_s", "beta_s_per_byte"],
     "properties": {"alpha_s": _SECONDS, "beta_s_per_byte": _SECONDS,
-                   "seconds": {"type": "array", "minItems": 1, "items": _SECONDS}},
+                   "seconds": {"type": "array", "minItems": 1, "items": _SECONDS},
+                   # broadcast only: the root's own seconds from the last rank's post
+                   "root_seconds": {"type": "array", "minItems": 1, "items": _SECONDS}},
 }
 
 PROFILE_SCHEMA: dict = {

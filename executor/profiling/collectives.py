@@ -59,6 +59,7 @@ def profile_comm(world: WorldInfo, options: ProfileOptions, sizes: tuple[int, ..
     for k, kind in enumerate(kinds):
         seconds = means[k * len(sizes):(k + 1) * len(sizes)]
         fits[kind] = dict(fit_alpha_beta(sizes, seconds), seconds=seconds)
+    fits["broadcast"]["root_seconds"] = timed.rank0_after_last_s[len(sizes):]
     link = {} if options.link_bytes_per_s is None else {
         "link_bytes_per_s": options.link_bytes_per_s,
         **({"link_burst_s": options.link_burst_s, "link_idle_s": timed.idle_s}
@@ -147,9 +148,12 @@ def _broadcast_overlap(world: WorldInfo, options: ProfileOptions, nbytes: int, b
 @dataclass(frozen=True)
 class CollectiveTimes:
     """time_collectives' result: seconds of each op; seconds the link idled before each call
-    (the ranks' mean compute before it, over every op and timed trial)."""
+    (the ranks' mean compute before it, over every op and timed trial); and, per op, rank 0's
+    seconds from the last rank's arrival to its own return (at least 0, median over the timed
+    trials): what a broadcast from rank 0 costs its root once every rank has posted it."""
     seconds: list[float]
     idle_s: float
+    rank0_after_last_s: list[float]
 
 
 def time_collectives(ops, world: WorldInfo, options: ProfileOptions, before,
@@ -166,7 +170,10 @@ def time_collectives(ops, world: WorldInfo, options: ProfileOptions, before,
     profiling shifts every message size alike instead of bending the size-to-time curve. The
     mean over the trials, not the median: collectives on shared hosts have long tails, and
     the planner predicts mean step times. Every rank runs the same fixed number of
-    collectives. `between(trial)` runs after each trial (0, 1, ...), untimed, on every rank."""
+    collectives. `between(trial)` runs after each trial (0, 1, ...), untimed, on every rank.
+    Rank 0's own seconds from the last rank's arrival to its return are kept too (a
+    broadcast's root: what the model charges the last owner, who posts last), as a median:
+    the root's own work is short, and the trials' wake-ups of an idle host are its tail."""
     trials = options.warmup + 2 * options.repeats
     arrive = torch.zeros(len(ops), trials, dtype=torch.float64)
     done = torch.zeros(len(ops), trials, dtype=torch.float64)
@@ -181,8 +188,14 @@ def time_collectives(ops, world: WorldInfo, options: ProfileOptions, before,
             synchronize_device()
             done[j, trial] = time.perf_counter() - start
         between(trial)
+    last = arrive.clone()
+    dist.all_reduce(last, op=dist.ReduceOp.MAX)
+    rank0_done = done.clone()
+    dist.broadcast(rank0_done, 0)
     dist.all_reduce(arrive)  # sum over ranks
     dist.all_reduce(done, op=dist.ReduceOp.MAX)
     seconds = done - arrive / world.world_size
+    rank0_after = (rank0_done - last).clamp(min=0.0)[:, options.warmup:]
     return CollectiveTimes(seconds=seconds[:, options.warmup:].mean(dim=1).tolist(),
-                           idle_s=float(arrive[:, options.warmup:].mean()) / world.world_size)
+                           idle_s=float(arrive[:, options.warmup:].mean()) / world.world_size,
+                           rank0_after_last_s=rank0_after.median(dim=1).values.tolist())

@@ -62,6 +62,9 @@ class Network:
     broadcast_overlap: how many of a step's broadcasts, posted together, progress at once (1:
     one after another, as on one NCCL stream; gloo runs asynchronous collectives on 2 threads,
     and the profiler measures it).
+
+    broadcast_root_points: a broadcast root's own seconds from the last rank's post to its
+    return, measured (None: bounded by the broadcast's least time, broadcast_root_s).
     """
     broadcast_hop: AlphaBeta
     allreduce_hop: AlphaBeta
@@ -70,6 +73,7 @@ class Network:
     broadcast_points: MeasuredPoints | None = None
     allreduce_points: MeasuredPoints | None = None
     broadcast_overlap: float = 1.0
+    broadcast_root_points: MeasuredPoints | None = None
 
     def broadcast_group_s(self, seconds: Sequence[float]) -> float:
         """Seconds for broadcasts taking `seconds` each alone, posted together: their sum spread
@@ -109,12 +113,18 @@ class Network:
             return 0.0
         return self._shaped(self.allreduce_points, self._allreduce_model, ranks, nbytes)
 
-    def broadcast_root_s(self, *, ranks: int) -> float:
-        """Seconds a broadcast costs its root, which returns once its bytes are in its
-        sockets' buffers while the receivers still read them: the collective's fixed cost,
-        taken as the least time of a broadcast (an upper bound: that also carries the first
-        bytes across; 0 at one rank)."""
-        return self.broadcast_floor_s(ranks=ranks, min_bytes=0.0, max_bytes=0.0)
+    def broadcast_root_s(self, *, ranks: int, nbytes: float) -> float:
+        """Seconds a broadcast of `nbytes` bytes costs its root once every rank has posted it:
+        the root returns once its bytes are in its sockets' buffers while the receivers still
+        read them. Measured (broadcast_root_points, interpolated; the same at any rank count
+        and link rate: the root's own copies), at most the whole broadcast's time; else the
+        collective's fixed cost, taken as the least time of a broadcast (an upper bound: that
+        also carries the first bytes across). 0 at one rank."""
+        floor = self.broadcast_floor_s(ranks=ranks, min_bytes=0.0, max_bytes=0.0)
+        if self.broadcast_root_points is None or ranks == 1:
+            return floor
+        whole = self.broadcast_s(ranks=ranks, nbytes=nbytes)
+        return min(self.broadcast_root_points.time(nbytes, beyond_s_per_byte=0.0), whole)
 
     def broadcasts_floor_s(self, *, ranks: int, total_bytes: float) -> float:
         """A proven lower bound on the seconds of one or more broadcasts among `ranks` ranks
@@ -197,4 +207,5 @@ def network_from_profile(costs: CommCosts) -> Network:
                    source="profile", measured_ranks=costs.world_size,
                    broadcast_points=costs.broadcast_points if measured else None,
                    allreduce_points=costs.allreduce_points if measured else None,
-                   broadcast_overlap=costs.broadcast_overlap)
+                   broadcast_overlap=costs.broadcast_overlap,
+                   broadcast_root_points=costs.broadcast_root_points if measured else None)

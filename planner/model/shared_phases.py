@@ -198,7 +198,8 @@ def _ordered_broadcasts(line: Timeline, net: Network, sizes: Sequence[float],
         o = ranks[k]
         gate = int(np.argmax(np.concatenate([ends[:o + 1], starts[o + 1:]])))
         until = None if then_s is not None else _receivers_end_s(
-            net, arrivals, seconds, end=end, last_root=int(ranks[-1]), ends=ends)
+            net, arrivals, seconds, end=end, last_root=int(ranks[-1]), ends=ends,
+            root_bytes=sizes[int(ranks[-1])] + counters)
         line.wait(line.post_at("broadcast", start_s=arrivals[k], end_s=end, gate=gate,
                                count=len(seconds) - k), comm_max_s=group_s, until=until)
     elif seconds:
@@ -210,14 +211,16 @@ def _ordered_broadcasts(line: Timeline, net: Network, sizes: Sequence[float],
 
 
 def _receivers_end_s(net: Network, arrivals: Sequence[float], seconds: Sequence[float], *,
-                     end: float, last_root: int, ends: np.ndarray) -> np.ndarray:
+                     end: float, last_root: int, ends: np.ndarray, root_bytes: float
+                     ) -> np.ndarray:
     """When each rank is done with the owners' ordered broadcasts (queue ending at `end`):
     every rank receives the last owner's, so it waits for the end, but the last owner
-    itself only for the others' broadcasts and its own send (Network.broadcast_root_s, from
-    its clock `ends`); a root returns once its bytes are buffered."""
+    itself only for the others' broadcasts and its own send of `root_bytes`
+    (Network.broadcast_root_s, from its clock `ends`); a root returns once its bytes are
+    buffered."""
     until = np.full(len(ends), end)
     received = (net.broadcast_queue_end_s(arrivals[:-1], seconds[:-1])[0]
                 if len(seconds) > 1 else -np.inf)
-    root_s = net.broadcast_root_s(ranks=len(ends))
+    root_s = net.broadcast_root_s(ranks=len(ends), nbytes=root_bytes)
     until[last_root] = min(end, max(received, ends[last_root] + root_s))
     return until
