@@ -1,6 +1,7 @@
 """Profiler pieces: timing helpers, the alpha-beta fit, and a real (small) profile run."""
 from __future__ import annotations
 
+import statistics
 
 import pytest
 import torch
@@ -215,3 +216,18 @@ def test_message_sizes_include_the_steps_own_messages():
     assert {150_004, 75_000, 1_100_000} <= set(sizes)
     assert 512 not in sizes and (1 << 30) not in sizes  # only within 1 KiB..the largest
     assert list(sizes) == sorted(set(sizes))
+
+
+def test_kernel_figures_are_trimmed_means():
+    """A kernel's figure drops a shared host's odd samples at each end, like a median, but
+    follows a time that flips between two speeds by how often it ran at each (a run's mean
+    step does), where a median jumps to whichever holds half the samples."""
+    from executor.profiling.kernels import TRIM, trimmed_mean
+
+    assert TRIM == 0.1
+    spikes = [1.0] * 18 + [50.0, 0.0]  # one slow and one impossibly fast sample of 20
+    assert trimmed_mean(spikes) == 1.0
+    flips = [13.5] * 9 + [19.5] * 11  # 45% fast, 55% slow
+    assert statistics.median(flips) == 19.5
+    assert trimmed_mean(flips) == pytest.approx((7 * 13.5 + 9 * 19.5) / 16)
+    assert trimmed_mean([2.0]) == 2.0

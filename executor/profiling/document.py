@@ -2,7 +2,7 @@
 dpkfac.profile.
 
 Per layer it times the preconditioner's own per-layer phase methods on real batches, after
-warm-up, as medians of repeats (kernels); under torchrun with more than one process it also times
+warm-up, as trimmed means of repeats (kernels); under torchrun with more than one process it also times
 broadcast and all-reduce over message sizes and fits alpha-beta lines (collectives).
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ from ..workload.loaders import Batches
 from ..workload.loss import LossFn
 from .collectives import message_sizes, profile_comm
 from .kernels import (
+    TRIM,
     StepSamples,
     StepTimer,
     accumulate_factors,
@@ -46,11 +47,11 @@ def profile_module(model: nn.Module, batches: Batches, world: WorldInfo, *, loss
     After folding the batches into the factors (so decompositions see full-rank factors, as in
     training), every rank at once runs warm-up + repeats training-like steps
     (kernels.StepTimer: the step's traffic flows as in the overlapped step), each step
-    started together; medians over every rank's repeats. Between them rank 0 times each step
+    started together; trimmed means (kernels.TRIM) over every rank's repeats. Between them rank 0 times each step
     again alone, the others only in its traffic (the profile's contention: busy over alone,
     at the same moments). Every rank also times the collectives; the timed steps are spread
     over the collectives' trials (one after every second trial), so a shared host's slow
-    seconds meet a few of them, which the medians drop, instead of all.
+    seconds meet a few of them, which the trimming drops, instead of all.
     """
     malloc = keep_freed_memory() if options.keep_freed_memory else {}
     with flushed_denormals(options.flush_denormal) as flushing:
@@ -172,7 +173,8 @@ def _environment(world: WorldInfo, options: ProfileOptions) -> dict:
             "platform": platform.platform(), "threads": torch.get_num_threads(),
             "cuda": torch.version.cuda, "world_size": world.world_size,
             "timing": {"warmup": options.warmup, "repeats": options.repeats,
-                       "statistic": "median", "spread": "interquartile range",
+                       "statistic": f"mean without the lowest and highest {TRIM:.0%}",
+                       "spread": "interquartile range",
                        "ranks_timed_at_once": world.world_size,
                        "steps_spread": "one after every second collective trial"}}
 

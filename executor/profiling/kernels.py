@@ -20,6 +20,7 @@ from ..workload.loss import LossFn
 from .options import ProfileOptions
 
 LAYER_KERNELS = ("factor_a", "factor_g", "decompose_a", "decompose_g", "precondition")
+TRIM = 0.1  # share of a kernel's samples dropped at each end before they are averaged
 STEP_PHASES = ("forward_backward", "pack", "apply", "optimizer")
 OVERLAPPED_FB = "forward_backward_overlapped"  # with the buckets' all-reduces posted from it
 
@@ -71,7 +72,7 @@ def time_steps(model: nn.Module, precond: BaseKFACPreconditioner, batches: Batch
 class StepTimer:
     """Training-like steps run and timed one at a time, so a caller can spread them over a
     longer span (between the collectives' trials: a shared host's slow seconds then touch a
-    few steps, which the medians drop, instead of every one). `step()` runs the next of the
+    few steps, which the trimmed means drop, instead of every one). `step()` runs the next of the
     options' warm-up + repeats steps, `left` counts those still to run, `close()` removes the
     gradient buckets' hooks; `samples` (StepSamples) holds what follows.
 
@@ -246,9 +247,9 @@ def _traffic_step(bucket_numels: list[int], kfac_numel: int, align: Callable[[],
 def contention_slowdown(busy: dict[str, dict[str, list[float]]],
                         alone: dict[str, dict[str, list[float]]]) -> float:
     """The K-FAC kernels' time with every rank computing over their time on one rank alone:
-    the sum over layers and LAYER_KERNELS of median seconds, one over the other."""
+    the sum over layers and LAYER_KERNELS of trimmed-mean seconds, one over the other."""
     def total(samples):
-        return sum(statistics.median(samples[name][k]) for name in samples if name != "step"
+        return sum(trimmed_mean(samples[name][k]) for name in samples if name != "step"
                    for k in LAYER_KERNELS)
     return total(busy) / total(alone)
 
@@ -271,14 +272,27 @@ def _timed(into: list[float], keep: bool):
         into.append(time.perf_counter() - start)
 
 
-def _median_and_spread(values: list[float]) -> tuple[float, float]:
+def trimmed_mean(values: list[float], cut: float = TRIM) -> float:
+    """The mean of `values` without the lowest and the highest `cut` share of them. Like a
+    median it drops a shared host's odd samples; unlike one it follows a kernel whose time
+    flips between two speeds (a neighbour on the host's core) by how often it ran at each, as
+    a training run's mean step does: a median jumps to whichever speed holds half the samples
+    (fc1's eigh at 2 nodes: 13.5 or 19-20 ms per sample; rank 0's alone median 14.9-18.7 ms
+    over five profiles, its 10%-trimmed mean 16.0-17.6)."""
+    ordered = sorted(values)
+    k = int(len(ordered) * cut)
+    return statistics.fmean(ordered[k:len(ordered) - k])
+
+
+def _centre_and_spread(values: list[float]) -> tuple[float, float]:
     quartiles = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
-    return statistics.median(values), quartiles[2] - quartiles[0]
+    return trimmed_mean(values), quartiles[2] - quartiles[0]
 
 
 def layer_record(block: KFACBlock, samples: dict[str, list[float]], rows: int) -> dict:
-    """A profile's layer entry: shapes, median seconds per kernel, state bytes, factor rows."""
-    stats = {k: _median_and_spread(v) for k, v in samples.items()}
+    """A profile's layer entry: shapes, seconds per kernel (trimmed mean), state bytes, factor
+    rows."""
+    stats = {k: _centre_and_spread(v) for k, v in samples.items()}
     record = {"name": block.name, "kind": type(block.module).__name__,
               "dim_a": block.dim_a, "dim_g": block.dim_g, "grad_numel": block.grad_numel}
     record.update({f"{k}_s": stats[k][0] for k in LAYER_KERNELS})
@@ -288,11 +302,11 @@ def layer_record(block: KFACBlock, samples: dict[str, list[float]], rows: int) -
 
 
 def step_record(samples: dict[str, list[float]], bucket_bytes: list[int]) -> dict:
-    """A profile's step entry: median seconds of each step phase (STEP_PHASES), the gradient
-    buckets (bytes, median ready time: seconds from the forward's start) and, when timed
+    """A profile's step entry: seconds of each step phase (STEP_PHASES, trimmed means), the
+    gradient buckets (bytes, ready time: seconds from the forward's start) and, when timed
     (more than one rank), backward_allreduce_s: what posting the buckets from backward adds to
-    forward/backward (OVERLAPPED_FB's median less forward_backward's, at least 0)."""
-    stats = {k: _median_and_spread(v) for k, v in samples.items()}
+    forward/backward (OVERLAPPED_FB's figure less forward_backward's, at least 0)."""
+    stats = {k: _centre_and_spread(v) for k, v in samples.items()}
     buckets = [{"bytes": int(nbytes), "ready_s": stats[bucket_key(b)][0]}
                for b, nbytes in enumerate(bucket_bytes)]
     record = {**{f"{k}_s": stats[k][0] for k in STEP_PHASES},
