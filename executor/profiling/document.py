@@ -2,8 +2,8 @@
 dpkfac.profile.
 
 Per layer it times the preconditioner's own per-layer phase methods on real batches, after
-warm-up, as trimmed means of repeats (kernels); under torchrun with more than one process it also times
-broadcast and all-reduce over message sizes and fits alpha-beta lines (collectives).
+warm-up, as trimmed means of repeats (kernels); under torchrun with more than one process it
+also times broadcast and all-reduce over message sizes and fits alpha-beta lines (collectives).
 """
 from __future__ import annotations
 
@@ -47,9 +47,9 @@ def profile_module(model: nn.Module, batches: Batches, world: WorldInfo, *, loss
     After folding the batches into the factors (so decompositions see full-rank factors, as in
     training), every rank at once runs warm-up + repeats training-like steps
     (kernels.StepTimer: the step's traffic flows as in the overlapped step), each step
-    started together; trimmed means (kernels.TRIM) over every rank's repeats. Between them rank 0 times each step
-    again alone, the others only in its traffic (the profile's contention: busy over alone,
-    at the same moments). Every rank also times the collectives; the timed steps are spread
+    started together; trimmed means (kernels.TRIM) over every rank's repeats. Between them
+    rank 0 times each step again alone, the others only in its traffic (the profile's
+    contention: busy over alone, at the same moments). Every rank also times the collectives; the timed steps are spread
     over the collectives' trials (one after every second trial), so a shared host's slow
     seconds meet a few of them, which the trimming drops, instead of all.
     """

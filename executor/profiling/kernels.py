@@ -72,9 +72,9 @@ def time_steps(model: nn.Module, precond: BaseKFACPreconditioner, batches: Batch
 class StepTimer:
     """Training-like steps run and timed one at a time, so a caller can spread them over a
     longer span (between the collectives' trials: a shared host's slow seconds then touch a
-    few steps, which the trimmed means drop, instead of every one). `step()` runs the next of the
-    options' warm-up + repeats steps, `left` counts those still to run, `close()` removes the
-    gradient buckets' hooks; `samples` (StepSamples) holds what follows.
+    few steps, which the trimmed means drop, instead of every one). `step()` runs the next of
+    the options' warm-up + repeats steps, `left` counts those still to run, `close()` removes
+    the gradient buckets' hooks; `samples` (StepSamples) holds what follows.
 
     Seconds of every kernel in each timed step: {layer name or "step": {kernel: [s, ...]}}
     of the steps every rank computes ("busy"), and, with `alone` set, of the steps between

@@ -120,11 +120,10 @@ class Network:
         and link rate: the root's own copies), at most the whole broadcast's time; else the
         collective's fixed cost, taken as the least time of a broadcast (an upper bound: that
         also carries the first bytes across). 0 at one rank."""
-        floor = self.broadcast_floor_s(ranks=ranks, min_bytes=0.0, max_bytes=0.0)
         if self.broadcast_root_points is None or ranks == 1:
-            return floor
-        whole = self.broadcast_s(ranks=ranks, nbytes=nbytes)
-        return min(self.broadcast_root_points.time(nbytes, beyond_s_per_byte=0.0), whole)
+            return self.broadcast_floor_s(ranks=ranks, min_bytes=0.0, max_bytes=0.0)
+        return min(self.broadcast_root_points.time(nbytes, beyond_s_per_byte=0.0),
+                   self.broadcast_s(ranks=ranks, nbytes=nbytes))
 
     def broadcasts_floor_s(self, *, ranks: int, total_bytes: float) -> float:
         """A proven lower bound on the seconds of one or more broadcasts among `ranks` ranks
