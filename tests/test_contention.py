@@ -164,8 +164,10 @@ def test_the_profiles_alone_steps_alternate_with_the_busy_ones():
     from distributed_helpers import run_distributed
 
     first, second = run_distributed(_time_steps_with_alone_steps, 2)
-    assert first["order"] == ["busy", "alone"] * 5  # warm-up + 4 repeats, each timed twice
-    assert second["order"] == ["busy"] * 5 and second["alone"] is None
-    assert first["busy_decompositions"] == second["busy_decompositions"] == 4
-    assert all(len(v) == 4 for v in first["alone"]["0"].values())
+    # warm-up + 4 repeats of each kind (buckets posted from backward, and after it), each
+    # timed twice
+    assert first["order"] == ["busy", "alone"] * 9
+    assert second["order"] == ["busy"] * 9 and second["alone"] is None
+    assert first["busy_decompositions"] == second["busy_decompositions"] == 8
+    assert all(len(v) == 8 for v in first["alone"]["0"].values())
     assert first["slowdown"] > 0

@@ -102,9 +102,13 @@ def _interleaved_trials(rank: int, world_size: int) -> dict:
                             before=lambda: time.sleep(0.02 if rank == 1 else 0.0))
     root = time_collectives([op("e", 0.0), lambda: time.sleep(0.005 if rank == 0 else 0.0)],
                             world, options, before=lambda: None)  # rank 0 takes 5 ms
-    return {"calls": [c for c in calls if c not in ("c", "d", "e")], "means": means.seconds,
+    befores = iter(range(1000))
+    spiky = time_collectives(  # 10 ms of compute before each call, once 200 ms on rank 1
+        [op("f", 0.0)], world, ProfileOptions(warmup=1, repeats=5),
+        before=lambda: time.sleep(0.2 if rank == 1 and next(befores) == 3 else 0.01)).compute_s
+    return {"calls": [c for c in calls if c not in ("c", "d", "e", "f")], "means": means.seconds,
             "late": late.seconds[0], "idle": idle, "late_rank0": late.rank0_after_last_s[0],
-            "rank0": root.rank0_after_last_s}
+            "rank0": root.rank0_after_last_s, "spiky": spiky}
 
 
 def test_collective_trials_interleave_and_run_from_mean_arrival_to_last_return():
@@ -120,6 +124,8 @@ def test_collective_trials_interleave_and_run_from_mean_arrival_to_last_return()
         # a late arrival counts from the ranks' mean arrival: half of rank 1's 20 ms
         assert 0.009 <= result["late"] <= 0.016
         assert 0.01 <= result["idle"] <= 0.02  # the link idles while the ranks compute
+        # the compute before the calls: a trimmed mean per rank drops rank 1's 200 ms
+        assert 0.01 <= result["spiky"] <= 0.016
         # rank 0's own time counts from the last arrival: none when it returned before that
         assert result["late_rank0"] == 0.0
         assert result["rank0"][0] <= 0.003 and 0.005 <= result["rank0"][1] <= 0.012
@@ -189,14 +195,15 @@ def _profile_order(rank: int, world_size: int) -> dict:
 
 def test_the_profiles_steps_are_spread_over_the_collectives_trials():
     """A shared host's slow seconds meet a few of the profile's timed steps, not all: after
-    the warm-up steps, one timed step runs after every second trial of the collectives."""
+    the warm-up steps, one timed step runs after each trial of the collectives, `repeats` of
+    each kind (buckets posted from backward and after it)."""
     from distributed_helpers import run_distributed
 
     for result in run_distributed(_profile_order, 2):
-        # the warm-up step, then a timed step after trials 1, 3, 5 and 7 of the 9 (warm-up +
+        # the warm-up step, then a timed step after each of trials 0-7 of the 9 (warm-up +
         # 2 x repeats); the broadcast overlap's trials follow
-        assert result["log"][:14] == ["step"] + ["trial", "trial", "step"] * 4 + ["trial"]
-        assert result["log"].count("step") == 1 + 4
+        assert result["log"][:18] == ["step"] + ["trial", "step"] * 8 + ["trial"]
+        assert result["log"].count("step") == 1 + 2 * 4
         assert result["decompose_a"] > 0
 
 
@@ -218,11 +225,28 @@ def test_message_sizes_include_the_steps_own_messages():
     assert list(sizes) == sorted(set(sizes))
 
 
+def test_step_record_takes_forward_backward_level_from_the_trials():
+    from executor.profiling.kernels import OVERLAPPED_FB, STEP_PHASES, bucket_key, step_record
+
+    samples = {**{k: [0.001] * 10 for k in STEP_PHASES}, "forward_backward": [0.004] * 10,
+               OVERLAPPED_FB: [0.005] * 10, bucket_key(0): [0.002] * 10,
+               bucket_key(1): [0.0035] * 10}
+    steps_only = step_record(samples, [100, 50])
+    assert steps_only["forward_backward_s"] == pytest.approx(0.004)
+    assert steps_only["backward_allreduce_s"] == pytest.approx(0.001)
+    record = step_record(samples, [100, 50], forward_backward_s=0.003)
+    # the trials' level, the steps' shape: posting's share and the ready fractions kept
+    assert record["forward_backward_s"] == pytest.approx(0.003)
+    assert record["backward_allreduce_s"] == pytest.approx(0.00075)
+    assert [b["ready_s"] for b in record["gradient_buckets"]] == pytest.approx([0.0015, 0.002625])
+    assert record["optimizer_s"] == steps_only["optimizer_s"]
+
+
 def test_kernel_figures_are_trimmed_means():
     """A kernel's figure drops a shared host's odd samples at each end, like a median, but
     follows a time that flips between two speeds by how often it ran at each (a run's mean
     step does), where a median jumps to whichever holds half the samples."""
-    from executor.profiling.kernels import TRIM, trimmed_mean
+    from executor.profiling.robust import TRIM, trimmed_mean
 
     assert TRIM == 0.1
     spikes = [1.0] * 18 + [50.0, 0.0]  # one slow and one impossibly fast sample of 20

@@ -14,6 +14,7 @@ from ..runtime.distributed import WorldInfo
 from ..runtime.timing import synchronize_device
 from .alphabeta import fit_alpha_beta
 from .options import ProfileOptions
+from .robust import trimmed_mean
 
 # Collective costs assumed when profiling a single process (nothing to measure): loopback gloo.
 ASSUMED_COMM = {"alpha_s": 5e-5, "beta_s_per_byte": 1e-9}
@@ -36,20 +37,21 @@ def message_sizes(model_grad_bytes: int, extra: tuple[int, ...] = ()) -> tuple[i
 def profile_comm(world: WorldInfo, options: ProfileOptions, sizes: tuple[int, ...],
                   before=lambda: None, between=lambda trial: None, owner_bytes: int = 1 << 10,
                   gradient_bytes: int | None = None,
-                  bucket_bytes: tuple[int, ...] = ()) -> dict:
-    """The profile's `comm` entry: alpha-beta fits per collective kind over `sizes` (bytes),
+                  bucket_bytes: tuple[int, ...] = ()) -> "CommProfile":
+    """The profile's `comm` entry (CommProfile.entry): alpha-beta fits per collective kind over `sizes` (bytes),
     each call timed after `before()` (`between(trial)` after each of their trials), the
     broadcast overlap at `owner_bytes` per owner, the CPU seconds of the gradient all-reduce
     (`gradient_bytes`, when given), and with two or more gradient buckets (`bucket_bytes`, in
     posting order) their all-reduces posted back to back as the step posts them, by every
     rank at once (`gradient_buckets_s`, bucket_chain_s); with a shaped link
     (options.link_burst_s), how long the link idled before each timed call (`link_idle_s`);
-    assumed costs on a world of one."""
+    assumed costs on a world of one. With it, what `before()` took (CommProfile.before_s)."""
     backend = world.backend or ("nccl" if world.device.type == "cuda" else "gloo")
     if world.world_size == 1:
-        return {"backend": backend, "world_size": 1, "allreduce": dict(ASSUMED_COMM),
-                "broadcast": dict(ASSUMED_COMM), "source": "assumed (single process: nothing to "
-                                                           "measure; run under torchrun to fit)"}
+        return CommProfile({"backend": backend, "world_size": 1, "allreduce": dict(ASSUMED_COMM),
+                            "broadcast": dict(ASSUMED_COMM),
+                            "source": "assumed (single process: nothing to measure; run under "
+                                      "torchrun to fit)"}, None)
     kinds = ("allreduce", "broadcast")
     shared = torch.zeros(max(max(sizes) // 4, 1), dtype=torch.float32, device=world.device)
     ops = [_collective(kind, shared[:max(n // 4, 1)]) for kind in kinds for n in sizes]
@@ -64,14 +66,24 @@ def profile_comm(world: WorldInfo, options: ProfileOptions, sizes: tuple[int, ..
         "link_bytes_per_s": options.link_bytes_per_s,
         **({"link_burst_s": options.link_burst_s, "link_idle_s": timed.idle_s}
            if options.link_burst_s else {})}
-    return {"backend": backend, "world_size": world.world_size, **fits, "source": "measured",
-            "statistic": "mean over trials of (last rank's return - mean arrival)",
-            "message_bytes": list(sizes), **link,
-            **({"gradient_buckets_s": bucket_chain_s(world, options, bucket_bytes)}
-               if len(bucket_bytes) > 1 else {}),
-            **_broadcast_overlap(world, options, max(owner_bytes, 1 << 10), before),
-            **({} if gradient_bytes is None else {"gradient_allreduce_cpu_s": _allreduce_cpu_s(
-                world, options, gradient_bytes, before)})}
+    entry = {"backend": backend, "world_size": world.world_size, **fits, "source": "measured",
+             "statistic": "mean over trials of (last rank's return - mean arrival)",
+             "message_bytes": list(sizes), **link,
+             **({"gradient_buckets_s": bucket_chain_s(world, options, bucket_bytes)}
+                if len(bucket_bytes) > 1 else {}),
+             **_broadcast_overlap(world, options, max(owner_bytes, 1 << 10), before),
+             **({} if gradient_bytes is None else {"gradient_allreduce_cpu_s": _allreduce_cpu_s(
+                 world, options, gradient_bytes, before)})}
+    return CommProfile(entry, timed.compute_s)
+
+
+@dataclass(frozen=True)
+class CommProfile:
+    """profile_comm's result: the profile's `comm` entry, and the seconds of one `before()`
+    over the collectives' trials (trimmed mean per rank, mean over ranks; hundreds of samples
+    spread over the whole profile; None on one rank, where nothing is timed)."""
+    entry: dict
+    before_s: float | None
 
 
 def _allreduce_cpu_s(world: WorldInfo, options: ProfileOptions, nbytes: int, before) -> float:
@@ -148,12 +160,14 @@ def _broadcast_overlap(world: WorldInfo, options: ProfileOptions, nbytes: int, b
 @dataclass(frozen=True)
 class CollectiveTimes:
     """time_collectives' result: seconds of each op; seconds the link idled before each call
-    (the ranks' mean compute before it, over every op and timed trial); and, per op, rank 0's
+    (the ranks' mean compute before it, over every op and timed trial); that compute's
+    trimmed mean (robust.trimmed_mean per rank, mean over ranks); and, per op, rank 0's
     seconds from the last rank's arrival to its own return (at least 0, median over the timed
     trials): what a broadcast from rank 0 costs its root once every rank has posted it."""
     seconds: list[float]
     idle_s: float
     rank0_after_last_s: list[float]
+    compute_s: float  # each rank's trimmed mean of its compute before a call, mean over ranks
 
 
 def time_collectives(ops, world: WorldInfo, options: ProfileOptions, before,
@@ -188,6 +202,9 @@ def time_collectives(ops, world: WorldInfo, options: ProfileOptions, before,
             synchronize_device()
             done[j, trial] = time.perf_counter() - start
         between(trial)
+    compute = torch.tensor([trimmed_mean(arrive[:, options.warmup:].flatten().tolist())],
+                           dtype=torch.float64)
+    dist.all_reduce(compute)
     last = arrive.clone()
     dist.all_reduce(last, op=dist.ReduceOp.MAX)
     rank0_done = done.clone()
@@ -198,4 +215,5 @@ def time_collectives(ops, world: WorldInfo, options: ProfileOptions, before,
     rank0_after = (rank0_done - last).clamp(min=0.0)[:, options.warmup:]
     return CollectiveTimes(seconds=seconds[:, options.warmup:].mean(dim=1).tolist(),
                            idle_s=float(arrive[:, options.warmup:].mean()) / world.world_size,
-                           rank0_after_last_s=rank0_after.median(dim=1).values.tolist())
+                           rank0_after_last_s=rank0_after.median(dim=1).values.tolist(),
+                           compute_s=float(compute) / world.world_size)

@@ -24,7 +24,6 @@ from ..workload.loaders import Batches
 from ..workload.loss import LossFn
 from .collectives import message_sizes, profile_comm
 from .kernels import (
-    TRIM,
     StepSamples,
     StepTimer,
     accumulate_factors,
@@ -35,6 +34,7 @@ from .kernels import (
     step_record,
 )
 from .options import ProfileOptions
+from .robust import TRIM
 
 
 def profile_module(model: nn.Module, batches: Batches, world: WorldInfo, *, loss_fn: LossFn,
@@ -47,11 +47,13 @@ def profile_module(model: nn.Module, batches: Batches, world: WorldInfo, *, loss
     After folding the batches into the factors (so decompositions see full-rank factors, as in
     training), every rank at once runs warm-up + repeats training-like steps
     (kernels.StepTimer: the step's traffic flows as in the overlapped step), each step
-    started together; trimmed means (kernels.TRIM) over every rank's repeats. Between them
+    started together; trimmed means (robust.TRIM) over every rank's repeats. Between them
     rank 0 times each step again alone, the others only in its traffic (the profile's
-    contention: busy over alone, at the same moments). Every rank also times the collectives; the timed steps are spread
-    over the collectives' trials (one after every second trial), so a shared host's slow
-    seconds meet a few of them, which the trimming drops, instead of all.
+    contention: busy over alone, at the same moments). Every rank also times the
+    collectives, each call after one forward/backward; the timed steps are spread over the
+    collectives' trials (one after each trial), so a shared host's slow seconds meet a few of
+    them, which the trimming drops, instead of all. Forward/backward's level is
+    that of the trials' hundreds (kernels.step_record), not the steps' few.
     """
     malloc = keep_freed_memory() if options.keep_freed_memory else {}
     with flushed_denormals(options.flush_denormal) as flushing:
@@ -68,7 +70,8 @@ def _profile(model: nn.Module, batches: Batches, world: WorldInfo, loss_fn: Loss
     timer = None
     try:
         rows = accumulate_factors(model, precond, batches, loss_fn)
-        with _progress_bar(progress, options.warmup + options.repeats + 1) as bar:
+        kinds = 2 if world.world_size > 1 else 1
+        with _progress_bar(progress, options.warmup + kinds * options.repeats + 1) as bar:
             timer = StepTimer(model, precond, batches, loss_fn, options,
                               align=dist.barrier if world.world_size > 1 else lambda: None,
                               world_size=world.world_size,
@@ -81,7 +84,7 @@ def _profile(model: nn.Module, batches: Batches, world: WorldInfo, loss_fn: Loss
             comm = profile_comm(world, options,
                                 _step_message_sizes(model, precond, world, bucket_bytes),
                                 before=lambda: _forward_backward(model, precond, loss_fn, x, y),
-                                between=lambda trial: step() if trial % 2 else None,
+                                between=lambda trial: step(),
                                 owner_bytes=4 * kfac_numel(precond) // world.world_size,
                                 gradient_bytes=4 * (_grad_numel(model) + 1),
                                 bucket_bytes=bucket_bytes)
@@ -100,7 +103,8 @@ def _profile(model: nn.Module, batches: Batches, world: WorldInfo, loss_fn: Loss
         "compute_method": precond.method.value, "measured": True,
         "layers": [layer_record(block, samples[name], rows[name])
                    for name, block in precond.blocks.items()],
-        "step": step_record(samples["step"], list(bucket_bytes)), "comm": comm,
+        "step": step_record(samples["step"], list(bucket_bytes), comm.before_s),
+        "comm": comm.entry,
         "model_grad_numel": _grad_numel(model), "other_layers": uncovered_layers(model),
         "environment": _environment(world, options),
         **({"contention": contention} if contention else {}),
@@ -176,7 +180,7 @@ def _environment(world: WorldInfo, options: ProfileOptions) -> dict:
                        "statistic": f"mean without the lowest and highest {TRIM:.0%}",
                        "spread": "interquartile range",
                        "ranks_timed_at_once": world.world_size,
-                       "steps_spread": "one after every second collective trial"}}
+                       "steps_spread": "one after each collective trial"}}
 
 
 def _progress_bar(enabled: bool, total: int):

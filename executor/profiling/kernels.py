@@ -18,9 +18,9 @@ from ..runtime.timing import synchronize_device
 from ..workload.loaders import Batches
 from ..workload.loss import LossFn
 from .options import ProfileOptions
+from .robust import trimmed_mean
 
 LAYER_KERNELS = ("factor_a", "factor_g", "decompose_a", "decompose_g", "precondition")
-TRIM = 0.1  # share of a kernel's samples dropped at each end before they are averaged
 STEP_PHASES = ("forward_backward", "pack", "apply", "optimizer")
 OVERLAPPED_FB = "forward_backward_overlapped"  # with the buckets' all-reduces posted from it
 
@@ -73,8 +73,9 @@ class StepTimer:
     """Training-like steps run and timed one at a time, so a caller can spread them over a
     longer span (between the collectives' trials: a shared host's slow seconds then touch a
     few steps, which the trimmed means drop, instead of every one). `step()` runs the next of
-    the options' warm-up + repeats steps, `left` counts those still to run, `close()` removes
-    the gradient buckets' hooks; `samples` (StepSamples) holds what follows.
+    the options' warm-up steps and `repeats` timed steps of each kind (one kind on one rank,
+    two with more: see below), `left` counts those still to run, `close()` removes the
+    gradient buckets' hooks; `samples` (StepSamples) holds what follows.
 
     Seconds of every kernel in each timed step: {layer name or "step": {kernel: [s, ...]}}
     of the steps every rank computes ("busy"), and, with `alone` set, of the steps between
@@ -122,7 +123,8 @@ class StepTimer:
             busy=_empty_samples(names, count, world_size),
             alone=_empty_samples(names, count, world_size) if alone else None)
         self._traffic = _traffic_numels(model, precond)
-        self._done, self._total = 0, options.warmup + options.repeats
+        kinds = 2 if world_size > 1 else 1
+        self._done, self._total = 0, options.warmup + kinds * options.repeats
 
     @property
     def left(self) -> int:
@@ -272,18 +274,6 @@ def _timed(into: list[float], keep: bool):
         into.append(time.perf_counter() - start)
 
 
-def trimmed_mean(values: list[float], cut: float = TRIM) -> float:
-    """The mean of `values` without the lowest and the highest `cut` share of them. Like a
-    median it drops a shared host's odd samples; unlike one it follows a kernel whose time
-    flips between two speeds (a neighbour on the host's core) by how often it ran at each, as
-    a training run's mean step does: a median jumps to whichever speed holds half the samples
-    (fc1's eigh at 2 nodes: 13.5 or 19-20 ms per sample; rank 0's alone median 14.9-18.7 ms
-    over five profiles, its 10%-trimmed mean 16.0-17.6)."""
-    ordered = sorted(values)
-    k = int(len(ordered) * cut)
-    return statistics.fmean(ordered[k:len(ordered) - k])
-
-
 def _centre_and_spread(values: list[float]) -> tuple[float, float]:
     quartiles = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
     return trimmed_mean(values), quartiles[2] - quartiles[0]
@@ -301,18 +291,25 @@ def layer_record(block: KFACBlock, samples: dict[str, list[float]], rows: int) -
     return record
 
 
-def step_record(samples: dict[str, list[float]], bucket_bytes: list[int]) -> dict:
+def step_record(samples: dict[str, list[float]], bucket_bytes: list[int],
+                forward_backward_s: float | None = None) -> dict:
     """A profile's step entry: seconds of each step phase (STEP_PHASES, trimmed means), the
     gradient buckets (bytes, ready time: seconds from the forward's start) and, when timed
     (more than one rank), backward_allreduce_s: what posting the buckets from backward adds to
-    forward/backward (OVERLAPPED_FB's figure less forward_backward's, at least 0)."""
+    forward/backward (OVERLAPPED_FB's figure less forward_backward's, at least 0).
+
+    `forward_backward_s` (seconds; the collectives' trials time hundreds of forward/backwards,
+    the steps a few): the figure forward/backward takes, the steps' ready times and
+    backward_allreduce_s scaled with it, so the steps give their shape and it the level."""
     stats = {k: _centre_and_spread(v) for k, v in samples.items()}
-    buckets = [{"bytes": int(nbytes), "ready_s": stats[bucket_key(b)][0]}
+    steps_fb = stats["forward_backward"][0]
+    level = forward_backward_s / steps_fb if forward_backward_s and steps_fb > 0 else 1.0
+    buckets = [{"bytes": int(nbytes), "ready_s": level * stats[bucket_key(b)][0]}
                for b, nbytes in enumerate(bucket_bytes)]
     record = {**{f"{k}_s": stats[k][0] for k in STEP_PHASES},
               "spread_iqr_s": {k: stats[k][1] for k in STEP_PHASES},
               "gradient_buckets": buckets}
+    record["forward_backward_s"] = level * steps_fb
     if OVERLAPPED_FB in stats:
-        record["backward_allreduce_s"] = max(
-            0.0, stats[OVERLAPPED_FB][0] - stats["forward_backward"][0])
+        record["backward_allreduce_s"] = level * max(0.0, stats[OVERLAPPED_FB][0] - steps_fb)
     return record
