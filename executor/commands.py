@@ -35,7 +35,9 @@ def _register_profile(subparsers) -> None:
     p.add_argument("--vocab-size", type=int, default=None,
                    help="with --input-shape: inputs are token ids in 0..V-1")
     p.add_argument("--compute-method", choices=("eigen", "inverse"), default="eigen")
-    p.add_argument("--repeats", type=int, default=15, help="timed steps of each kind (overlapped and serial under torchrun; trimmed means)")
+    p.add_argument("--repeats", type=int, default=15,
+                   help="timed steps of each kind (overlapped and serial under torchrun; "
+                        "trimmed means)")
     p.add_argument("--warmup", type=int, default=3, help="untimed runs before timing")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--link-rate", default=None, metavar="RATE",

@@ -37,10 +37,10 @@ def message_sizes(model_grad_bytes: int, extra: tuple[int, ...] = ()) -> tuple[i
 def profile_comm(world: WorldInfo, options: ProfileOptions, sizes: tuple[int, ...],
                   before=lambda: None, between=lambda trial: None, owner_bytes: int = 1 << 10,
                   gradient_bytes: int | None = None,
-                  bucket_bytes: tuple[int, ...] = ()) -> "CommProfile":
-    """The profile's `comm` entry (CommProfile.entry): alpha-beta fits per collective kind over `sizes` (bytes),
-    each call timed after `before()` (`between(trial)` after each of their trials), the
-    broadcast overlap at `owner_bytes` per owner, the CPU seconds of the gradient all-reduce
+                  bucket_bytes: tuple[int, ...] = ()) -> CommProfile:
+    """The profile's `comm` entry (CommProfile.entry): alpha-beta fits per collective kind
+    over `sizes` (bytes), each call timed after `before()` (`between(trial)` after each of
+    their trials), the broadcast overlap at `owner_bytes` per owner, the CPU seconds of the gradient all-reduce
     (`gradient_bytes`, when given), and with two or more gradient buckets (`bucket_bytes`, in
     posting order) their all-reduces posted back to back as the step posts them, by every
     rank at once (`gradient_buckets_s`, bucket_chain_s); with a shaped link

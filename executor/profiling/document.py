@@ -32,6 +32,7 @@ from .kernels import (
     layer_record,
     one_rank_preconditioner,
     step_record,
+    timed_steps,
 )
 from .options import ProfileOptions
 from .robust import TRIM
@@ -70,8 +71,8 @@ def _profile(model: nn.Module, batches: Batches, world: WorldInfo, loss_fn: Loss
     timer = None
     try:
         rows = accumulate_factors(model, precond, batches, loss_fn)
-        kinds = 2 if world.world_size > 1 else 1
-        with _progress_bar(progress, options.warmup + kinds * options.repeats + 1) as bar:
+        total = options.warmup + timed_steps(options, world.world_size) + 1
+        with _progress_bar(progress, total) as bar:
             timer = StepTimer(model, precond, batches, loss_fn, options,
                               align=dist.barrier if world.world_size > 1 else lambda: None,
                               world_size=world.world_size,

@@ -123,8 +123,7 @@ class StepTimer:
             busy=_empty_samples(names, count, world_size),
             alone=_empty_samples(names, count, world_size) if alone else None)
         self._traffic = _traffic_numels(model, precond)
-        kinds = 2 if world_size > 1 else 1
-        self._done, self._total = 0, options.warmup + kinds * options.repeats
+        self._done, self._total = 0, options.warmup + timed_steps(options, world_size)
 
     @property
     def left(self) -> int:
@@ -149,6 +148,12 @@ class StepTimer:
     def close(self) -> None:
         """Detach the gradient buckets' hooks from the model."""
         self._buckets.remove()
+
+
+def timed_steps(options: ProfileOptions, world_size: int) -> int:
+    """Timed steps of a StepTimer: `repeats` of each kind (two kinds with more than one rank:
+    buckets posted from backward and after it)."""
+    return (2 if world_size > 1 else 1) * options.repeats
 
 
 @dataclass(frozen=True)
