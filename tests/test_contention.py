@@ -7,7 +7,7 @@ import pytest
 
 from dpkfac.core.profile import Contention, profile_from_dict, profile_to_dict
 from planner.model.costs import PlanConfig, gradient_allreduce_cpu_s, second_order_lower_bound_s
-from planner.model.sharing import shared_ends
+from planner.model.sharing import shared_chunk_ends, shared_ends
 from planner.model.simulate import simulate_step
 from planner.model.timeline import Timeline
 
@@ -40,6 +40,26 @@ def test_shared_ends_by_hand():
         pytest.approx([1.0, 5.0])
 
 
+def test_shared_chunk_ends_by_hand():
+    f = ONE_CORE.time_factor
+    # together at rate 1 until worker 1 is done at 0.5 s (its empty second phase with it);
+    # worker 0's last 0.5 s of its first phase and 1 s of its second alone, at rate 2
+    ends, _ = shared_chunk_ends(np.zeros(2), np.array([[1.0, 1.0], [0.5, 0.0]]), f)
+    assert ends == pytest.approx(np.array([[0.75, 1.25], [0.5, 0.5]]))
+    # a thread released when its worker's first phase ends (alone: 0.5 s) shares the core
+    # with the second: both at rate 1 until the thread's 0.5 s are done, then the worker alone
+    ends, threads = shared_chunk_ends(np.zeros(1), np.array([[1.0, 1.0]]), f,
+                                      threads=np.array([0.5]), thread_after=1)
+    assert ends == pytest.approx(np.array([[0.5, 1.25]])) and threads == pytest.approx([1.0])
+    # a thread without work ends where it would start; one with a later fixed start waits
+    _, threads = shared_chunk_ends(np.zeros(1), np.array([[1.0]]), f, threads=np.zeros(1),
+                                   thread_after=1)
+    assert threads == pytest.approx([0.5])
+    ends, threads = shared_chunk_ends(np.zeros(1), np.array([[1.0]]), f, threads=np.array([1.0]),
+                                      thread_starts=np.array([2.0]))
+    assert ends == pytest.approx(np.array([[0.5]])) and threads == pytest.approx([2.5])
+
+
 def _profile(contention: Contention | None = ONE_CORE, **comm) -> object:
     doc = hand_profile()
     if contention is not None:
@@ -59,7 +79,11 @@ def test_an_owner_left_computing_alone_runs_at_its_alone_speed():
     # is buffered), b1 before rank 0: its optimizer step starts alone, and rank 0's ends alone
     b1 = 1e-3 + (2000 + COUNTERS) * 1e-9
     assert plain.step_time_s - step.step_time_s == pytest.approx(8.0 - rank0 + b1)
-    assert step.phases_s["decompose"][0] == pytest.approx(3.0 * rank0 / 8.0)  # its share
+    # its phases in order: factors (1.5 s) and decompositions (3 s) beside rank 1's compute
+    # at their busy figures, its preconditioning (3.5 s) alone, in half the time
+    assert step.phases_s["factors"][0] == pytest.approx(1.5)
+    assert step.phases_s["decompose"][0] == pytest.approx(3.0)
+    assert step.phases_s["precondition"][0] == pytest.approx(3.5 / 2)
     assert step.phases_s["decompose"][1] == pytest.approx(4.0)  # never alone: busy figures
     assert step.phases_s["forward_backward"] == plain.phases_s["forward_backward"]
     path = step.critical_path

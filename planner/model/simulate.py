@@ -192,11 +192,12 @@ def simulate_step(profile: Profile, *, owners: Sequence[int], workers: int, conf
                  config=config, step=step, speed=speed, net=net,
                  decomposition_step=decomposition_step)
     if from_backward:
-        pending = _post_buckets(line, buckets, began)
+        # the threads start as forward/backward ends, beside the local phases
         line.background("allreduce", buckets_cpu_s(profile, buckets, workers=workers,
                                                    network=network))
         if hide_local:
             _local_phases(line, **local)
+        pending = _post_buckets(line, buckets, began)
         line.wait(pending)
         ar_end = pending.end_s
     else:
@@ -247,7 +248,7 @@ def _post_buckets(line: Timeline, buckets: Sequence[BucketCost], began: np.ndarr
     slowest worker has it ready (its ready fraction of that worker's forward/backward, which
     began at `began`) and bucket i-1 is done. The chain's last unbroken run is the posted
     segment."""
-    ends = line.t  # each worker's end of forward/backward
+    ends = line.phase_end("forward_backward")
     ready = [began + b.ready * (ends - began) for b in buckets]
     chain = bucket_chain([float(r.max()) for r in ready], [b.seconds for b in buckets],
                          [b.chained_s for b in buckets])

@@ -10,7 +10,7 @@ import numpy as np
 
 from dpkfac.core.profile import Contention
 from dpkfac.core.step import PHASES
-from planner.model.sharing import shared_ends
+from planner.model.sharing import shared_chunk_ends
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ class Timeline:
         self._held: list[tuple[str, np.ndarray, Sequence[int] | None]] = []
         self._background: np.ndarray | None = None  # collective threads' CPU seconds, held
         self._background_start = self._t  # and when each thread starts
+        self._background_after = 0  # after how many held compute phases of its worker
         self._background_end = 0.0  # when the last collective thread's CPU work ended
         self.segments: list[list[Segment]] = [[] for _ in range(workers)]
         self.phases = {phase: np.zeros(workers) for phase in PHASES}
@@ -65,6 +66,11 @@ class Timeline:
         self._settle()
         return self._t
 
+    def phase_end(self, phase: str) -> np.ndarray:
+        """Each worker's clock when its `phase` last ended (held compute laid out first)."""
+        self._settle()
+        return self.ends[phase]
+
     def compute(self, phase: str, seconds: np.ndarray, layers: Sequence[int] | None = None) -> None:
         """Every worker w computes `seconds[w]` (busy figures) in `phase`."""
         if self.contention is not None:
@@ -73,39 +79,41 @@ class Timeline:
             self._lay_out(phase, seconds, layers)
 
     def background(self, phase: str, seconds: float, *, start_s: float | None = None) -> None:
-        """Each worker's collective thread works `seconds` of CPU from now, or from `start_s`
-        for a worker whose clock is earlier (an overlapped collective's hosts' part; start_s:
-        when the collective starts, once the last rank has posted it). With contention it
-        shares the cores with the compute, and a wait() for the collective ends no earlier
-        than it; without, it runs as compute before the worker's own (a host with no core to
-        spare)."""
+        """Each worker's collective thread works `seconds` of CPU once the worker is done with
+        the compute given so far, or from `start_s` if later (an overlapped collective's hosts'
+        part; start_s: when the collective starts, once the last rank has posted it). With
+        contention it shares the cores with the compute, that compute and what is given after
+        it laid out together, and a wait() for the collective ends no earlier than it;
+        without, it runs as compute before the worker's own (a host with no core to spare)."""
         if self.contention is None:
             self._lay_out(phase, np.full(len(self._t), seconds), None)
             return
-        self._settle()
+        if self._background is not None:
+            self._settle()
         self._background = np.full(len(self._t), seconds)
         self._background_start = (self._t if start_s is None
                                   else np.maximum(self._t, start_s))
+        self._background_after = len(self._held)
 
     def _settle(self) -> None:
-        """Lay out the held compute: each worker's share of it stretched or shrunk by the
-        speed that sharing the host with the others computing (collective threads included)
-        then gives it."""
+        """Lay out the held compute: each worker's phases, one after another, at the speed
+        that sharing the host with the others computing (collective threads included) gives
+        them from moment to moment."""
         if not self._held and self._background is None:
             return
         held, self._held = self._held, []
         workers = len(self._t)
-        work = sum((seconds for _, seconds, _ in held), np.zeros(workers))
+        chunks = (np.stack([np.broadcast_to(s, (workers,)) for _, s, _ in held], axis=1)
+                  if held else np.zeros((workers, 0)))
         threads = self._background if self._background is not None else np.zeros(workers)
-        starts = self._background_start if self._background is not None else self._t
-        self._background = None
-        ends = shared_ends(np.concatenate([self._t, starts]), np.concatenate([work, threads]),
-                           self.contention.time_factor)
-        self._background_end = float(ends[workers:].max())
-        ends = ends[:workers]
-        scale = np.divide(ends - self._t, work, out=np.ones_like(work), where=work > 0)
-        for phase, seconds, layers in held:
-            self._lay_out(phase, seconds * scale, layers)
+        ends, thread_ends = shared_chunk_ends(
+            self._t, chunks, self.contention.time_factor, threads=threads,
+            thread_starts=self._background_start if self._background is not None else self._t,
+            thread_after=self._background_after)
+        self._background, self._background_after = None, 0
+        self._background_end = float(thread_ends.max())
+        for k, (phase, _, layers) in enumerate(held):
+            self._lay_out(phase, ends[:, k] - self._t, layers)
 
     def _lay_out(self, phase: str, seconds: np.ndarray, layers: Sequence[int] | None) -> None:
         for w, s in enumerate(seconds if self.trace else ()):
