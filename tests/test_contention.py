@@ -7,7 +7,7 @@ import pytest
 
 from dpkfac.core.profile import Contention, profile_from_dict, profile_to_dict
 from planner.model.costs import PlanConfig, gradient_allreduce_cpu_s, second_order_lower_bound_s
-from planner.model.sharing import shared_chunk_ends, shared_ends
+from planner.model.sharing import shared_chunk_ends
 from planner.model.simulate import simulate_step
 from planner.model.timeline import Timeline
 
@@ -25,6 +25,11 @@ def test_time_factor_is_cores_shared_among_the_ranks_computing():
     no_sharing = Contention(ranks=3, slowdown=0.97)  # noise below 1: a core (GPU) per rank
     assert not no_sharing.applies(3)
     assert [no_sharing.time_factor(k) for k in (1, 2, 3)] == [1.0, 1.0, 1.0]
+
+
+def shared_ends(starts: np.ndarray, work: np.ndarray, f) -> np.ndarray:
+    """Each worker's end with one phase of `work` seconds."""
+    return shared_chunk_ends(starts, np.asarray(work)[:, None], f)[0][:, 0]
 
 
 def test_shared_ends_by_hand():

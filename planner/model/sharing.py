@@ -7,25 +7,18 @@ from typing import Callable
 import numpy as np
 
 
-def shared_ends(starts: np.ndarray, work: np.ndarray,
-                time_factor: Callable[[int], float]) -> np.ndarray:
-    """End times (seconds) of workers that start at starts[w] with work[w] seconds of compute
-    (busy figures), when with k of them computing at once each progresses at 1 / time_factor(k)
-    busy-seconds per second. Workers without work end at their start."""
-    work = np.asarray(work, dtype=float)
-    return shared_chunk_ends(starts, work[:, None], time_factor)[0][:, 0]
-
-
 def shared_chunk_ends(starts: np.ndarray, chunks: np.ndarray,
                       time_factor: Callable[[int], float], *,
                       threads: np.ndarray | None = None,
                       thread_starts: np.ndarray | None = None,
                       thread_after: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """shared_ends for workers that compute chunks[w, 0], chunks[w, 1], ... one after another
-    (busy seconds), beside one collective thread per worker working threads[w] seconds of CPU
+    """When each phase of each worker ends (seconds), for workers that start at starts[w] and
+    compute chunks[w, 0], chunks[w, 1], ... one after another (busy figures, seconds), when with
+    k of them computing at once each progresses at 1 / time_factor(k) busy-seconds per second,
+    beside one collective thread per worker working threads[w] seconds of CPU
     from thread_starts[w] on, or, with thread_after = k, from when its worker has finished its
-    first k chunks if that is later. Returns (when each chunk ends: workers x chunks, when each
-    thread ends), seconds; a thread without work ends at its start."""
+    first k chunks if that is later (a thread counts as one more computing). Returns (when each
+    chunk ends: workers x chunks, when each thread ends); work of 0 ends where it starts."""
     starts = np.asarray(starts, dtype=float)
     chunks = np.asarray(chunks, dtype=float).reshape(len(starts), -1)
     workers, count = chunks.shape
