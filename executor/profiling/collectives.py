@@ -38,12 +38,12 @@ def profile_comm(world: WorldInfo, options: ProfileOptions, sizes: tuple[int, ..
                   before=lambda: None, between=lambda trial: None, owner_bytes: int = 1 << 10,
                   gradient_bytes: int | None = None,
                   bucket_bytes: tuple[int, ...] = ()) -> CommProfile:
-    """The profile's `comm` entry (CommProfile.entry): alpha-beta fits per collective kind
-    over `sizes` (bytes), each call timed after `before()` (`between(trial)` after each of
-    their trials), the broadcast overlap at `owner_bytes` per owner, the CPU seconds of the
-    gradient all-reduce (`gradient_bytes`, when given), and with two or more gradient buckets (`bucket_bytes`, in
-    posting order) their all-reduces posted back to back as the step posts them, by every
-    rank at once (`gradient_buckets_s`, bucket_chain_s); with a shaped link
+    """The profile's `comm` entry (CommProfile.entry): alpha-beta fits per collective kind over
+    `sizes` (bytes), each call timed after `before()` (`between(trial)` after each of their
+    trials), the broadcast overlap at `owner_bytes` per owner, the CPU seconds of the gradient
+    all-reduce (`gradient_bytes`, when given), and with two or more gradient buckets
+    (`bucket_bytes`, in posting order) their all-reduces posted back to back as the step posts
+    them, by every rank at once (`gradient_buckets_s`, bucket_chain_s); with a shaped link
     (options.link_burst_s), how long the link idled before each timed call (`link_idle_s`);
     assumed costs on a world of one. With it, what `before()` took (CommProfile.before_s)."""
     backend = world.backend or ("nccl" if world.device.type == "cuda" else "gloo")
