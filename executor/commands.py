@@ -44,7 +44,7 @@ def _register_profile(subparsers) -> None:
                    help="the line rate of the links between the workers, as tc writes it "
                    "(e.g. 100mbit, 25gbit); the payload rate TCP gets on it (1448 of every "
                    "1514 bytes) is recorded, so `whatif --bandwidth-scale` speeds up only the "
-                   "time on the wire, not the hosts' part of each collective")
+                   "calls that waited for the wire, not the hosts' latency of the others")
     p.add_argument("--link-burst", default=None, metavar="BYTES",
                    help="with --link-rate, for shaped links: the token bucket as tc's tbf "
                    "writes it (e.g. 62500 or 62.5kb), the bytes that leave at once after an "

@@ -27,6 +27,21 @@ def test_time_factor_is_cores_shared_among_the_ranks_computing():
     assert [no_sharing.time_factor(k) for k in (1, 2, 3)] == [1.0, 1.0, 1.0]
 
 
+def test_time_factor_never_shares_more_cores_than_the_host_has():
+    """Busy figures timed with 3 ranks on 2 cores read 1.3x alone (their kernels did not all
+    run at once throughout); with all 3 computing each still gets 2/3 of a core: 1.5x alone."""
+    crowded = Contention(ranks=3, slowdown=1.3, cores=2)
+    assert [crowded.time_factor(k) for k in (1, 2, 3)] == \
+        pytest.approx([1 / 1.3, 1 / 1.3, 1.5 / 1.3])
+    assert crowded.applies(3) and not crowded.applies(2)
+    # below 1 (noise) with fewer cores than ranks still shares them
+    noisy = Contention(ranks=3, slowdown=0.97, cores=2)
+    assert noisy.applies(3) and noisy.time_factor(3) == pytest.approx(1.5)
+    # enough cores: the cap changes nothing
+    roomy = Contention(ranks=3, slowdown=1.5, cores=8)
+    assert [roomy.time_factor(k) for k in (1, 2, 3)] == pytest.approx([2 / 3, 2 / 3, 1.0])
+
+
 def shared_ends(starts: np.ndarray, work: np.ndarray, f) -> np.ndarray:
     """Each worker's end with one phase of `work` seconds."""
     return shared_chunk_ends(starts, np.asarray(work)[:, None], f)[0][:, 0]
@@ -68,7 +83,8 @@ def test_shared_chunk_ends_by_hand():
 def _profile(contention: Contention | None = ONE_CORE, **comm) -> object:
     doc = hand_profile()
     if contention is not None:
-        doc["contention"] = {"ranks": contention.ranks, "slowdown": contention.slowdown}
+        doc["contention"] = {"ranks": contention.ranks, "slowdown": contention.slowdown,
+                             **({"cores": contention.cores} if contention.cores else {})}
     doc["comm"].update(comm)
     return profile_from_dict(doc)
 
@@ -151,6 +167,9 @@ def test_contention_survives_the_file_round_trip():
     again = profile_from_dict(profile_to_dict(profile))
     assert again.contention == ONE_CORE
     assert again.comm.gradient_allreduce_cpu_s == 0.002
+    crowded = Contention(ranks=2, slowdown=1.1, cores=1)  # the host's cores, when recorded
+    assert profile_from_dict(profile_to_dict(_profile(crowded))).contention == crowded
+    assert "cores" not in profile_to_dict(profile)["contention"]
 
 
 def _time_steps_with_alone_steps(rank: int, world_size: int) -> dict:

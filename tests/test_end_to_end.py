@@ -3,6 +3,7 @@ and the executor's bad-input paths (one `error:` line, exit 2, no traceback, not
 from __future__ import annotations
 
 import json
+import os
 import math
 import subprocess
 from pathlib import Path
@@ -44,6 +45,8 @@ def test_profile_under_torchrun_fits_collectives(profile_path):
     assert all(l["decompose_a_s"] > 0 and l["state_bytes"] > 0 for l in doc["layers"])
     # rank 0 timed its kernels again alone: what the 2 ranks cost each other (2 cores or 200)
     assert doc["contention"]["ranks"] == 2 and 0.3 < doc["contention"]["slowdown"] < 5
+    # both ranks on this host's CPUs: the cores they may use
+    assert doc["contention"]["cores"] == len(os.sched_getaffinity(0))
     assert 0 < doc["comm"]["gradient_allreduce_cpu_s"] < 1
     if len(doc["step"]["gradient_buckets"]) > 1:  # the step's buckets posted back to back
         assert 0 < doc["comm"]["gradient_buckets_s"] < 1

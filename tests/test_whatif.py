@@ -227,36 +227,32 @@ def test_bandwidth_scale_keeps_the_measured_curve_and_its_latency_floor():
     assert faster.seconds == pytest.approx((0.003, 0.00325, 0.003 + 0.088 / 4))
 
 
-def test_bandwidth_scaling_with_a_known_link_rate_keeps_the_hosts_part():
-    """100 Mbit/s links at 2 ranks: an all-reduce of n bytes spends n / 12.5 MB/s on the wire;
-    at 4x the bandwidth only that part shrinks, what is left above the floor (the hosts'
-    copies) stays; without the rate, everything above the floor shrinks."""
+def test_bandwidth_scaling_with_a_known_link_rate_shrinks_a_waiting_call_with_its_wait():
+    """100 Mbit/s links at 2 ranks: an all-reduce of n bytes spends n / 12.5 MB/s on the wire.
+    A call that waited for it shrinks with that wait at 4x the bandwidth, the 13 ms it took
+    beyond the wire too (the transfer's ramp and queue on the slow link; its latency ran under
+    the transfer); without the rate, only what is above the floor shrinks."""
     from dpkfac.core.profile import CommCosts, MeasuredPoints
     from planner.whatif.sweep import scale_bandwidth
 
     sizes, wire = (1024, 1_000_000), 1_000_000 / 12.5e6
-    points = MeasuredPoints(sizes, (0.003, 0.003 + 0.010 + wire))  # floor, host 10 ms, wire
+    points = MeasuredPoints(sizes, (0.003, 0.003 + 0.010 + wire))  # floor, 10 ms more, wire
     base = profile_from_dict(synthetic_profile_dict(2, 0, world_size=2))
-    for rate, want in ((12.5e6, 0.003 + 0.010 + wire / 4), (None, 0.003 + (0.010 + wire) / 4)):
+    for rate, want in ((12.5e6, (0.013 + wire) / 4), (None, 0.003 + (0.010 + wire) / 4)):
         comm = CommCosts(backend="gloo", world_size=2, allreduce=base.comm.allreduce,
                          broadcast=base.comm.broadcast, allreduce_points=points,
                          broadcast_points=points, link_bytes_per_s=rate)
         faster = scale_bandwidth(dataclasses.replace(base, comm=comm), 4.0).comm
         assert faster.broadcast_points.seconds[1] == pytest.approx(want)  # p - 1 = 1 send
+        assert faster.allreduce_points.seconds[1] == pytest.approx(want)  # ACKs: same ratio
         assert faster.allreduce_points.seconds[0] == pytest.approx(0.003)
-    # the all-reduce's link also carries the ACKs of what it receives: more of it is wire
-    ack_wire = wire * (1 + TCP_REVERSE_ACK_SHARE)
-    assert faster.allreduce_points.seconds[1] == pytest.approx(0.003 + (0.010 + wire) / 4)
-    rated = scale_bandwidth(dataclasses.replace(base, comm=dataclasses.replace(
-        comm, link_bytes_per_s=12.5e6)), 4.0).comm
-    assert rated.allreduce_points.seconds[1] == pytest.approx(
-        0.003 + 0.010 + wire - ack_wire + ack_wire / 4)
 
 
 def test_bandwidth_scaling_keeps_a_shaped_links_burst_in_seconds():
     """A token bucket of 5 ms of the rate lets that much of a message leave at once: at 100
     Mbit/s (12.5 MB/s) a 1 MB message waits 80 - 5 ms for the wire, at 4x 20 - 5 ms; a 150 KB
-    one waits 12 - 5 ms, and nothing at 4x (it fits in the bucket). The hosts' 2 ms stays."""
+    one waits 12 - 5 ms, and nothing at 4x (it fits in the bucket: the floor is left). Each
+    waiting call shrinks with its wait, the 5 ms it took beyond it too."""
     from dpkfac.core.profile import CommCosts, MeasuredPoints, profile_to_dict
     from planner.whatif.sweep import scale_bandwidth
 
@@ -269,27 +265,29 @@ def test_bandwidth_scaling_keeps_a_shaped_links_burst_in_seconds():
                      broadcast_points=points, link_bytes_per_s=12.5e6, link_burst_s=burst)
     profile = dataclasses.replace(base, comm=comm)
     faster = scale_bandwidth(profile, 4.0).comm
-    want = (floor, floor + host, floor + host + 0.020 - burst)
+    big = floor + host + 0.080 - burst
+    want = (floor, floor, big * (0.020 - burst) / (0.080 - burst))
     assert faster.broadcast_points.seconds == pytest.approx(want)
     ack = 1 + TCP_REVERSE_ACK_SHARE  # the all-reduce's link carries its ACKs too
     assert faster.allreduce_points.seconds[2] == pytest.approx(
-        floor + host + 0.080 - 0.080 * ack + 0.020 * ack - burst)
+        big * (0.020 * ack - burst) / (0.080 * ack - burst))
     assert faster.link_burst_s == burst  # the bucket fills at the faster rate too
     assert profile_from_dict(profile_to_dict(profile)).comm.link_burst_s == burst
     slower = scale_bandwidth(profile, 0.5).comm.broadcast_points.seconds
-    assert slower[2] == pytest.approx(floor + host + 0.160 - burst)
+    assert slower[2] == pytest.approx(big * (0.160 - burst) / (0.080 - burst))
 
 
 def test_bandwidth_scaling_counts_only_the_burst_that_refilled_before_the_profiles_calls():
     """The profile's calls follow 3 ms of compute after the call before drained the bucket:
-    only 3 ms of the 5 ms burst left at once. At 100 Mbit/s (12.5 MB/s) a 150 KB message
-    waited 12 - 3 ms for the wire; at 4x (3 ms of the rate) it waits for nothing."""
+    only 3 ms of the 5 ms burst left at once. At 100 Mbit/s (12.5 MB/s) a 600 KB message
+    waited 48 - 3 ms for the wire, at 4x 12 - 3 ms; a 150 KB one 12 - 3 ms, at 4x nothing."""
     from dpkfac.core.profile import CommCosts, MeasuredPoints, profile_to_dict
     from planner.whatif.sweep import scale_bandwidth
 
     base = profile_from_dict(synthetic_profile_dict(2, 0, world_size=2))
     floor, host, idle = 0.003, 0.001, 0.003
-    points = MeasuredPoints((1024, 150_000), (floor, floor + host + 0.012 - idle))
+    big = floor + host + 0.048 - idle
+    points = MeasuredPoints((1024, 150_000, 600_000), (floor, floor + host + 0.012 - idle, big))
     comm = CommCosts(backend="gloo", world_size=2, allreduce=base.comm.allreduce,
                      broadcast=base.comm.broadcast, allreduce_points=points,
                      broadcast_points=points, link_bytes_per_s=12.5e6, link_burst_s=0.005,
@@ -298,12 +296,12 @@ def test_bandwidth_scaling_counts_only_the_burst_that_refilled_before_the_profil
     assert comm.refilled_burst_s() == idle
     assert dataclasses.replace(comm, link_idle_s=0.02).refilled_burst_s() == 0.005
     faster = scale_bandwidth(profile, 4.0).comm
-    assert faster.broadcast_points.seconds == pytest.approx((floor, floor + host))
+    assert faster.broadcast_points.seconds == pytest.approx((floor, floor, big * 9 / 45))
     assert profile_from_dict(profile_to_dict(profile)).comm.link_idle_s == idle
-    # read as a full 5 ms bucket, 2 ms of the wait would have been kept as the hosts' work
+    # read as a full 5 ms bucket, the wait would have looked 2 ms shorter at both rates
     full = scale_bandwidth(dataclasses.replace(profile, comm=dataclasses.replace(
         comm, link_idle_s=None)), 4.0).comm
-    assert full.broadcast_points.seconds[1] == pytest.approx(floor + host + 0.002)
+    assert full.broadcast_points.seconds[2] == pytest.approx(big * 7 / 43)
 
 
 def test_an_allreduces_link_carries_the_acks_of_what_it_receives():
@@ -324,11 +322,12 @@ def test_an_allreduces_link_carries_the_acks_of_what_it_receives():
 def test_bandwidth_scaling_of_a_call_whose_latency_ran_under_its_transfer():
     """A 1 MB broadcast at 12.5 MB/s waits 80 - 5 ms for the wire (a 5 ms bucket). Measured at
     exactly that, the 3 ms floor ran under the transfer: at 4x it takes (20 - 5) ms. Measured
-    2 ms above it, those 2 ms stay. Never below the floor: at 16x the wire is gone."""
+    3 ms above it (the transfer's ramp on the slow link), it shrinks with its wait: 15 x 78 /
+    75 ms. Never below the floor: at 16x the wire is gone."""
     from dpkfac.core.profile import MeasuredPoints
 
     floor, wait = 0.003, 0.075
-    for measured, want in ((wait, 0.015), (wait + 0.002, 0.017)):
+    for measured, want in ((wait, 0.015), (wait + 0.003, 0.015 * 78 / 75)):
         points = MeasuredPoints((1024, 1_000_000), (floor, measured))
         faster = points.faster_link(4.0, wire_s_per_byte=1 / 12.5e6, burst_s=0.005)
         assert faster.seconds == pytest.approx((floor, want))
@@ -356,7 +355,7 @@ def test_bandwidth_scaling_keeps_the_hosts_measured_cpu_seconds_of_an_allreduce(
     sizes, wire = (1024, 4096, grad), grad / 12.5e6
     ack = wire * (1 + TCP_REVERSE_ACK_SHARE)  # the all-reduce's wire carries ACKs too
     points = MeasuredPoints(sizes, (0.004, 0.003, 0.003 + wire))  # all of it on the wire
-    for cpu, want in ((None, 0.003 + ack / 4), (wire / 2, 0.003 + wire / 2),
+    for cpu, want in ((None, (0.003 + ack) / 4), (wire / 2, 0.003 + wire / 2),
                       (2 * wire, 0.003 + ack)):  # the host part: at most what was measured
         comm = CommCosts(backend="gloo", world_size=2, allreduce=base.comm.allreduce,
                          broadcast=base.comm.broadcast,
@@ -365,5 +364,5 @@ def test_bandwidth_scaling_keeps_the_hosts_measured_cpu_seconds_of_an_allreduce(
                          gradient_allreduce_cpu_s=cpu)
         faster = scale_bandwidth(dataclasses.replace(base, comm=comm), 4.0).comm
         assert faster.allreduce_points.seconds[2] == pytest.approx(want)
-        assert faster.broadcast_points.seconds[2] == pytest.approx(0.003 + wire / 4)
+        assert faster.broadcast_points.seconds[2] == pytest.approx((0.003 + wire) / 4)
         assert faster.allreduce_points.seconds[1] == pytest.approx(0.003)  # the floor stays

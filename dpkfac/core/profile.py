@@ -94,12 +94,13 @@ class MeasuredPoints:
         With `wire_s_per_byte` (seconds per message byte the link itself takes, known from
         its rate), a call waited for the wire max(0, bytes * wire_s_per_byte - burst_s)
         seconds (`burst_s`: the link's token bucket, seconds of its rate that leave at once
-        after an idle link, the same at every rate: a shaped link's burst); that part shrinks
-        to what it is at the faster rate and the rest of the measured time (the hosts'
-        copies, what latency the transfer did not cover) is kept. A call measured at no more
-        than its wait was all wire (the floor's latency ran under the transfer): it shrinks
-        in proportion. Without `wire_s_per_byte`, all of the time above the floor is divided
-        by `scale`.
+        after an idle link, the same at every rate: a shaped link's burst). A call that
+        waited shrinks in proportion to its wait at the faster rate: what it took beyond the
+        wait is the transfer's too (TCP's ramp and queue on the link; on this project's
+        emulated links a 4 MiB all-reduce took 7 ms more than its wait at 100 Mbit/s, 0.1 ms
+        at 400) and its latency ran under the transfer. A call that did not wait keeps its
+        time, plus the wait a slower link adds. Without `wire_s_per_byte`, all of the time
+        above the floor is divided by `scale`.
         With `host_s_per_byte` (the hosts' CPU seconds per byte, measured), the time above
         the floor never drops below that much of it (at most what was measured): on a slow
         link the hosts' work runs under the transfer of the chunks before, on a fast one it is
@@ -122,9 +123,9 @@ class MeasuredPoints:
             return floor_s + max(seconds - floor_s, 0.0) / scale
         waited = max(nbytes * wire_s_per_byte - burst_s, 0.0)
         faster = max(nbytes * wire_s_per_byte / scale - burst_s, 0.0)
-        if 0.0 < waited >= seconds:
+        if waited > 0.0:
             return seconds * faster / waited
-        return seconds - waited + faster
+        return seconds + faster
 
 
 @dataclass(frozen=True)
@@ -184,24 +185,33 @@ class CommCosts:
 class Contention:
     """How ranks that share a host slow one another's kernels. Measured with `ranks` ranks
     timing kernels at once (the figures a profile's layers and step hold: the "busy" figures),
-    the K-FAC kernels took `slowdown` times as long as on one rank computing alone.
+    the K-FAC kernels took `slowdown` times as long as on one rank computing alone; `cores`,
+    when every rank ran on one host, its CPU cores (None: unknown, or several hosts).
 
-    Model: the ranks share c = ranks / slowdown cores, so with k of them computing at once each
-    runs at min(1, c / k) of its alone speed; a kernel then takes time_factor(k) times its busy
-    figure (1 at k = ranks, less when fewer compute). A slowdown at or below 1 (a host with
-    a core per rank, a GPU per rank) means no contention: every factor is 1."""
+    Model: the ranks share c = ranks / slowdown cores, at most `cores` (the profile's ranks
+    never computed all at once throughout, so the busy figures can read fewer cores than the
+    host lacks), so with k of them computing at once each runs at min(1, c / k) of its alone
+    speed; a kernel then takes time_factor(k) times its busy figure (1 at k = ranks when c is
+    not capped, less when fewer compute). A slowdown at or below 1 on a host with a core per
+    rank (a GPU per rank) means no contention: every factor is 1."""
     ranks: int
     slowdown: float
+    cores: int | None = None
 
     def applies(self, workers: int) -> bool:
         """Whether a step of `workers` workers sees it: the profiled world size, and a
-        slowdown above 1 (other world sizes keep the busy figures: their hosts are unknown)."""
-        return workers == self.ranks and self.slowdown > 1.0
+        slowdown above 1 or fewer cores than ranks (other world sizes keep the busy figures:
+        their hosts are unknown)."""
+        crowded = self.cores is not None and self.cores < self.ranks
+        return workers == self.ranks and (self.slowdown > 1.0 or crowded)
 
     def time_factor(self, computing: int) -> float:
         """A kernel's time with `computing` ranks computing at once, over its busy figure."""
         slowdown = max(self.slowdown, 1.0)
-        return max(1.0, computing * slowdown / self.ranks) / slowdown
+        shared = self.ranks / slowdown
+        if self.cores is not None:
+            shared = min(shared, float(self.cores))
+        return max(1.0, computing / shared) / slowdown
 
 
 @dataclass(frozen=True)
@@ -370,7 +380,8 @@ def profile_to_dict(profile: Profile) -> dict:
         doc["step"]["gradient_buckets"] = [{"bytes": b.bytes, "ready_s": b.ready_s}
                                            for b in profile.gradient_buckets]
     if profile.contention is not None:
-        doc["contention"] = asdict(profile.contention)
+        doc["contention"] = {k: v for k, v in asdict(profile.contention).items()
+                             if v is not None}
     doc.update(profile.extra)
     return doc
 

@@ -87,7 +87,8 @@ PROFILE_SCHEMA: dict = {
             "required": ["ranks", "slowdown"],
             "additionalProperties": False,
             "properties": {"ranks": POSITIVE_INTEGER,
-                           "slowdown": {"type": "number", "exclusiveMinimum": 0}},
+                           "slowdown": {"type": "number", "exclusiveMinimum": 0},
+                           "cores": POSITIVE_INTEGER},  # of the one host all ranks share
         },
         "data": DATA_ENTRY,
         "loss": LOSS_ENTRY,

@@ -7,8 +7,10 @@ also times broadcast and all-reduce over message sizes and fits alpha-beta lines
 """
 from __future__ import annotations
 
+import os
 import platform
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -158,13 +160,31 @@ def _pooled(per_rank: list[dict[str, dict[str, list[float]]]]) -> dict[str, dict
 
 
 def _contention(world: WorldInfo, measured: StepSamples) -> dict | None:
-    """{"ranks", "slowdown"} for the profile (None on one rank): rank 0's K-FAC kernels in the
-    steps every rank computes over the same kernels in the steps between them where it
-    computes alone (the others in the traffic only): what the ranks cost one another."""
+    """{"ranks", "slowdown"[, "cores"]} for the profile (None on one rank): rank 0's K-FAC
+    kernels in the steps every rank computes over the same kernels in the steps between them
+    where it computes alone (the others in the traffic only): what the ranks cost one another;
+    and, when every rank computes on the CPUs of one host, how many cores it lets them use."""
     if world.world_size == 1:
         return None
     slowdown = contention_slowdown(measured.busy, measured.alone) if world.rank == 0 else None
-    return {"ranks": world.world_size, "slowdown": broadcast_object(slowdown, world)}
+    cores = _shared_host_cores(world)
+    return {"ranks": world.world_size, "slowdown": broadcast_object(slowdown, world),
+            **({"cores": cores} if cores is not None else {})}
+
+
+def _shared_host_cores(world: WorldInfo) -> int | None:
+    """The CPU cores the ranks may run on when all of them compute on the CPUs of one host
+    (one kernel boot id, else one host name), else None (GPUs, or several hosts)."""
+    try:
+        host = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        host = platform.node()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    seen = all_gather_object((host, cores, world.device.type), world)
+    if len({h for h, _, _ in seen}) > 1 or any(kind != "cpu" for _, _, kind in seen):
+        return None
+    counts = [c for _, c, _ in seen if c]
+    return min(counts) if counts else None
 
 
 def _device_name(device: torch.device) -> str:

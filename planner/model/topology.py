@@ -69,10 +69,11 @@ def cluster_network(cluster: Cluster, hosts: CommCosts | None = None) -> Network
     beta' = 1 / the smallest bottleneck bandwidth of any hop.
 
     hosts: a profile's measured collectives. When they know the rate of the link they were
-    measured on (`profile --link-rate`), the cluster's links take over only the wire: each
-    measured time keeps its hosts' part (latency floor, copies, reductions, the backend's own
-    costs) and its wire part is rescaled to the cluster's bottleneck bandwidth, as
-    `whatif --bandwidth-scale` does; other rank counts follow the cluster's per-hop forms.
+    measured on (`profile --link-rate`), the cluster's links take over only the wire: a
+    measured call that waited for the wire is rescaled with that wait to the cluster's
+    bottleneck bandwidth, one that did not keeps its time (latency floor, copies, the
+    backend's own costs), as `whatif --bandwidth-scale` does (MeasuredPoints.faster_link);
+    other rank counts follow the cluster's per-hop forms.
     Without a link rate the links alone price the collectives."""
     if cluster.intra_node is None:
         return None
@@ -88,8 +89,8 @@ def cluster_network(cluster: Cluster, hosts: CommCosts | None = None) -> Network
 
 
 def on_profiled_hosts(links: Network, hosts: CommCosts) -> Network:
-    """`links` (a cluster's per-hop costs) with the hosts' part of `hosts`' measured curves
-    (cluster_network); `links` unchanged when they lack points or a link rate."""
+    """`links` (a cluster's per-hop costs) carrying `hosts`' measured curves (cluster_network);
+    `links` unchanged when they lack points or a link rate."""
     if hosts.link_bytes_per_s is None or hosts.world_size < 2 or hosts.allreduce_points is None:
         return links
     scale = 1.0 / (links.allreduce_hop.beta_s_per_byte * hosts.link_bytes_per_s)

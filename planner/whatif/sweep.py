@@ -104,10 +104,11 @@ def scale_batch(profile: Profile, batch_size: int) -> Profile:
 
 def scale_bandwidth(profile: Profile, scale: float) -> Profile:
     """The profile on links `scale` times as fast: each collective's measured curve keeps its
-    latency floor (the least measured time) and divides the rest by `scale`, or only its wire
-    time when the profile knows the link rate (`profile --link-rate`; the hosts' part stays, and
-    so does the links' token bucket, `profile --link-burst`, as full as it was when the
-    profile's calls started: CommCosts.refilled_burst_s),
+    latency floor (the least measured time) and divides the rest by `scale`, or, when the
+    profile knows the link rate (`profile --link-rate`), shrinks each call that waited for the
+    wire with that wait and keeps the others (and the links' token bucket, `profile
+    --link-burst`, in seconds, as full as it was when the profile's calls started:
+    CommCosts.refilled_burst_s),
     the all-reduce's never below the hosts' CPU seconds the profile measured for it
     (comm.gradient_allreduce_cpu_s, per byte) (MeasuredPoints.faster_link); the alpha-beta
     fits divide seconds per byte by `scale`."""
