@@ -189,11 +189,11 @@ class Contention:
     when every rank ran on one host, its CPU cores (None: unknown, or several hosts).
 
     Model: the ranks share c = ranks / slowdown cores, at most `cores` (the profile's ranks
-    never computed all at once throughout, so the busy figures can read fewer cores than the
-    host lacks), so with k of them computing at once each runs at min(1, c / k) of its alone
-    speed; a kernel then takes time_factor(k) times its busy figure (1 at k = ranks when c is
-    not capped, less when fewer compute). A slowdown at or below 1 on a host with a core per
-    rank (a GPU per rank) means no contention: every factor is 1."""
+    never all computed at once throughout, so ranks / slowdown can exceed the host's cores),
+    so with k of them computing at once each runs at min(1, c / k) of its alone speed; a
+    kernel then takes time_factor(k) times its busy figure (1 at k = ranks when c is not
+    capped, less when fewer compute). A slowdown at or below 1 on a host with a core per rank
+    (a GPU per rank) means no contention: every factor is 1."""
     ranks: int
     slowdown: float
     cores: int | None = None
