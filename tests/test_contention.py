@@ -172,6 +172,20 @@ def test_contention_survives_the_file_round_trip():
     assert "cores" not in profile_to_dict(profile)["contention"]
 
 
+def test_the_shared_cores_are_every_cpu_a_rank_may_use():
+    """Ranks pinned to cores of their own (taskset, numactl) share all of them; each rank
+    sees only its own, so the profile counts the union."""
+    from executor.profiling.document import shared_cores
+
+    assert shared_cores([("host", [0], "cpu"), ("host", [1], "cpu")]) == 2
+    assert shared_cores([("host", [0, 1], "cpu"), ("host", [0, 1], "cpu")]) == 2
+    assert shared_cores([("host", [0, 1], "cpu"), ("host", [0, 1], "cpu"),
+                         ("host", [1], "cpu")]) == 2
+    # several hosts, or a GPU: the ranks do not share one host's cores
+    assert shared_cores([("a", [0], "cpu"), ("b", [0], "cpu")]) is None
+    assert shared_cores([("host", [0], "cuda"), ("host", [1], "cuda")]) is None
+
+
 def _time_steps_with_alone_steps(rank: int, world_size: int) -> dict:
     """time_steps on 2 gloo ranks with alone steps: which samples each timed step went to."""
     import torch

@@ -179,12 +179,19 @@ def _shared_host_cores(world: WorldInfo) -> int | None:
         host = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         host = platform.node()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    seen = all_gather_object((host, cores, world.device.type), world)
-    if len({h for h, _, _ in seen}) > 1 or any(kind != "cpu" for _, _, kind in seen):
+    cpus = (sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+            else list(range(os.cpu_count() or 0)))
+    return shared_cores(all_gather_object((host, cpus, world.device.type), world))
+
+
+def shared_cores(seen: list[tuple[str, list[int], str]]) -> int | None:
+    """Cores the ranks share, from each rank's (host, CPUs it may run on, device type): the
+    CPUs any of them may use, when every rank computes on the CPUs of one host (ranks pinned
+    to cores of their own count them all), else None."""
+    if len({host for host, _, _ in seen}) > 1 or any(kind != "cpu" for _, _, kind in seen):
         return None
-    counts = [c for _, c, _ in seen if c]
-    return min(counts) if counts else None
+    cpus = set().union(*(set(c) for _, c, _ in seen))
+    return len(cpus) or None
 
 
 def _device_name(device: torch.device) -> str:
